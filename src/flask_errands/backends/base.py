@@ -1,0 +1,270 @@
+"""The contract between the engine and storage.
+
+The interface speaks of jobs, not messages: a job is enqueued, reserved under
+a lease, heartbeated, finished (succeeded, failed, retried later, cancelled),
+released on a graceful stop, looked up and pruned. Every method that changes a
+job is atomic in its store. Times are seconds since the epoch (``time.time()``)
+and are passed in by the caller, so tests can drive a backend with any clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+QUEUED = "queued"
+SCHEDULED = "scheduled"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELLED = "cancelled"
+
+STATUSES = (QUEUED, SCHEDULED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+WAITING = (QUEUED, SCHEDULED)
+LIVE = (QUEUED, SCHEDULED, RUNNING)
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+
+
+@dataclasses.dataclass
+class JobRecord:
+    """A job as storage keeps it: plain values only, payload and result as JSON text."""
+
+    id: str
+    task: str
+    payload: str
+    queue: str = "default"
+    priority: int = 0
+    status: str = QUEUED
+    attempts: int = 0
+    max_attempts: int = 1
+    retry_delay: float = 1.0
+    timeout: float | None = None
+    unique_key: str | None = None
+    eta: float = 0.0
+    enqueued_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: str | None = None
+    error: str | None = None
+    traceback: str | None = None
+    progress: float | None = None
+    progress_message: str | None = None
+    cancel_requested: bool = False
+    lease_expires_at: float | None = None
+    lease_token: str | None = None
+    worker_id: str | None = None
+
+    @classmethod
+    def from_mapping(cls, row: Mapping[str, Any]) -> JobRecord:
+        """Build a record from a row or hash whose keys are field names."""
+        return cls(**{f.name: row[f.name] for f in FIELDS if f.name in row})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = dataclasses.fields(JobRecord)
+FIELD_NAMES = tuple(f.name for f in FIELDS)
+
+WakeCallback = Callable[[], None]
+
+
+class Backend(ABC):
+    """Storage for jobs. One subclass per store, each in its own module."""
+
+    #: The URL the backend was built from, with any password hidden.
+    url: str
+
+    def __init__(self) -> None:
+        self._watchers: list[WakeCallback] = []
+        self._watchers_lock = threading.Lock()
+
+    # -- life of a job -------------------------------------------------------
+
+    @abstractmethod
+    def enqueue(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
+        """Store new jobs in one atomic step and return what was stored, in order.
+
+        A job whose ``unique_key`` belongs to a live (queued, scheduled or
+        running) job is not stored; the live job's record takes its place in
+        the result. Either every job is stored or none is, and the call raises.
+        """
+
+    @abstractmethod
+    def reserve(
+        self,
+        queues: Sequence[str] | None,
+        limit: int,
+        worker_id: str,
+        lease_seconds: float,
+        now: float,
+    ) -> list[JobRecord]:
+        """Atomically claim up to ``limit`` due jobs for ``worker_id`` and return them.
+
+        Due means queued or scheduled with ``eta <= now``, or running with an
+        expired lease (its worker died). Higher priority first, then earlier
+        ``eta``, then enqueue order. Each claimed job becomes running with
+        ``attempts`` incremented, a fresh ``lease_token`` and
+        ``lease_expires_at = now + lease_seconds``. ``queues=None`` means all.
+        """
+
+    @abstractmethod
+    def heartbeat(self, leases: Mapping[str, str], lease_seconds: float, now: float) -> set[str]:
+        """Extend the leases of running jobs (``{job_id: lease_token}``).
+
+        Returns the ids among them whose cancellation has been requested, so
+        the running task can see ``cancel_requested``. A job whose token no
+        longer matches (it was re-delivered) is left alone.
+        """
+
+    @abstractmethod
+    def set_progress(self, job_id: str, progress: float | None, message: str | None) -> None:
+        """Record a running job's progress fraction and message."""
+
+    @abstractmethod
+    def finish(
+        self,
+        job_id: str,
+        lease_token: str,
+        status: str,
+        now: float,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        traceback: str | None = None,
+        eta: float | None = None,
+    ) -> bool:
+        """End an attempt: ``succeeded``, ``failed``, ``cancelled``, or ``scheduled`` at ``eta``.
+
+        Applies only while the job is running under ``lease_token``; returns
+        whether it applied (False when the lease was lost and the job handed
+        to another worker). Clears the unique key's claim unless rescheduled.
+        """
+
+    @abstractmethod
+    def release(self, job_id: str, lease_token: str, now: float) -> bool:
+        """Give a running job back to its queue as if this attempt never started.
+
+        Used on a graceful stop for jobs that could not finish in time: the
+        job is queued again with its attempt count restored.
+        """
+
+    @abstractmethod
+    def cancel(self, job_id: str, now: float) -> JobRecord | None:
+        """Cancel a job: a waiting one never starts; a running one is asked to stop.
+
+        Returns the job as it is afterwards, or None when there is no such job.
+        A finished job is returned unchanged.
+        """
+
+    @abstractmethod
+    def requeue(self, job_id: str, now: float) -> JobRecord | None:
+        """Run a finished (failed, cancelled or succeeded) job again under the same id.
+
+        The job is queued with its attempts, result and error cleared. Returns
+        the job afterwards (unchanged if it is still live), or None if unknown.
+        """
+
+    # -- looking at jobs -----------------------------------------------------
+
+    @abstractmethod
+    def get(self, job_id: str) -> JobRecord | None:
+        """Return the job with this id, or None."""
+
+    @abstractmethod
+    def list_jobs(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[JobRecord]:
+        """Return jobs, newest first, optionally only those in ``status`` and ``queue``."""
+
+    @abstractmethod
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Return the number of jobs per ``(queue, status)``."""
+
+    @abstractmethod
+    def next_eta(self, queues: Sequence[str] | None) -> float | None:
+        """Return the earliest ``eta`` among waiting jobs of these queues, or None."""
+
+    # -- housekeeping --------------------------------------------------------
+
+    @abstractmethod
+    def fire_tick(self, schedule: str, fire_time: float, job: JobRecord, now: float) -> bool:
+        """Record that ``schedule`` fired for ``fire_time`` and enqueue ``job``, atomically.
+
+        True for the first caller only, across every process sharing the store:
+        it is what makes a periodic job fire once per tick however many
+        schedulers run. The job is enqueued as by :meth:`enqueue` (a live job
+        holding its ``unique_key`` means no new job), in the same atomic step,
+        so a tick is never recorded without its job.
+        """
+
+    @abstractmethod
+    def last_ticks(self) -> dict[str, tuple[float, str | None]]:
+        """Return ``{schedule: (latest fire_time, id of the job it enqueued)}``."""
+
+    @abstractmethod
+    def prune(self, finished_before: float) -> int:
+        """Delete jobs that finished before this time and older ticks; return how many jobs.
+
+        The latest tick of each schedule is kept, so missed ticks can be found.
+        """
+
+    @abstractmethod
+    def purge(
+        self, status: str | None = None, queue: str | None = None, before: float | None = None
+    ) -> int:
+        """Delete jobs that are not running, by state, queue and age; return how many.
+
+        ``before`` compares with when a job finished, or was enqueued if it has not.
+        """
+
+    # -- live workers --------------------------------------------------------
+
+    @abstractmethod
+    def register_worker(
+        self, worker_id: str, info: Mapping[str, Any], ttl: float, now: float
+    ) -> None:
+        """Say ``worker_id`` is alive for ``ttl`` more seconds, with what it reports of itself."""
+
+    @abstractmethod
+    def unregister_worker(self, worker_id: str) -> None:
+        """Forget a worker that stopped cleanly."""
+
+    @abstractmethod
+    def list_workers(self, now: float) -> list[dict[str, Any]]:
+        """Return the info of every worker whose registration has not expired, with ``id``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and threads. The backend is not used afterwards."""
+
+    # -- wake-ups ------------------------------------------------------------
+
+    def watch(self, callback: WakeCallback) -> None:
+        """Call ``callback`` whenever new work may have become due, from any thread.
+
+        Wake-ups are hints: a callback may be called when nothing is due, and a
+        waiting worker still looks for work at its next deadline.
+        """
+        with self._watchers_lock:
+            self._watchers.append(callback)
+        self._start_watching()
+
+    def unwatch(self, callback: WakeCallback) -> None:
+        """Stop calling ``callback``."""
+        with self._watchers_lock:
+            if callback in self._watchers:
+                self._watchers.remove(callback)
+
+    def _start_watching(self) -> None:  # noqa: B027 - optional hook
+        """Start whatever listens for other processes' enqueues; called on each watch()."""
+
+    def _notify(self) -> None:
+        for callback in tuple(self._watchers):
+            callback()

@@ -1,0 +1,352 @@
+"""``memory://``: jobs in this process only, nothing kept across a restart.
+
+The reference implementation of :class:`~flask_errands.backends.base.Backend`:
+every other backend must behave as this one does under the conformance suite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .base import (
+    CANCELLED,
+    FINISHED,
+    LIVE,
+    QUEUED,
+    RUNNING,
+    SCHEDULED,
+    WAITING,
+    Backend,
+    JobRecord,
+)
+
+_HeapEntry = tuple[int, float, int, str]
+
+
+class MemoryBackend(Backend):
+    """A dict of jobs and one heap of waiting jobs per queue, behind one lock."""
+
+    def __init__(self, url: str = "memory://") -> None:
+        super().__init__()
+        self.url = url
+        self._lock = threading.Lock()
+        self._jobs: dict[str, JobRecord] = {}
+        self._seq: dict[str, int] = {}
+        self._counter = itertools.count()
+        self._waiting: dict[str, list[_HeapEntry]] = {}
+        self._unique: dict[str, str] = {}
+        self._running: set[str] = set()
+        self._ticks: dict[tuple[str, float], tuple[float, str | None]] = {}
+        self._workers: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    def enqueue(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
+        with self._lock:
+            stored = self._insert(jobs)
+        self._notify()
+        return stored
+
+    def reserve(
+        self,
+        queues: Sequence[str] | None,
+        limit: int,
+        worker_id: str,
+        lease_seconds: float,
+        now: float,
+    ) -> list[JobRecord]:
+        claimed: list[JobRecord] = []
+        with self._lock:
+            for job_id in self._running:
+                job = self._jobs[job_id]
+                if (
+                    len(claimed) < limit
+                    and (job.lease_expires_at or 0) <= now
+                    and (queues is None or job.queue in queues)
+                ):
+                    claimed.append(job)
+            heaps = [
+                self._waiting[q]
+                for q in (self._waiting if queues is None else queues)
+                if q in self._waiting
+            ]
+            while len(claimed) < limit:
+                due = self._pop_due(heaps, now)
+                if due is None:
+                    break
+                claimed.append(due)
+            for job in claimed:
+                job.status = RUNNING
+                job.attempts += 1
+                job.started_at = now
+                job.lease_expires_at = now + lease_seconds
+                job.lease_token = uuid.uuid4().hex
+                job.worker_id = worker_id
+                self._running.add(job.id)
+            return [dataclasses.replace(job) for job in claimed]
+
+    def heartbeat(self, leases: Mapping[str, str], lease_seconds: float, now: float) -> set[str]:
+        cancelled = set()
+        with self._lock:
+            for job_id, token in leases.items():
+                job = self._jobs.get(job_id)
+                if job is None or job.status != RUNNING or job.lease_token != token:
+                    continue
+                job.lease_expires_at = now + lease_seconds
+                if job.cancel_requested:
+                    cancelled.add(job_id)
+        return cancelled
+
+    def set_progress(self, job_id: str, progress: float | None, message: str | None) -> None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                job.progress, job.progress_message = progress, message
+
+    def finish(
+        self,
+        job_id: str,
+        lease_token: str,
+        status: str,
+        now: float,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        traceback: str | None = None,
+        eta: float | None = None,
+    ) -> bool:
+        with self._lock:
+            job = self._owned(job_id, lease_token)
+            if job is None:
+                return False
+            self._running.discard(job_id)
+            job.status = status
+            job.result, job.error, job.traceback = result, error, traceback
+            job.lease_expires_at = job.lease_token = None
+            if status == SCHEDULED:
+                job.eta = now if eta is None else eta
+                self._push(job)
+            else:
+                job.finished_at = now
+                self._forget_unique(job)
+        if status == SCHEDULED:
+            self._notify()
+        return True
+
+    def release(self, job_id: str, lease_token: str, now: float) -> bool:
+        with self._lock:
+            job = self._owned(job_id, lease_token)
+            if job is None:
+                return False
+            self._running.discard(job_id)
+            job.status = QUEUED
+            job.attempts -= 1
+            job.started_at = job.lease_expires_at = job.lease_token = job.worker_id = None
+            self._push(job)
+        self._notify()
+        return True
+
+    def cancel(self, job_id: str, now: float) -> JobRecord | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            if job.status in WAITING:
+                job.status = CANCELLED
+                job.finished_at = now
+                self._forget_unique(job)
+            elif job.status == RUNNING:
+                job.cancel_requested = True
+            return dataclasses.replace(job)
+
+    def requeue(self, job_id: str, now: float) -> JobRecord | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            if job.status in FINISHED:
+                if self._live_unique(job.unique_key) is not None:
+                    return dataclasses.replace(job)
+                job.result = job.error = job.traceback = job.progress_message = None
+                job.progress = job.started_at = job.finished_at = job.worker_id = None
+                job.status, job.attempts, job.eta, job.cancel_requested = QUEUED, 0, now, False
+                if job.unique_key is not None:
+                    self._unique[job.unique_key] = job.id
+                self._push(job)
+            result = dataclasses.replace(job)
+        self._notify()
+        return result
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            return None if job is None else dataclasses.replace(job)
+
+    def list_jobs(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[JobRecord]:
+        with self._lock:
+            matching = [
+                job
+                for job in self._jobs.values()
+                if (status is None or job.status == status)
+                and (queue is None or job.queue == queue)
+            ]
+            matching.sort(key=lambda job: self._seq[job.id], reverse=True)
+            return [dataclasses.replace(job) for job in matching[offset : offset + limit]]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        totals: dict[tuple[str, str], int] = {}
+        with self._lock:
+            for job in self._jobs.values():
+                key = (job.queue, job.status)
+                totals[key] = totals.get(key, 0) + 1
+        return totals
+
+    def next_eta(self, queues: Sequence[str] | None) -> float | None:
+        with self._lock:
+            etas = [
+                job.eta
+                for job in self._jobs.values()
+                if job.status in WAITING and (queues is None or job.queue in queues)
+            ]
+        return min(etas, default=None)
+
+    def fire_tick(self, schedule: str, fire_time: float, job: JobRecord, now: float) -> bool:
+        with self._lock:
+            if (schedule, fire_time) in self._ticks:
+                return False
+            stored = self._insert([job])[0]
+            self._ticks[(schedule, fire_time)] = (now, stored.id)
+        self._notify()
+        return True
+
+    def last_ticks(self) -> dict[str, tuple[float, str | None]]:
+        latest: dict[str, tuple[float, str | None]] = {}
+        with self._lock:
+            for (schedule, fire_time), (_, job_id) in self._ticks.items():
+                if schedule not in latest or fire_time > latest[schedule][0]:
+                    latest[schedule] = (fire_time, job_id)
+        return latest
+
+    def prune(self, finished_before: float) -> int:
+        with self._lock:
+            old = [
+                job_id
+                for job_id, job in self._jobs.items()
+                if job.status in FINISHED and (job.finished_at or 0) < finished_before
+            ]
+            self._delete(old)
+        latest = {(name, at) for name, (at, _) in self.last_ticks().items()}
+        with self._lock:
+            self._ticks = {
+                key: value
+                for key, value in self._ticks.items()
+                if value[0] >= finished_before or key in latest
+            }
+        return len(old)
+
+    def purge(
+        self, status: str | None = None, queue: str | None = None, before: float | None = None
+    ) -> int:
+        with self._lock:
+            doomed = [
+                job.id
+                for job in self._jobs.values()
+                if job.status != RUNNING
+                and (status is None or job.status == status)
+                and (queue is None or job.queue == queue)
+                and (before is None or (job.finished_at or job.enqueued_at) < before)
+            ]
+            self._delete(doomed)
+        return len(doomed)
+
+    def register_worker(
+        self, worker_id: str, info: Mapping[str, Any], ttl: float, now: float
+    ) -> None:
+        with self._lock:
+            self._workers[worker_id] = (now + ttl, {**info, "id": worker_id})
+
+    def unregister_worker(self, worker_id: str) -> None:
+        with self._lock:
+            self._workers.pop(worker_id, None)
+
+    def list_workers(self, now: float) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(info) for expires, info in self._workers.values() if expires > now]
+
+    # -- internals, called with the lock held --------------------------------
+
+    def _insert(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
+        taken = [job.id for job in jobs if job.id in self._jobs]
+        if taken or len({job.id for job in jobs}) < len(jobs):
+            raise ValueError(f"job id already stored: {(taken or [jobs[-1].id])[0]}")
+        stored = []
+        for job in jobs:
+            existing = self._live_unique(job.unique_key)
+            if existing is not None:
+                stored.append(dataclasses.replace(existing))
+                continue
+            job = dataclasses.replace(job)
+            self._jobs[job.id] = job
+            self._seq[job.id] = next(self._counter)
+            if job.unique_key is not None:
+                self._unique[job.unique_key] = job.id
+            self._push(job)
+            stored.append(dataclasses.replace(job))
+        return stored
+
+    def _push(self, job: JobRecord) -> None:
+        entry = (-job.priority, job.eta, self._seq[job.id], job.id)
+        heapq.heappush(self._waiting.setdefault(job.queue, []), entry)
+
+    def _pop_due(self, heaps: list[list[_HeapEntry]], now: float) -> JobRecord | None:
+        """Pop the best due waiting job across ``heaps``; stale heap entries are dropped."""
+        best: list[_HeapEntry] | None = None
+        for heap in heaps:
+            while heap and not self._current(heap[0]):
+                heapq.heappop(heap)
+            if heap and heap[0][1] <= now and (best is None or heap[0] < best[0]):
+                best = heap
+        if best is None:
+            return None
+        return self._jobs[heapq.heappop(best)[3]]
+
+    def _current(self, entry: _HeapEntry) -> bool:
+        job = self._jobs.get(entry[3])
+        return (
+            job is not None
+            and job.status in WAITING
+            and job.eta == entry[1]
+            and self._seq[job.id] == entry[2]
+        )
+
+    def _owned(self, job_id: str, lease_token: str) -> JobRecord | None:
+        job = self._jobs.get(job_id)
+        if job is None or job.status != RUNNING or job.lease_token != lease_token:
+            return None
+        return job
+
+    def _live_unique(self, key: str | None) -> JobRecord | None:
+        if key is None:
+            return None
+        job = self._jobs.get(self._unique.get(key, ""))
+        return job if job is not None and job.status in LIVE else None
+
+    def _delete(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            job = self._jobs.pop(job_id)
+            del self._seq[job_id]
+            self._forget_unique(job)
+
+    def _forget_unique(self, job: JobRecord) -> None:
+        if job.unique_key is not None and self._unique.get(job.unique_key) == job.id:
+            del self._unique[job.unique_key]

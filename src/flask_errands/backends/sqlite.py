@@ -1,0 +1,356 @@
+"""``sqlite:///path``: the embedded default, durable, with no server to run.
+
+One connection per process, in WAL mode, behind a lock: SQLite lets one writer
+in at a time anyway, and a single connection per process means threads never
+wait on each other through SQLite's busy handler. Every change runs under
+``BEGIN IMMEDIATE``, so several processes on one host share the file safely.
+Other processes' enqueues are seen by polling ``PRAGMA data_version``, which
+costs microseconds and changes whenever another connection commits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from ..exceptions import BackendUnavailable, ConfigurationError
+from .base import SCHEDULED, Backend, JobRecord
+from .queries import load_queries
+
+T = TypeVar("T")
+
+QUERIES = load_queries("sqlite.sql")
+SCHEMA = tuple(QUERIES[name] for name in QUERIES if name.startswith("create_"))
+SCHEMA_VERSION = 1
+
+#: How long one operation keeps retrying a locked database before it gives up.
+LOCK_PATIENCE = 30.0
+#: How often the watcher looks for other processes' commits.
+WATCH_INTERVAL = 0.002
+
+
+class SQLiteBackend(Backend):
+    """Jobs in one SQLite file, shared by every process on the host that opens it."""
+
+    def __init__(self, path: str, *, synchronous: str = "NORMAL") -> None:
+        super().__init__()
+        self.path = path
+        self.url = f"sqlite:///{path}"
+        self._synchronous = synchronous
+        self._lock = threading.RLock()
+        self._pid = -1
+        self._connection: sqlite3.Connection | None = None
+        self._watcher: threading.Thread | None = None
+        self._closed = threading.Event()
+        try:
+            directory = os.path.dirname(path)
+            if directory:
+                os.makedirs(directory, exist_ok=True)
+            self._transaction(lambda db: [db.execute(sql) for sql in SCHEMA])
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigurationError(
+                f"cannot open the SQLite job database at {path!r} ({exc}); "
+                "set ERRANDS_URL to a writable location, e.g. sqlite:////var/lib/myapp/errands.db"
+            ) from exc
+
+    # -- connection and transactions -----------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=LOCK_PATIENCE
+        )
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute(f"PRAGMA synchronous = {self._synchronous}")
+        return db
+
+    def _db(self) -> sqlite3.Connection:
+        if self._connection is None or self._pid != os.getpid():
+            # A connection inherited through fork() must never be used by the child.
+            self._connection = self._connect()
+            self._pid = os.getpid()
+        return self._connection
+
+    @contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._db()
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` in ``BEGIN IMMEDIATE``; retry while another process holds the lock."""
+        deadline = time.monotonic() + LOCK_PATIENCE
+        with self._lock:
+            while True:
+                db = self._db()
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = work(db)
+                        db.execute("COMMIT")
+                        return result
+                    except BaseException:
+                        db.execute("ROLLBACK")
+                        raise
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) and "busy" not in str(exc):
+                        raise BackendUnavailable(f"SQLite error on {self.path}: {exc}") from exc
+                    if time.monotonic() > deadline:
+                        raise BackendUnavailable(
+                            f"the SQLite database {self.path} stayed locked for "
+                            f"{LOCK_PATIENCE:.0f}s; another process holds a long write"
+                        ) from exc
+                    time.sleep(0.001)
+
+    def _read(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[sqlite3.Row]:
+        with self._locked() as db:
+            return db.execute(sql, params).fetchall()
+
+    # -- life of a job -------------------------------------------------------
+
+    def enqueue(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
+        stored = self._transaction(lambda db: _insert(db, jobs))
+        self._notify()
+        return stored
+
+    def reserve(
+        self,
+        queues: Sequence[str] | None,
+        limit: int,
+        worker_id: str,
+        lease_seconds: float,
+        now: float,
+    ) -> list[JobRecord]:
+        queue_filter, queue_params = _queue_filter(queues)
+        params = {"now": now, "expires": now + lease_seconds, "worker": worker_id, "limit": limit}
+        params.update(queue_params)
+        expired = QUERIES["claim_expired"].format(queue_filter=queue_filter)
+        due = QUERIES["claim_due"].format(queue_filter=queue_filter)
+
+        def claim(db: sqlite3.Connection) -> list[sqlite3.Row]:
+            rows = db.execute(expired, params).fetchall()
+            if len(rows) < limit:
+                params["limit"] = limit - len(rows)
+                rows += db.execute(due, params).fetchall()
+            return rows
+
+        rows = self._transaction(claim)
+        return sorted(
+            (_record(row) for row in rows),
+            key=lambda job: (-job.priority, job.eta, job.enqueued_at),
+        )
+
+    def heartbeat(self, leases: Mapping[str, str], lease_seconds: float, now: float) -> set[str]:
+        if not leases:
+            return set()
+
+        def extend(db: sqlite3.Connection) -> set[str]:
+            cancelled = set()
+            for job_id, token in leases.items():
+                params = {"id": job_id, "token": token, "expires": now + lease_seconds}
+                row = db.execute(QUERIES["extend_lease"], params).fetchone()
+                if row is not None and row["cancel_requested"]:
+                    cancelled.add(job_id)
+            return cancelled
+
+        return self._transaction(extend)
+
+    def set_progress(self, job_id: str, progress: float | None, message: str | None) -> None:
+        params = {"id": job_id, "progress": progress, "message": message}
+        self._transaction(lambda db: db.execute(QUERIES["set_progress"], params))
+
+    def finish(
+        self,
+        job_id: str,
+        lease_token: str,
+        status: str,
+        now: float,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        traceback: str | None = None,
+        eta: float | None = None,
+    ) -> bool:
+        params = {
+            "id": job_id,
+            "token": lease_token,
+            "status": status,
+            "now": now,
+            "result": result,
+            "error": error,
+            "traceback": traceback,
+            "eta": eta,
+        }
+        changed = self._transaction(lambda db: db.execute(QUERIES["finish"], params).rowcount)
+        if status == SCHEDULED:
+            self._notify()
+        return changed == 1
+
+    def release(self, job_id: str, lease_token: str, now: float) -> bool:
+        params = {"id": job_id, "token": lease_token}
+        changed = self._transaction(lambda db: db.execute(QUERIES["release"], params).rowcount)
+        self._notify()
+        return changed == 1
+
+    def cancel(self, job_id: str, now: float) -> JobRecord | None:
+        def cancel(db: sqlite3.Connection) -> sqlite3.Row | None:
+            params = {"id": job_id, "now": now}
+            if db.execute(QUERIES["cancel_waiting"], params).rowcount == 0:
+                db.execute(QUERIES["cancel_running"], params)
+            row: sqlite3.Row | None = db.execute(QUERIES["get"], (job_id,)).fetchone()
+            return row
+
+        return _optional_record(self._transaction(cancel))
+
+    def requeue(self, job_id: str, now: float) -> JobRecord | None:
+        def requeue(db: sqlite3.Connection) -> sqlite3.Row | None:
+            # A live job holding the same unique key leaves this one finished.
+            with contextlib.suppress(sqlite3.IntegrityError):
+                db.execute(QUERIES["requeue"], {"id": job_id, "now": now})
+            row: sqlite3.Row | None = db.execute(QUERIES["get"], (job_id,)).fetchone()
+            return row
+
+        record = _optional_record(self._transaction(requeue))
+        self._notify()
+        return record
+
+    # -- looking at jobs -----------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord | None:
+        rows = self._read(QUERIES["get"], (job_id,))
+        return _record(rows[0]) if rows else None
+
+    def list_jobs(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[JobRecord]:
+        params = {"status": status, "queue": queue, "limit": limit, "offset": offset}
+        return [_record(row) for row in self._read(QUERIES["list_jobs"], params)]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        return {(queue, status): n for queue, status, n in self._read(QUERIES["counts"])}
+
+    def next_eta(self, queues: Sequence[str] | None) -> float | None:
+        queue_filter, params = _queue_filter(queues)
+        rows = self._read(QUERIES["next_eta"].format(queue_filter=queue_filter), params)
+        return rows[0][0] if rows else None
+
+    # -- housekeeping --------------------------------------------------------
+
+    def fire_tick(self, schedule: str, fire_time: float, job: JobRecord, now: float) -> bool:
+        def fire(db: sqlite3.Connection) -> bool:
+            if db.execute(QUERIES["fire_tick"], (schedule, fire_time, now)).rowcount == 0:
+                return False
+            [stored] = _insert(db, [job])
+            db.execute(QUERIES["set_tick_job"], (stored.id, schedule, fire_time))
+            return True
+
+        fired = self._transaction(fire)
+        if fired:
+            self._notify()
+        return fired
+
+    def last_ticks(self) -> dict[str, tuple[float, str | None]]:
+        rows = self._read(QUERIES["last_ticks"])
+        return {row["schedule"]: (row["fire_time"], row["job_id"]) for row in rows}
+
+    def prune(self, finished_before: float) -> int:
+        def prune(db: sqlite3.Connection) -> int:
+            db.execute(QUERIES["prune_ticks"], (finished_before,))
+            db.execute(QUERIES["prune_workers"], (finished_before,))
+            return db.execute(QUERIES["prune_jobs"], (finished_before,)).rowcount
+
+        return self._transaction(prune)
+
+    def purge(
+        self, status: str | None = None, queue: str | None = None, before: float | None = None
+    ) -> int:
+        params = {"status": status, "queue": queue, "before": before}
+        return self._transaction(lambda db: db.execute(QUERIES["purge"], params).rowcount)
+
+    def register_worker(
+        self, worker_id: str, info: Mapping[str, Any], ttl: float, now: float
+    ) -> None:
+        params = (worker_id, json.dumps(dict(info)), now + ttl)
+        self._transaction(lambda db: db.execute(QUERIES["register_worker"], params))
+
+    def unregister_worker(self, worker_id: str) -> None:
+        self._transaction(lambda db: db.execute(QUERIES["unregister_worker"], (worker_id,)))
+
+    def list_workers(self, now: float) -> list[dict[str, Any]]:
+        rows = self._read(QUERIES["list_workers"], (now,))
+        return [{**json.loads(row["info"]), "id": row["id"]} for row in rows]
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            if self._connection is not None and self._pid == os.getpid():
+                self._connection.close()
+            self._connection = None
+
+    # -- wake-ups from other processes ---------------------------------------
+
+    def _start_watching(self) -> None:
+        with self._watchers_lock:
+            if self._watcher is not None and self._watcher.is_alive():
+                return
+            self._watcher = threading.Thread(
+                target=self._watch_commits, name="errands-sqlite-watch", daemon=True
+            )
+            self._watcher.start()
+
+    def _watch_commits(self) -> None:
+        db = self._connect()
+        try:
+            last = None
+            while not self._closed.wait(WATCH_INTERVAL) and self._watchers:
+                version = db.execute("PRAGMA data_version").fetchone()[0]
+                if version != last:
+                    last = version
+                    self._notify()
+        except sqlite3.Error:
+            pass  # the file went away with the backend; nothing left to watch
+        finally:
+            db.close()
+
+
+def _insert(db: sqlite3.Connection, jobs: Sequence[JobRecord]) -> list[JobRecord]:
+    rows = [job.to_dict() for job in jobs]
+    if all(row["unique_key"] is None for row in rows):
+        db.executemany(QUERIES["insert_job"], rows)
+        return list(jobs)
+    stored = []
+    for job, row in zip(jobs, rows, strict=True):
+        if db.execute(QUERIES["insert_job"], row).rowcount == 1:
+            stored.append(job)
+        else:
+            stored.append(
+                _record(db.execute(QUERIES["live_unique"], (job.unique_key,)).fetchone())
+            )
+    return stored
+
+
+def _record(row: sqlite3.Row) -> JobRecord:
+    record = JobRecord.from_mapping(dict(row))
+    record.cancel_requested = bool(record.cancel_requested)
+    return record
+
+
+def _optional_record(row: sqlite3.Row | None) -> JobRecord | None:
+    return None if row is None else _record(row)
+
+
+def _queue_filter(queues: Sequence[str] | None) -> tuple[str, dict[str, str]]:
+    if queues is None:
+        return "", {}
+    params = {f"q{i}": queue for i, queue in enumerate(queues)}
+    return f"AND queue IN ({', '.join(':' + name for name in params)})", params

@@ -1,0 +1,193 @@
+-- Queries of the SQLite backend. Each block is one statement, run by name.
+
+-- name: create_jobs
+CREATE TABLE IF NOT EXISTS errands_jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    task TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    queue TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    max_attempts INTEGER NOT NULL,
+    retry_delay REAL NOT NULL,
+    timeout REAL,
+    unique_key TEXT,
+    eta REAL NOT NULL,
+    enqueued_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    result TEXT,
+    error TEXT,
+    traceback TEXT,
+    progress REAL,
+    progress_message TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    lease_expires_at REAL,
+    lease_token TEXT,
+    worker_id TEXT
+)
+
+-- name: create_waiting_index
+CREATE INDEX IF NOT EXISTS errands_jobs_waiting
+    ON errands_jobs (priority DESC, eta, seq) WHERE status IN ('queued', 'scheduled')
+
+-- name: create_lease_index
+CREATE INDEX IF NOT EXISTS errands_jobs_leases
+    ON errands_jobs (lease_expires_at) WHERE status = 'running'
+
+-- name: create_unique_index
+CREATE UNIQUE INDEX IF NOT EXISTS errands_jobs_unique
+    ON errands_jobs (unique_key)
+    WHERE unique_key IS NOT NULL AND status IN ('queued', 'scheduled', 'running')
+
+-- name: create_listing_index
+CREATE INDEX IF NOT EXISTS errands_jobs_listing ON errands_jobs (status, queue, seq)
+
+-- name: create_finished_index
+CREATE INDEX IF NOT EXISTS errands_jobs_finished
+    ON errands_jobs (finished_at) WHERE status IN ('succeeded', 'failed', 'cancelled')
+
+-- name: create_ticks
+CREATE TABLE IF NOT EXISTS errands_ticks (
+    schedule TEXT NOT NULL,
+    fire_time REAL NOT NULL,
+    fired_at REAL NOT NULL,
+    job_id TEXT,
+    PRIMARY KEY (schedule, fire_time)
+)
+
+-- name: create_workers
+CREATE TABLE IF NOT EXISTS errands_workers (
+    id TEXT PRIMARY KEY,
+    info TEXT NOT NULL,
+    expires_at REAL NOT NULL
+)
+
+-- name: insert_job
+INSERT INTO errands_jobs (
+    id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay, timeout,
+    unique_key, eta, enqueued_at
+) VALUES (
+    :id, :task, :payload, :queue, :priority, :status, :attempts, :max_attempts, :retry_delay,
+    :timeout, :unique_key, :eta, :enqueued_at
+)
+ON CONFLICT (unique_key)
+    WHERE unique_key IS NOT NULL AND status IN ('queued', 'scheduled', 'running')
+    DO NOTHING
+
+-- name: live_unique
+SELECT * FROM errands_jobs
+WHERE unique_key = ? AND status IN ('queued', 'scheduled', 'running')
+
+-- name: claim_expired
+UPDATE errands_jobs
+SET attempts = attempts + 1, started_at = :now, lease_expires_at = :expires,
+    lease_token = lower(hex(randomblob(16))), worker_id = :worker
+WHERE seq IN (
+    SELECT seq FROM errands_jobs
+    WHERE status = 'running' AND lease_expires_at <= :now {queue_filter}
+    ORDER BY lease_expires_at LIMIT :limit
+)
+RETURNING *
+
+-- name: claim_due
+UPDATE errands_jobs
+SET status = 'running', attempts = attempts + 1, started_at = :now, lease_expires_at = :expires,
+    lease_token = lower(hex(randomblob(16))), worker_id = :worker
+WHERE seq IN (
+    SELECT seq FROM errands_jobs
+    WHERE status IN ('queued', 'scheduled') AND eta <= :now {queue_filter}
+    ORDER BY priority DESC, eta, seq LIMIT :limit
+)
+RETURNING *
+
+-- name: extend_lease
+UPDATE errands_jobs SET lease_expires_at = :expires
+WHERE id = :id AND status = 'running' AND lease_token = :token
+RETURNING id, cancel_requested
+
+-- name: set_progress
+UPDATE errands_jobs SET progress = :progress, progress_message = :message
+WHERE id = :id AND status = 'running'
+
+-- name: finish
+UPDATE errands_jobs
+SET status = :status, result = :result, error = :error, traceback = :traceback,
+    eta = coalesce(:eta, eta), finished_at = CASE WHEN :status = 'scheduled' THEN NULL ELSE :now END,
+    lease_expires_at = NULL, lease_token = NULL
+WHERE id = :id AND status = 'running' AND lease_token = :token
+
+-- name: release
+UPDATE errands_jobs
+SET status = 'queued', attempts = attempts - 1, started_at = NULL, lease_expires_at = NULL,
+    lease_token = NULL, worker_id = NULL
+WHERE id = :id AND status = 'running' AND lease_token = :token
+
+-- name: cancel_waiting
+UPDATE errands_jobs SET status = 'cancelled', finished_at = :now
+WHERE id = :id AND status IN ('queued', 'scheduled')
+
+-- name: cancel_running
+UPDATE errands_jobs SET cancel_requested = 1 WHERE id = :id AND status = 'running'
+
+-- name: requeue
+UPDATE errands_jobs
+SET status = 'queued', attempts = 0, eta = :now, result = NULL, error = NULL, traceback = NULL,
+    progress = NULL, progress_message = NULL, started_at = NULL, finished_at = NULL,
+    worker_id = NULL, cancel_requested = 0
+WHERE id = :id AND status IN ('succeeded', 'failed', 'cancelled')
+
+-- name: get
+SELECT * FROM errands_jobs WHERE id = ?
+
+-- name: list_jobs
+SELECT * FROM errands_jobs
+WHERE (:status IS NULL OR status = :status) AND (:queue IS NULL OR queue = :queue)
+ORDER BY seq DESC LIMIT :limit OFFSET :offset
+
+-- name: counts
+SELECT queue, status, count(*) FROM errands_jobs GROUP BY queue, status
+
+-- name: next_eta
+SELECT min(eta) FROM errands_jobs WHERE status IN ('queued', 'scheduled') {queue_filter}
+
+-- name: fire_tick
+INSERT OR IGNORE INTO errands_ticks (schedule, fire_time, fired_at) VALUES (?, ?, ?)
+
+-- name: set_tick_job
+UPDATE errands_ticks SET job_id = ? WHERE schedule = ? AND fire_time = ?
+
+-- name: last_ticks
+SELECT schedule, max(fire_time) AS fire_time, job_id FROM errands_ticks GROUP BY schedule
+
+-- name: prune_jobs
+DELETE FROM errands_jobs
+WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?
+
+-- name: prune_ticks
+DELETE FROM errands_ticks
+WHERE fired_at < ? AND fire_time < (
+    SELECT max(t.fire_time) FROM errands_ticks AS t WHERE t.schedule = errands_ticks.schedule
+)
+
+-- name: purge
+DELETE FROM errands_jobs
+WHERE status != 'running'
+    AND (:status IS NULL OR status = :status)
+    AND (:queue IS NULL OR queue = :queue)
+    AND (:before IS NULL OR coalesce(finished_at, enqueued_at) < :before)
+
+-- name: register_worker
+INSERT INTO errands_workers (id, info, expires_at) VALUES (?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET info = excluded.info, expires_at = excluded.expires_at
+
+-- name: unregister_worker
+DELETE FROM errands_workers WHERE id = ?
+
+-- name: list_workers
+SELECT id, info FROM errands_workers WHERE expires_at > ? ORDER BY id
+
+-- name: prune_workers
+DELETE FROM errands_workers WHERE expires_at <= ?

@@ -1,0 +1,75 @@
+"""Exceptions raised by flask-errands.
+
+::
+
+    ErrandsError
+    ├── ConfigurationError      (also ValueError)
+    ├── PayloadTooLarge         (also ValueError)
+    ├── BackendUnavailable
+    │   └── EnqueueError
+    ├── UnknownTask
+    ├── JobFailed
+    └── JobCancelled
+
+    Retry                        (raised by a task to ask for another attempt)
+
+An argument that JSON cannot carry raises the built-in ``TypeError`` at
+``.delay()``, as Python does for any call with a wrong argument.
+"""
+
+from __future__ import annotations
+
+
+class ErrandsError(Exception):
+    """Base class of every error flask-errands raises."""
+
+
+class ConfigurationError(ErrandsError, ValueError):
+    """A setting, URL or schedule is invalid; the message says which and why."""
+
+
+class PayloadTooLarge(ErrandsError, ValueError):
+    """Encoded arguments are larger than ``ERRANDS_MAX_PAYLOAD``."""
+
+
+class BackendUnavailable(ErrandsError):
+    """The backend could not be reached or refused the operation."""
+
+
+class EnqueueError(BackendUnavailable):
+    """A job could not be stored: nothing was enqueued and no id was handed out."""
+
+
+class UnknownTask(ErrandsError):
+    """A job names a task this process has not registered."""
+
+
+class JobFailed(ErrandsError):
+    """The job ended in failure; carries the remote exception's type, message and traceback."""
+
+    def __init__(self, job_id: str, exc_type: str, message: str, traceback: str | None) -> None:
+        super().__init__(f"{exc_type}: {message}" if message else exc_type)
+        self.job_id = job_id
+        self.exc_type = exc_type
+        self.message = message
+        self.traceback = traceback
+
+
+class JobCancelled(ErrandsError):
+    """The job was cancelled before it could produce a result."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} was cancelled")
+        self.job_id = job_id
+
+
+class Retry(Exception):
+    """Raised inside a task to schedule another attempt after ``delay`` seconds.
+
+    An explicit ``Retry`` is always honoured, whatever the task's ``retries``;
+    bound it with ``current_job.attempt`` where a loop is possible.
+    """
+
+    def __init__(self, delay: float | None = None, message: str = "") -> None:
+        super().__init__(message or "retry requested")
+        self.delay = delay

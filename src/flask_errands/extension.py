@@ -1,0 +1,251 @@
+"""``Errands``: the Flask extension that owns tasks and gives each app its backend and worker."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, overload
+
+import click
+from flask import Flask, current_app
+
+from . import signals
+from .backends import Backend, JobRecord, backend_from_url
+from .backends.base import QUEUED
+from .backends.memory import MemoryBackend
+from .config import DEFAULTS, Settings, parse_queues
+from .exceptions import Retry
+from .jobs import Job
+from .runner import Runner, no_backoff
+from .tasks import P, R, Task, TaskOptions
+from .worker import Worker, new_worker_id
+
+logger = logging.getLogger("flask_errands")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: How long the embedded worker lets running jobs finish when the process exits.
+EMBEDDED_GRACE = 25.0
+
+
+class AppState:
+    """What one app needs at run time: its settings, backend, runner and embedded worker."""
+
+    def __init__(self, errands: Errands, app: Flask, settings: Settings, backend: Backend) -> None:
+        self.errands = errands
+        self.app = app
+        self.settings = settings
+        self.backend = backend
+        self.runner = Runner(app, backend, errands.tasks)
+        self.worker: Worker | None = None
+        self._worker_pid: int | None = None
+        self._lock = threading.Lock()
+        self.eager_backend = MemoryBackend("memory://eager") if settings.eager else None
+
+    def ensure_embedded_worker(self) -> None:
+        """Start the embedded worker once per process (again in a forked child)."""
+        if self._worker_pid != os.getpid():
+            self.start_worker()
+
+    def start_worker(self) -> Worker:
+        with self._lock:
+            if self.worker is not None and self._worker_pid == os.getpid() and self.worker.running:
+                return self.worker
+            settings = self.settings
+            self.worker = Worker(
+                self.runner,
+                queues=settings.queues,
+                concurrency=settings.concurrency,
+                lease_seconds=settings.lease_seconds,
+                result_ttl=settings.result_ttl,
+            ).start()
+            self._worker_pid = os.getpid()
+            _embedded_workers.add(self.worker)
+            return self.worker
+
+    def stop_worker(self, grace: float) -> None:
+        with self._lock:
+            worker, self.worker, self._worker_pid = self.worker, None, None
+        if worker is not None:
+            worker.stop(grace)
+
+    def drain(self, backend: Backend, runner: Runner, queues: Sequence[str] | None) -> int:
+        """Run every due job in the calling thread until none is left; return how many ran."""
+        worker_id = new_worker_id()
+        ran = 0
+        while True:
+            records = backend.reserve(
+                queues, 1, worker_id, self.settings.lease_seconds, runner.clock()
+            )
+            if not records:
+                return ran
+            runner.run(runner.start(records[0]))
+            ran += 1
+
+
+class Errands:
+    """Background tasks and schedules for Flask apps.
+
+    Create it with an app, or without one and call :meth:`init_app` in an app
+    factory; one ``Errands`` object serves every app it was initialised with.
+    """
+
+    #: Raise ``errands.Retry(delay=...)`` inside a task to ask for another attempt.
+    Retry = Retry
+
+    def __init__(self, app: Flask | None = None) -> None:
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Register the extension on ``app``: read its config and open its backend."""
+        if "errands" in app.extensions:
+            raise RuntimeError("flask-errands is already registered on this app")
+        for key, value in DEFAULTS.items():
+            app.config.setdefault(key, value)
+        settings = Settings.from_config(app.config, app.instance_path)
+        backend = backend_from_url(settings.url, instance_path=app.instance_path)
+        state = AppState(self, app, settings, backend)
+        app.extensions["errands"] = state
+        if settings.embedded_worker and not settings.eager:
+            app.before_request(state.ensure_embedded_worker)
+
+    # -- declaring tasks -----------------------------------------------------
+
+    @overload
+    def task(self, func: Callable[P, R]) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        func: None = None,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        retries: int = 0,
+        retry_delay: float = 1.0,
+        timeout: float | None = None,
+        unique_key: str | Callable[..., str] | None = None,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(
+        self,
+        func: Callable[P, R] | None = None,
+        *,
+        name: str | None = None,
+        **options: Any,
+    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a function as a task; use bare or with options."""
+        task_options = TaskOptions(**options)
+
+        def register(func: Callable[P, R]) -> Task[P, R]:
+            task_name = name or f"{func.__module__}.{func.__qualname__}"
+            existing = self.tasks.get(task_name)
+            if existing is not None and existing.func is not func:
+                raise ValueError(
+                    f"a different task is already registered as {task_name!r}; pass name=..."
+                )
+            task = Task(self, func, task_name, task_options)
+            self.tasks[task_name] = task
+            return task
+
+        return register if func is None else register(func)
+
+    # -- using the current app's backend -------------------------------------
+
+    @property
+    def state(self) -> AppState:
+        """The current app's state; needs an app context."""
+        try:
+            app = current_app._get_current_object()  # type: ignore[attr-defined]
+        except RuntimeError:
+            raise RuntimeError(
+                "flask-errands needs an app context: enqueue inside a request or CLI command, "
+                "or under `with app.app_context():`"
+            ) from None
+        state = app.extensions.get("errands")
+        if not isinstance(state, AppState) or state.errands is not self:
+            raise RuntimeError(
+                "flask-errands is not registered on the current app; did you call "
+                "errands.init_app(app)?"
+            )
+        return state
+
+    @property
+    def settings(self) -> Settings:
+        return self.state.settings
+
+    @property
+    def backend(self) -> Backend:
+        return self.state.backend
+
+    def enqueue(self, task: Task[Any, Any], records: list[JobRecord]) -> list[Job]:
+        """Store new jobs of ``task`` and return their handles; used by ``delay()``."""
+        state = self.state
+        if state.eager_backend is not None:
+            return self._run_eagerly(state, records)
+        stored = state.backend.enqueue(records)
+        jobs = [Job(record, state.backend) for record in stored]
+        if state.settings.embedded_worker and click.get_current_context(silent=True) is None:
+            state.ensure_embedded_worker()
+        if signals.job_enqueued.receivers:
+            for job in jobs:
+                signals.job_enqueued.send(state.app, job=job)
+        return jobs
+
+    def job(self, job_id: str) -> Job | None:
+        """Find any job by id, from any process sharing the backend; None if unknown."""
+        state = self.state
+        for backend in (state.eager_backend, state.backend):
+            record = backend.get(job_id) if backend is not None else None
+            if record is not None:
+                return Job(record, backend)  # type: ignore[arg-type]
+        return None
+
+    def drain(self, queues: Sequence[str] | str | None = None) -> int:
+        """Run every due job now, in this thread, against the real backend; return how many."""
+        state = self.state
+        return state.drain(state.backend, state.runner, parse_queues(queues))
+
+    def start_worker(self) -> Worker:
+        """Start this process's worker threads for the current app, whatever the config says."""
+        return self.state.start_worker()
+
+    def stop_worker(self, grace: float = EMBEDDED_GRACE) -> None:
+        """Stop the current app's worker threads, letting running jobs finish for ``grace`` s."""
+        self.state.stop_worker(grace)
+
+    def _run_eagerly(self, state: AppState, records: list[JobRecord]) -> list[Job]:
+        eager = state.eager_backend
+        assert eager is not None
+        now = time.time()
+        for record in records:
+            record.eta, record.status = min(record.eta, now), QUEUED
+        stored = eager.enqueue(records)
+        runner = Runner(state.app, eager, self.tasks, retry_after=no_backoff)
+        state.drain(eager, runner, None)
+        return [Job(eager.get(record.id) or record, eager) for record in stored]
+
+
+_embedded_workers: weakref.WeakSet[Worker] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_embedded_workers() -> None:
+    workers = [worker for worker in _embedded_workers if worker.running]
+    if not workers:
+        return
+    busy = sum(len(worker.active_jobs()) for worker in workers)
+    if busy:
+        logger.info("waiting up to %gs for %d running job(s) to finish", EMBEDDED_GRACE, busy)
+    for worker in workers:
+        worker.stop(EMBEDDED_GRACE, wait=False)
+    for worker in workers:
+        worker.join()

@@ -1,0 +1,195 @@
+"""``Job``: a handle on an enqueued job that any process sharing the backend can poll."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import serialization
+from .backends.base import CANCELLED, FAILED, FINISHED, SUCCEEDED, JobRecord
+from .exceptions import JobCancelled, JobFailed
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+
+
+class JobStatus(str, enum.Enum):
+    """Where a job is in its life."""
+
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def finished(self) -> bool:
+        return self.value in FINISHED
+
+
+def _datetime(timestamp: float | None) -> dt.datetime | None:
+    return None if timestamp is None else dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+
+
+class Job:
+    """A job's state as last read from the backend; :meth:`refresh` reads it again."""
+
+    def __init__(self, record: JobRecord, backend: Backend) -> None:
+        self._record = record
+        self._backend = backend
+
+    @property
+    def id(self) -> str:
+        return self._record.id
+
+    @property
+    def task(self) -> str:
+        """The task's name, by default ``module.qualname`` of its function."""
+        return self._record.task
+
+    @property
+    def status(self) -> JobStatus:
+        return JobStatus(self._record.status)
+
+    @property
+    def queue(self) -> str:
+        return self._record.queue
+
+    @property
+    def priority(self) -> int:
+        return self._record.priority
+
+    @property
+    def attempts(self) -> int:
+        """Attempts started so far; the first run is attempt 1."""
+        return self._record.attempts
+
+    @property
+    def max_attempts(self) -> int:
+        return self._record.max_attempts
+
+    @property
+    def progress(self) -> float | None:
+        return self._record.progress
+
+    @property
+    def progress_message(self) -> str | None:
+        return self._record.progress_message
+
+    @property
+    def error(self) -> str | None:
+        """``"ValueError: message"`` for a failed attempt, or None."""
+        return self._record.error
+
+    @property
+    def traceback(self) -> str | None:
+        return self._record.traceback
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._record.cancel_requested
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        return tuple(serialization.loads(self._record.payload)["args"])
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(serialization.loads(self._record.payload)["kwargs"])
+
+    @property
+    def enqueued_at(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self._record.enqueued_at, dt.timezone.utc)
+
+    @property
+    def scheduled_for(self) -> dt.datetime:
+        """When the job is (or was) due to start."""
+        return dt.datetime.fromtimestamp(self._record.eta, dt.timezone.utc)
+
+    @property
+    def started_at(self) -> dt.datetime | None:
+        return _datetime(self._record.started_at)
+
+    @property
+    def finished_at(self) -> dt.datetime | None:
+        return _datetime(self._record.finished_at)
+
+    def refresh(self) -> Job:
+        """Read the job's current state from the backend; returns the job itself."""
+        record = self._backend.get(self.id)
+        if record is not None:
+            self._record = record
+        return self
+
+    def cancel(self) -> Job:
+        """Cancel the job: a waiting one never starts, a running one sees ``cancel_requested``."""
+        record = self._backend.cancel(self.id, time.time())
+        if record is not None:
+            self._record = record
+        return self
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the job to finish and return its value.
+
+        Raises :class:`JobFailed` (with the remote type, message and traceback),
+        :class:`JobCancelled`, or ``TimeoutError`` after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.002
+        while self._record.status not in FINISHED:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"job {self.id} did not finish within {timeout}s")
+            time.sleep(pause if remaining is None else min(pause, remaining))
+            pause = min(pause * 1.5, 0.1)
+            self.refresh()
+        record = self._record
+        if record.status == SUCCEEDED:
+            return None if record.result is None else serialization.loads(record.result)
+        if record.status == FAILED:
+            exc_type, _, message = (record.error or "Error").partition(": ")
+            raise JobFailed(record.id, exc_type, message, record.traceback)
+        assert record.status == CANCELLED
+        raise JobCancelled(record.id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as JSON-ready data, for a status endpoint."""
+        record = self._record
+        data: dict[str, Any] = {
+            "id": record.id,
+            "task": record.task,
+            "status": record.status,
+            "queue": record.queue,
+            "priority": record.priority,
+            "attempts": record.attempts,
+            "max_attempts": record.max_attempts,
+            "progress": record.progress,
+            "progress_message": record.progress_message,
+            "error": record.error,
+            "enqueued_at": self.enqueued_at.isoformat(),
+            "scheduled_for": self.scheduled_for.isoformat(),
+            "started_at": _isoformat(self.started_at),
+            "finished_at": _isoformat(self.finished_at),
+        }
+        if record.status == SUCCEEDED and record.result is not None:
+            data["result"] = serialization.to_plain(serialization.loads(record.result))
+        return data
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Job) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __repr__(self) -> str:
+        return f"<Job {self.task} {self.id} {self.status.value}>"
+
+
+def _isoformat(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat()

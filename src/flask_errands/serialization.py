@@ -1,0 +1,102 @@
+"""JSON encoding of task arguments and results.
+
+Everything crosses a process boundary, so values are JSON; datetime, date,
+UUID, Decimal, bytes, tuples and dicts with non-string keys are tagged so they
+come back as the same type. Pickle is never used.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import uuid
+from decimal import Decimal
+from typing import Any
+
+TAG = "__errands__"
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=True).encode
+_loads = json.JSONDecoder(object_hook=lambda obj: _untag(obj) if TAG in obj else obj).decode
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def to_json_value(value: Any) -> Any:
+    """Return ``value`` as plain JSON data, tagging the extra types; raise TypeError otherwise."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is list:
+        return [to_json_value(item) for item in value]
+    if kind is dict:
+        if all(type(key) is str for key in value) and TAG not in value:
+            return {key: to_json_value(item) for key, item in value.items()}
+        return {TAG: "dict", "v": [[to_json_value(k), to_json_value(v)] for k, v in value.items()]}
+    if kind is tuple:
+        return {TAG: "tuple", "v": [to_json_value(item) for item in value]}
+    if isinstance(value, dt.datetime):
+        return {TAG: "datetime", "v": value.isoformat()}
+    if isinstance(value, dt.date):
+        return {TAG: "date", "v": value.isoformat()}
+    if isinstance(value, uuid.UUID):
+        return {TAG: "uuid", "v": str(value)}
+    if isinstance(value, Decimal):
+        return {TAG: "decimal", "v": str(value)}
+    if isinstance(value, bytes | bytearray):
+        return {TAG: "bytes", "v": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, str):  # subclasses such as enum.StrEnum travel as their value
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    raise TypeError(f"object of type {kind.__name__} is not JSON serializable")
+
+
+def _untag(obj: dict[str, Any]) -> Any:
+    kind, raw = obj[TAG], obj["v"]
+    if kind == "tuple":
+        return tuple(raw)
+    if kind == "dict":
+        return {_hashable(k): v for k, v in raw}
+    if kind == "datetime":
+        return dt.datetime.fromisoformat(raw)
+    if kind == "date":
+        return dt.date.fromisoformat(raw)
+    if kind == "uuid":
+        return uuid.UUID(raw)
+    if kind == "decimal":
+        return Decimal(raw)
+    if kind == "bytes":
+        return base64.b64decode(raw)
+    raise ValueError(f"unknown tagged type {kind!r} in job data")
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(key) if type(key) is list else key
+
+
+def to_plain(value: Any) -> Any:
+    """Return ``value`` as untagged JSON data for people to read (ISO dates, base64 bytes)."""
+    if isinstance(value, list | tuple):
+        return [to_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else dumps(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID | Decimal):
+        return str(value)
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(value).decode("ascii")
+    return value
+
+
+def dumps(value: Any) -> str:
+    """Encode ``value`` to a JSON string; raise TypeError naming the first type that cannot go."""
+    return _dumps(to_json_value(value))
+
+
+def loads(text: str) -> Any:
+    """Decode a string written by :func:`dumps`."""
+    return _loads(text)

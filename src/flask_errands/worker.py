@@ -1,0 +1,253 @@
+"""The worker: reserves due jobs under a lease and runs them on a pool of threads.
+
+One dispatcher thread reserves as many jobs as there are idle threads, keeps
+their leases alive, stops jobs past their timeout, and sleeps until the
+backend says new work may be due. ``run_once()`` is one step of that loop, so
+tests can drive it without threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from functools import partial
+
+from .backends.base import FAILED, SCHEDULED
+from .runner import Execution, JobInterrupt, Runner, logger
+
+#: How often a reserved job's lease is extended and its cancellation checked, at most.
+HEARTBEAT_INTERVAL = 1.0
+#: The longest the dispatcher sleeps without looking for due work.
+IDLE_WAIT = 1.0
+#: How often finished jobs older than the result TTL are pruned.
+PRUNE_INTERVAL = 60.0
+
+
+def new_worker_id() -> str:
+    """An id that says where the worker runs: ``host:pid:random``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """A pool of ``concurrency`` threads running one app's jobs from ``queues``."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 4,
+        lease_seconds: float = 30.0,
+        result_ttl: float | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.runner = runner
+        self.backend = runner.backend
+        self.queues = tuple(queues) if queues else None
+        self.concurrency = concurrency
+        self.lease_seconds = lease_seconds
+        self.result_ttl = result_ttl
+        self.id = name or new_worker_id()
+        self.jobs_done = 0
+        self._clock = runner.clock
+        self._active: dict[str, Execution] = {}
+        self._active_lock = threading.Lock()
+        self._inbox: queue.SimpleQueue[Execution | None] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._dispatcher: threading.Thread | None = None
+        self._heartbeat_interval = min(HEARTBEAT_INTERVAL, lease_seconds / 3)
+        self._next_heartbeat = 0.0
+        self._next_prune = 0.0
+        self._grace_deadline: float | None = None
+
+    # -- one step ------------------------------------------------------------
+
+    def run_once(self) -> int:
+        """Reserve due jobs for the idle threads and hand them over; return how many."""
+        free = self.concurrency - len(self._active)
+        if free <= 0 or self._stopping.is_set():
+            return 0
+        records = self.backend.reserve(
+            self.queues, free, self.id, self.lease_seconds, self._clock()
+        )
+        for record in records:
+            execution = self.runner.start(record)
+            with self._active_lock:
+                self._active[record.id] = execution
+            self._inbox.put(execution)
+        return len(records)
+
+    def maintain(self, now: float) -> None:
+        """Extend leases, pass on cancellations, stop jobs past their timeout, prune."""
+        with self._active_lock:
+            active = list(self._active.values())
+        for execution in active:
+            if execution.deadline is not None and now >= execution.deadline:
+                self._time_out(execution)
+        if active and now >= self._next_heartbeat:
+            self._next_heartbeat = now + self._heartbeat_interval
+            leases = {e.id: e.lease_token for e in active}
+            for job_id in self.backend.heartbeat(leases, self.lease_seconds, now):
+                cancelled = self._active.get(job_id)
+                if cancelled is not None:
+                    cancelled.request_cancel()
+        if self.result_ttl is not None and now >= self._next_prune:
+            self._next_prune = now + PRUNE_INTERVAL
+            self.backend.prune(now - self.result_ttl)
+
+    # -- threads -------------------------------------------------------------
+
+    def start(self) -> Worker:
+        """Start the dispatcher and the job threads; returns at once."""
+        self.backend.watch(self._wake.set)
+        for n in range(self.concurrency):
+            thread = threading.Thread(target=self._work, name=f"errands-worker-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._dispatcher = threading.Thread(
+            target=self._dispatch, name="errands-dispatcher", daemon=True
+        )
+        self._dispatcher.start()
+        return self
+
+    def stop(self, grace: float = 30.0, *, wait: bool = True) -> None:
+        """Stop taking jobs, let running ones finish for ``grace`` seconds, release the rest.
+
+        With ``wait=False`` this only asks; :meth:`join` waits for the stop to complete.
+        """
+        if self._grace_deadline is None:
+            self._grace_deadline = time.monotonic() + grace
+        self._stopping.set()
+        self._wake.set()
+        if wait:
+            self.join()
+
+    def join(self) -> None:
+        """Wait until a requested stop has finished, then end the job threads."""
+        if self._dispatcher is not None and self._dispatcher is not threading.current_thread():
+            self._dispatcher.join()
+        self.backend.unwatch(self._wake.set)
+        for _ in self._threads:
+            self._inbox.put(None)
+        self._threads.clear()
+
+    @property
+    def running(self) -> bool:
+        return self._dispatcher is not None and self._dispatcher.is_alive()
+
+    def active_jobs(self) -> list[str]:
+        """Ids of the jobs this worker is running now."""
+        with self._active_lock:
+            return list(self._active)
+
+    def _dispatch(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._wake.clear()
+                reserved = self.run_once()
+                self.maintain(self._clock())
+                if reserved and len(self._active) < self.concurrency:
+                    continue
+                self._wake.wait(self._idle_wait())
+            except Exception:
+                logger.exception("errands worker %s: backend error, retrying in 1s", self.id)
+                self._stopping.wait(1.0)
+        self._finish_running()
+
+    def _idle_wait(self) -> float:
+        now = self._clock()
+        wait = min(IDLE_WAIT, max(0.0, self._next_heartbeat - now) if self._active else IDLE_WAIT)
+        deadlines = [e.deadline for e in list(self._active.values()) if e.deadline is not None]
+        if deadlines:
+            wait = min(wait, max(0.0, min(deadlines) - now))
+        if len(self._active) < self.concurrency:
+            eta = self.backend.next_eta(self.queues)
+            if eta is not None:
+                wait = min(wait, max(0.0, eta - now))
+        return wait
+
+    def _finish_running(self) -> None:
+        """On stop: keep leases alive while running jobs finish, then release the rest."""
+        deadline = self._grace_deadline or time.monotonic()
+        while self._active and time.monotonic() < deadline:
+            try:
+                self.maintain(self._clock())
+            except Exception:
+                logger.exception("errands worker %s: backend error while stopping", self.id)
+            self._wake.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            self._wake.clear()
+        with self._active_lock:
+            left = list(self._active.values())
+        for execution in left:
+            released = execution.claim(partial(self._interrupt, execution))
+            if released:
+                self.backend.release(execution.id, execution.lease_token, self._clock())
+                logger.warning(
+                    "%s %s released back to its queue: still running at shutdown",
+                    execution.task,
+                    execution.id,
+                    extra={"job_id": execution.id, "task": execution.task},
+                )
+
+    def _work(self) -> None:
+        while True:
+            try:
+                next_job = self._inbox.get()
+                if next_job is None:
+                    return
+                execution = next_job
+                try:
+                    self.runner.run(execution)
+                finally:
+                    self.jobs_done += 1
+                    with self._active_lock:
+                        self._active.pop(execution.id, None)
+                    self._wake.set()
+            except JobInterrupt:
+                continue  # arrived after the job ended; its outcome is already recorded
+            except Exception:
+                logger.exception("errands worker thread: unexpected error")
+
+    def _time_out(self, execution: Execution) -> None:
+        timeout = execution.record.timeout
+        error = f"TimeoutError: job exceeded its timeout of {timeout:g}s"
+        record = execution.record
+        if not execution.claim(lambda: self._interrupt(execution)):
+            return
+        # Claimed: write the outcome here, since the interrupted thread will not.
+        now = self._clock()
+        if record.attempts < record.max_attempts and not execution.cancel_requested:
+            status, eta = SCHEDULED, now + self.runner.retry_after(record)
+        else:
+            status, eta = FAILED, None
+        self.backend.finish(record.id, execution.lease_token, status, now, error=error, eta=eta)
+        record.status, record.error = status, error
+        logger.warning(
+            "%s %s timed out after %gs (attempt %d)",
+            record.task,
+            record.id,
+            timeout,
+            record.attempts,
+            extra={"job_id": record.id, "task": record.task},
+        )
+
+    @staticmethod
+    def _interrupt(execution: Execution) -> None:
+        """Raise :class:`JobInterrupt` in the thread running ``execution``, if any."""
+        if execution.thread_id is not None:
+            raise_in_thread(execution.thread_id, JobInterrupt)
+
+
+def raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> None:
+    """Make ``exc_type`` be raised in another thread at its next Python instruction."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc_type)
+    )

@@ -1,0 +1,374 @@
+"""The contract every backend must keep, run unchanged against each of them.
+
+These tests call the Backend interface directly with an injected clock, so
+they say exactly what storage must do, independent of the worker threads.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+
+from flask_errands.backends import Backend, JobRecord
+
+T0 = 1_800_000_000.0
+LEASE = 30.0
+
+
+def job(**fields: object) -> JobRecord:
+    defaults: dict[str, object] = {
+        "id": uuid.uuid4().hex,
+        "task": "tests.noop",
+        "payload": '{"args":[],"kwargs":{}}',
+        "eta": T0,
+        "enqueued_at": T0,
+    }
+    defaults.update(fields)
+    return JobRecord(**defaults)  # type: ignore[arg-type]
+
+
+def reserve(backend: Backend, limit: int = 1, now: float = T0, queues=None) -> list[JobRecord]:
+    return backend.reserve(queues, limit, "worker-a", LEASE, now)
+
+
+def test_enqueue_then_get_returns_every_field(backend: Backend) -> None:
+    original = job(
+        queue="emails",
+        priority=3,
+        max_attempts=4,
+        retry_delay=2.5,
+        timeout=9.0,
+        unique_key="k1",
+        payload='{"args":[1],"kwargs":{"x":"é"}}',
+    )
+    [stored] = backend.enqueue([original])
+    assert stored == original
+    assert backend.get(original.id) == original
+    assert backend.get("no-such-job") is None
+
+
+def test_reserve_takes_higher_priority_first_then_enqueue_order(backend: Backend) -> None:
+    low1, high, low2, mid = job(), job(priority=9), job(), job(priority=5)
+    backend.enqueue([low1, high])
+    backend.enqueue([low2, mid])
+    order = [reserve(backend)[0].id for _ in range(4)]
+    assert order == [high.id, mid.id, low1.id, low2.id]
+    assert reserve(backend) == []
+
+
+def test_reserve_batch_is_ordered_and_limited(backend: Backend) -> None:
+    jobs = [job(priority=p) for p in (0, 2, 1, 2)]
+    backend.enqueue(jobs)
+    got = reserve(backend, limit=3)
+    assert [j.id for j in got] == [jobs[1].id, jobs[3].id, jobs[2].id]
+
+
+def test_reserved_job_is_running_under_a_lease(backend: Backend) -> None:
+    backend.enqueue([job()])
+    [got] = reserve(backend, now=T0 + 1)
+    assert got.status == "running"
+    assert got.attempts == 1
+    assert got.lease_token
+    assert got.worker_id == "worker-a"
+    assert got.started_at == T0 + 1
+    assert got.lease_expires_at == T0 + 1 + LEASE
+    assert backend.get(got.id).status == "running"  # type: ignore[union-attr]
+
+
+def test_delayed_job_is_not_reserved_before_its_time(backend: Backend) -> None:
+    later = job(eta=T0 + 60, status="scheduled")
+    backend.enqueue([later])
+    assert reserve(backend, now=T0 + 59.9) == []
+    assert backend.next_eta(None) == T0 + 60
+    assert [j.id for j in reserve(backend, now=T0 + 60)] == [later.id]
+    assert backend.next_eta(None) is None
+
+
+def test_queues_are_served_only_when_asked_for(backend: Backend) -> None:
+    email, report = job(queue="emails"), job(queue="reports")
+    backend.enqueue([email, report])
+    assert [j.id for j in reserve(backend, queues=["reports"])] == [report.id]
+    assert reserve(backend, queues=["other"]) == []
+    assert backend.next_eta(["other"]) is None
+    assert [j.id for j in reserve(backend, queues=["emails", "other"])] == [email.id]
+
+
+def test_expired_lease_is_redelivered_and_the_old_lease_is_void(backend: Backend) -> None:
+    backend.enqueue([job()])
+    [first] = reserve(backend)
+    assert reserve(backend, now=T0 + LEASE - 1) == []
+    [second] = backend.reserve(None, 1, "worker-b", LEASE, T0 + LEASE + 1)
+    assert second.id == first.id
+    assert second.attempts == 2
+    assert second.worker_id == "worker-b"
+    assert second.lease_token != first.lease_token
+    assert not backend.finish(first.id, first.lease_token, "succeeded", T0 + 40)  # type: ignore[arg-type]
+    assert backend.finish(second.id, second.lease_token, "succeeded", T0 + 41)  # type: ignore[arg-type]
+    assert backend.get(first.id).status == "succeeded"  # type: ignore[union-attr]
+
+
+def test_heartbeat_keeps_the_lease_alive(backend: Backend) -> None:
+    backend.enqueue([job()])
+    [got] = reserve(backend)
+    assert backend.heartbeat({got.id: got.lease_token}, LEASE, T0 + 20) == set()  # type: ignore[dict-item]
+    assert reserve(backend, now=T0 + LEASE + 1) == []
+    assert backend.get(got.id).lease_expires_at == T0 + 20 + LEASE  # type: ignore[union-attr]
+    assert len(reserve(backend, now=T0 + 20 + LEASE + 1)) == 1
+
+
+def test_heartbeat_with_a_stale_token_does_nothing(backend: Backend) -> None:
+    backend.enqueue([job()])
+    [got] = reserve(backend)
+    assert backend.heartbeat({got.id: "stale"}, LEASE, T0 + 20) == set()
+    assert backend.get(got.id).lease_expires_at == T0 + LEASE  # type: ignore[union-attr]
+
+
+def test_finish_records_success_and_result(backend: Backend) -> None:
+    backend.enqueue([job(unique_key="once")])
+    [got] = reserve(backend)
+    assert backend.finish(got.id, got.lease_token, "succeeded", T0 + 2, result="42")  # type: ignore[arg-type]
+    done = backend.get(got.id)
+    assert done is not None
+    assert (done.status, done.result, done.finished_at) == ("succeeded", "42", T0 + 2)
+    assert done.lease_token is None
+    assert reserve(backend, now=T0 + 100) == []
+
+
+def test_finish_records_failure_with_traceback(backend: Backend) -> None:
+    backend.enqueue([job()])
+    [got] = reserve(backend)
+    backend.finish(
+        got.id,
+        got.lease_token,
+        "failed",
+        T0 + 1,  # type: ignore[arg-type]
+        error="ValueError: bad",
+        traceback="Traceback ...",
+    )
+    done = backend.get(got.id)
+    assert done is not None
+    assert (done.status, done.error, done.traceback) == (
+        "failed",
+        "ValueError: bad",
+        "Traceback ...",
+    )
+
+
+def test_retry_later_makes_the_job_due_at_its_eta(backend: Backend) -> None:
+    backend.enqueue([job()])
+    [got] = reserve(backend)
+    backend.finish(got.id, got.lease_token, "scheduled", T0 + 1, error="E: x", eta=T0 + 10)  # type: ignore[arg-type]
+    waiting = backend.get(got.id)
+    assert waiting is not None
+    assert (waiting.status, waiting.eta, waiting.error) == ("scheduled", T0 + 10, "E: x")
+    assert reserve(backend, now=T0 + 9) == []
+    [again] = reserve(backend, now=T0 + 10)
+    assert again.attempts == 2
+
+
+def test_release_puts_the_job_back_without_counting_the_attempt(backend: Backend) -> None:
+    backend.enqueue([job()])
+    [got] = reserve(backend)
+    assert backend.release(got.id, got.lease_token, T0 + 1)  # type: ignore[arg-type]
+    back = backend.get(got.id)
+    assert back is not None
+    assert (back.status, back.attempts, back.lease_token) == ("queued", 0, None)
+    [again] = reserve(backend, now=T0 + 2)
+    assert again.attempts == 1
+
+
+def test_unique_key_returns_the_live_job(backend: Backend) -> None:
+    first = job(unique_key="report-7")
+    backend.enqueue([first])
+    [dupe] = backend.enqueue([job(unique_key="report-7")])
+    assert dupe.id == first.id
+    [got] = reserve(backend)
+    [while_running] = backend.enqueue([job(unique_key="report-7")])
+    assert while_running.id == first.id
+    backend.finish(got.id, got.lease_token, "succeeded", T0 + 1)  # type: ignore[arg-type]
+    fresh = job(unique_key="report-7")
+    [after] = backend.enqueue([fresh])
+    assert after.id == fresh.id
+
+
+def test_unique_key_inside_one_batch(backend: Backend) -> None:
+    a, b, c = job(unique_key="u"), job(unique_key="u"), job()
+    stored = backend.enqueue([a, b, c])
+    assert [s.id for s in stored] == [a.id, a.id, c.id]
+    assert len(backend.list_jobs()) == 2
+
+
+def test_cancel_waiting_job_means_it_never_starts(backend: Backend) -> None:
+    target, other = job(unique_key="c"), job()
+    backend.enqueue([target, other])
+    cancelled = backend.cancel(target.id, T0 + 1)
+    assert cancelled is not None and cancelled.status == "cancelled"
+    assert [j.id for j in reserve(backend, limit=5)] == [other.id]
+    assert backend.enqueue([job(unique_key="c")])[0].id != target.id
+    assert backend.cancel("no-such-job", T0) is None
+
+
+def test_cancel_running_job_is_seen_through_heartbeat(backend: Backend) -> None:
+    backend.enqueue([job()])
+    [got] = reserve(backend)
+    after = backend.cancel(got.id, T0 + 1)
+    assert after is not None
+    assert (after.status, after.cancel_requested) == ("running", True)
+    assert backend.heartbeat({got.id: got.lease_token}, LEASE, T0 + 2) == {got.id}  # type: ignore[dict-item]
+
+
+def test_requeue_runs_a_failed_job_again_under_its_id(backend: Backend) -> None:
+    backend.enqueue([job()])
+    [got] = reserve(backend)
+    backend.finish(got.id, got.lease_token, "failed", T0 + 1, error="E: x", traceback="tb")  # type: ignore[arg-type]
+    again = backend.requeue(got.id, T0 + 5)
+    assert again is not None
+    assert (again.id, again.status, again.attempts, again.error) == (got.id, "queued", 0, None)
+    assert [j.id for j in reserve(backend, now=T0 + 5)] == [got.id]
+    assert backend.requeue("no-such-job", T0) is None
+
+
+def test_requeue_leaves_a_live_job_alone(backend: Backend) -> None:
+    backend.enqueue([job()])
+    [got] = reserve(backend)
+    again = backend.requeue(got.id, T0 + 1)
+    assert again is not None and again.status == "running" and again.attempts == 1
+
+
+def test_list_and_count_jobs_by_state_and_queue(backend: Backend) -> None:
+    a, b, c = job(queue="q1"), job(queue="q1"), job(queue="q2")
+    backend.enqueue([a, b, c])
+    reserve(backend, queues=["q2"])
+    assert [j.id for j in backend.list_jobs()] == [c.id, b.id, a.id]
+    assert [j.id for j in backend.list_jobs(status="queued")] == [b.id, a.id]
+    assert [j.id for j in backend.list_jobs(queue="q2")] == [c.id]
+    assert [j.id for j in backend.list_jobs(limit=1, offset=1)] == [b.id]
+    assert backend.counts() == {("q1", "queued"): 2, ("q2", "running"): 1}
+
+
+def test_a_schedule_tick_fires_once_and_enqueues_its_job(backend: Backend) -> None:
+    first = job(task="tests.nightly")
+    assert backend.fire_tick("nightly", T0, first, T0)
+    assert not backend.fire_tick("nightly", T0, job(task="tests.nightly"), T0 + 1)
+    assert [j.id for j in backend.list_jobs()] == [first.id]
+    assert backend.last_ticks() == {"nightly": (T0, first.id)}
+    nxt = job(task="tests.nightly")
+    assert backend.fire_tick("nightly", T0 + 86400, nxt, T0 + 86400)
+    assert backend.fire_tick("hourly", T0, job(), T0)
+    assert backend.last_ticks()["nightly"] == (T0 + 86400, nxt.id)
+
+
+def test_a_tick_whose_unique_job_is_live_records_the_tick_only(backend: Backend) -> None:
+    running = job(unique_key="schedule:report")
+    backend.enqueue([running])
+    assert backend.fire_tick("report", T0, job(unique_key="schedule:report"), T0)
+    assert backend.last_ticks() == {"report": (T0, running.id)}
+    assert len(backend.list_jobs()) == 1
+
+
+def test_prune_keeps_the_latest_tick_of_each_schedule(backend: Backend) -> None:
+    backend.fire_tick("a", T0, job(), T0)
+    backend.fire_tick("a", T0 + 60, job(), T0 + 60)
+    backend.prune(T0 + 1000)
+    assert backend.last_ticks()["a"][0] == T0 + 60
+    assert backend.fire_tick("a", T0, job(), T0 + 1001)  # pruned: would fire again if asked
+
+
+def test_purge_deletes_matching_jobs_but_never_running_ones(backend: Backend) -> None:
+    a, b, c, d = job(queue="q1"), job(queue="q1"), job(queue="q2"), job(queue="q1")
+    backend.enqueue([a, b, c, d])
+    [running] = reserve(backend, queues=["q2"])
+    [done] = reserve(backend, queues=["q1"])
+    backend.finish(done.id, done.lease_token, "failed", T0 + 100)  # type: ignore[arg-type]
+    assert backend.purge(status="failed", before=T0 + 50) == 0
+    assert backend.purge(status="failed") == 1
+    assert backend.purge(queue="q2") == 0
+    assert backend.purge(before=T0 + 1) == 2
+    assert [j.id for j in backend.list_jobs()] == [running.id]
+
+
+def test_live_workers_are_listed_until_their_registration_expires(backend: Backend) -> None:
+    backend.register_worker("w1", {"host": "h", "pid": 1, "queues": ["a"]}, 10, T0)
+    backend.register_worker("w2", {"host": "h", "pid": 2}, 10, T0)
+    backend.register_worker("w1", {"host": "h", "pid": 1, "jobs_done": 5}, 10, T0 + 8)
+    workers = {w["id"]: w for w in backend.list_workers(T0 + 9)}
+    assert workers["w1"] == {"id": "w1", "host": "h", "pid": 1, "jobs_done": 5}
+    assert set(workers) == {"w1", "w2"}
+    assert [w["id"] for w in backend.list_workers(T0 + 12)] == ["w1"]
+    backend.unregister_worker("w1")
+    assert backend.list_workers(T0 + 12) == []
+
+
+def test_prune_deletes_only_old_finished_jobs(backend: Backend) -> None:
+    old, recent, waiting = job(), job(), job()
+    backend.enqueue([old, recent, waiting])
+    for record, at in zip(reserve(backend, limit=2), (T0 + 1, T0 + 100), strict=True):
+        backend.finish(record.id, record.lease_token, "succeeded", at)  # type: ignore[arg-type]
+    assert backend.prune(T0 + 50) == 1
+    assert backend.get(old.id) is None
+    assert backend.get(recent.id) is not None
+    assert backend.get(waiting.id) is not None
+
+
+def test_watchers_are_told_about_new_work(backend: Backend) -> None:
+    woken: list[int] = []
+    backend.watch(lambda: woken.append(1))
+    backend.enqueue([job()])
+    assert woken
+
+
+CONCURRENT_CLAIMS = """
+import sys, time
+from flask_errands.backends import backend_from_url
+backend = backend_from_url(sys.argv[1], instance_path=sys.argv[2])
+claimed = []
+while True:
+    got = backend.reserve(None, 5, sys.argv[3], 30, time.time())
+    if not got:
+        break
+    for record in got:
+        backend.finish(record.id, record.lease_token, "succeeded", time.time())
+        claimed.append(record.id)
+print("\\n".join(claimed))
+"""
+
+
+def test_processes_sharing_a_store_never_claim_a_job_twice(
+    shared_backend_url: str, tmp_path: object
+) -> None:
+    backend = __import__("flask_errands.backends", fromlist=["x"]).backend_from_url(
+        shared_backend_url, instance_path=str(tmp_path)
+    )
+    jobs = [job(eta=0.0) for _ in range(2000)]
+    for start in range(0, len(jobs), 500):
+        backend.enqueue(jobs[start : start + 500])
+    script = textwrap.dedent(CONCURRENT_CLAIMS)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, shared_backend_url, str(tmp_path), f"w{n}"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(4)
+    ]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs)
+    claimed = [line for out in outputs for line in out.split()]
+    assert sorted(claimed) == sorted(j.id for j in jobs)
+    assert sum(1 for out in outputs if out.strip()) >= 2, "one process did all the work"
+    assert backend.counts() == {("default", "succeeded"): 2000}
+    backend.close()
+
+
+@pytest.mark.parametrize("batch", [1, 50])
+def test_batch_enqueue_is_all_or_nothing(backend: Backend, batch: int) -> None:
+    good = [job() for _ in range(batch)]
+    backend.enqueue(good)
+    duplicate_id = job(id=good[0].id)
+    with pytest.raises(Exception):  # noqa: B017 - each store raises its own integrity error
+        backend.enqueue([job(), duplicate_id])
+    assert len(backend.list_jobs(limit=1000)) == batch

@@ -1,0 +1,138 @@
+"""Fixtures shared by the suite: apps, and one backend URL per real store.
+
+``backend_url`` is parametrised over every backend. A backend whose server
+is not running is skipped on a developer machine and fails under CI (CI=true),
+so a green CI run always means every backend was tested for real.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from flask import Flask
+
+from flask_errands import Errands
+from flask_errands.backends import Backend, backend_from_url
+
+REDIS_URL = os.environ.get("ERRANDS_TEST_REDIS", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("ERRANDS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must test every backend: {reason}")
+    pytest.skip(reason)
+
+
+def _memory(tmp_path: str) -> Iterator[str]:
+    yield "memory://"
+
+
+def _sqlite(tmp_path: str) -> Iterator[str]:
+    yield f"sqlite:///{tmp_path}/errands.db"
+
+
+def _redis(tmp_path: str) -> Iterator[str]:
+    try:
+        import redis
+    except ImportError:
+        _unavailable("redis-py is not installed")
+    prefix = f"errands-test-{uuid.uuid4().hex[:8]}:"
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        _unavailable(f"no Redis server at {REDIS_URL}: {exc}")
+    yield f"{REDIS_URL}?prefix={prefix}"
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def _postgres(tmp_path: str) -> Iterator[str]:
+    try:
+        import psycopg
+    except ImportError:
+        _unavailable("psycopg is not installed")
+    schema = f"errands_test_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = psycopg.connect(POSTGRES_URL, autocommit=True)
+    except psycopg.Error as exc:
+        _unavailable(f"no PostgreSQL server at {POSTGRES_URL}: {exc}")
+    admin.execute(f"CREATE SCHEMA {schema}")
+    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    admin.close()
+
+
+#: Every backend the suite knows, by name; a backend joins the conformance suite here.
+BACKENDS: dict[str, Callable[[str], Iterator[str]]] = {
+    "memory": _memory,
+    "sqlite": _sqlite,
+}
+
+#: Backends whose store outlives a process, for the crash and multi-process tests.
+SHARED_BACKENDS = [name for name in BACKENDS if name != "memory"]
+
+
+def _implemented(name: str) -> bool:
+    try:
+        __import__(f"flask_errands.backends.{name}")
+    except ImportError:
+        return False
+    return True
+
+
+if _implemented("redis"):
+    BACKENDS["redis"] = _redis
+    SHARED_BACKENDS.append("redis")
+if _implemented("postgres"):
+    BACKENDS["postgres"] = _postgres
+    SHARED_BACKENDS.append("postgres")
+
+
+def _url_fixture(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[str]:
+    yield from BACKENDS[request.param](str(tmp_path))
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend_url(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[str]:
+    """A fresh, empty store of each backend, as an ERRANDS_URL."""
+    yield from _url_fixture(request, tmp_path)
+
+
+@pytest.fixture(params=SHARED_BACKENDS)
+def shared_backend_url(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[str]:
+    """A fresh store that several processes can share (not memory://)."""
+    yield from _url_fixture(request, tmp_path)
+
+
+@pytest.fixture
+def backend(backend_url: str, tmp_path: object) -> Iterator[Backend]:
+    store = backend_from_url(backend_url, instance_path=str(tmp_path))
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def make_app(tmp_path: object) -> Iterator[Callable[..., tuple[Flask, Errands]]]:
+    """Build apps with their own instance folder; their workers are stopped afterwards."""
+    made: list[tuple[Flask, Errands]] = []
+
+    def make(**config: object) -> tuple[Flask, Errands]:
+        app = Flask("errands_test_app", instance_path=str(tmp_path))
+        app.config.update(ERRANDS_URL="memory://", ERRANDS_LEASE_SECONDS=30)
+        app.config.update(config)
+        errands = Errands(app)
+        made.append((app, errands))
+        return app, errands
+
+    yield make
+    for app, errands in made:
+        with app.app_context():
+            errands.stop_worker(grace=5)
+            errands.backend.close()
