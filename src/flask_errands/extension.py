@@ -74,7 +74,13 @@ class AppState:
         if worker is not None:
             worker.stop(grace)
 
-    def drain(self, backend: Backend, runner: Runner, queues: Sequence[str] | None) -> int:
+    def drain(
+        self,
+        backend: Backend,
+        runner: Runner,
+        queues: Sequence[str] | None,
+        on_job: Callable[[JobRecord], None] | None = None,
+    ) -> int:
         """Run every due job in the calling thread until none is left; return how many ran."""
         worker_id = new_worker_id()
         ran = 0
@@ -86,6 +92,8 @@ class AppState:
                 return ran
             runner.run(runner.start(records[0]))
             ran += 1
+            if on_job is not None:
+                on_job(records[0])
 
 
 class Errands:
@@ -115,6 +123,9 @@ class Errands:
         app.extensions["errands"] = state
         if settings.embedded_worker and not settings.eager:
             app.before_request(state.ensure_embedded_worker)
+        from .cli import errands_cli
+
+        app.cli.add_command(errands_cli)
 
     # -- declaring tasks -----------------------------------------------------
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from functools import partial
 
 from .backends.base import FAILED, SCHEDULED
+from .exceptions import BackendUnavailable
 from .runner import Execution, JobInterrupt, Runner, logger
 
 #: How often a reserved job's lease is extended and its cancellation checked, at most.
@@ -27,6 +28,12 @@ HEARTBEAT_INTERVAL = 1.0
 IDLE_WAIT = 1.0
 #: How often finished jobs older than the result TTL are pruned.
 PRUNE_INTERVAL = 60.0
+#: How often a worker tells the backend it is alive; it drops off after three missed.
+REGISTER_INTERVAL = 5.0
+#: With hard timeouts, how long a timed-out job may ignore its interrupt before the worker quits.
+STUCK_AFTER = 2.0
+#: The longest pause between two tries at a backend that cannot be reached.
+MAX_RECONNECT_PAUSE = 10.0
 
 
 def new_worker_id() -> str:
@@ -46,6 +53,8 @@ class Worker:
         lease_seconds: float = 30.0,
         result_ttl: float | None = None,
         name: str | None = None,
+        kind: str = "embedded",
+        hard_timeouts: bool = False,
     ) -> None:
         self.runner = runner
         self.backend = runner.backend
@@ -54,7 +63,15 @@ class Worker:
         self.lease_seconds = lease_seconds
         self.result_ttl = result_ttl
         self.id = name or new_worker_id()
+        self.kind = kind
+        self.hard_timeouts = hard_timeouts
         self.jobs_done = 0
+        self.started_at = time.time()
+        #: Set when a timed-out job would not stop and ``hard_timeouts`` made the worker quit.
+        self.stuck = False
+        self._timed_out: dict[str, float] = {}
+        self._next_register = 0.0
+        self._backend_down_since: float | None = None
         self._clock = runner.clock
         self._active: dict[str, Execution] = {}
         self._active_lock = threading.Lock()
@@ -102,6 +119,39 @@ class Worker:
         if self.result_ttl is not None and now >= self._next_prune:
             self._next_prune = now + PRUNE_INTERVAL
             self.backend.prune(now - self.result_ttl)
+        if now >= self._next_register:
+            self._next_register = now + REGISTER_INTERVAL
+            self.backend.register_worker(self.id, self.info(), REGISTER_INTERVAL * 3, now)
+        self._check_stuck(active)
+
+    def info(self) -> dict[str, object]:
+        """What this worker says of itself in the backend's list of live workers."""
+        host, pid, _ = self.id.split(":")
+        return {
+            "host": host,
+            "pid": int(pid),
+            "kind": self.kind,
+            "queues": list(self.queues) if self.queues else None,
+            "concurrency": self.concurrency,
+            "started_at": self.started_at,
+            "jobs_done": self.jobs_done,
+            "current_jobs": self.active_jobs(),
+        }
+
+    def _check_stuck(self, active: list[Execution]) -> None:
+        """With hard timeouts, quit when a timed-out job ignores its interrupt for too long."""
+        if not self.hard_timeouts or not self._timed_out:
+            return
+        running = {e.id for e in active}
+        for job_id, since in list(self._timed_out.items()):
+            if job_id not in running:
+                del self._timed_out[job_id]
+            elif time.monotonic() - since > STUCK_AFTER and not self._stopping.is_set():
+                logger.error(
+                    "job %s ignores its timeout; stopping this worker process to kill it", job_id
+                )
+                self.stuck = True
+                self.stop(0.0 if len(running) == 1 else 30.0, wait=False)
 
     # -- threads -------------------------------------------------------------
 
@@ -149,18 +199,32 @@ class Worker:
             return list(self._active)
 
     def _dispatch(self) -> None:
+        pause = 0.5
         while not self._stopping.is_set():
             try:
                 self._wake.clear()
                 reserved = self.run_once()
                 self.maintain(self._clock())
+                if self._backend_down_since is not None:
+                    logger.warning("errands worker %s: backend is back", self.id)
+                    self._backend_down_since, pause = None, 0.5
                 if reserved and len(self._active) < self.concurrency:
                     continue
                 self._wake.wait(self._idle_wait())
+            except BackendUnavailable as exc:
+                if self._backend_down_since is None:
+                    self._backend_down_since = time.monotonic()
+                logger.warning("errands worker %s: %s; retrying in %.1fs", self.id, exc, pause)
+                self._stopping.wait(pause)
+                pause = min(pause * 2, MAX_RECONNECT_PAUSE)
             except Exception:
-                logger.exception("errands worker %s: backend error, retrying in 1s", self.id)
+                logger.exception("errands worker %s: unexpected error, retrying in 1s", self.id)
                 self._stopping.wait(1.0)
         self._finish_running()
+        try:
+            self.backend.unregister_worker(self.id)
+        except Exception:  # the backend may be gone; the registration expires by itself
+            logger.debug("could not unregister worker %s", self.id, exc_info=True)
 
     def _idle_wait(self) -> float:
         now = self._clock()
@@ -222,6 +286,7 @@ class Worker:
         record = execution.record
         if not execution.claim(lambda: self._interrupt(execution)):
             return
+        self._timed_out[execution.id] = time.monotonic()
         # Claimed: write the outcome here, since the interrupted thread will not.
         now = self._clock()
         if record.attempts < record.max_attempts and not execution.cancel_requested:

@@ -1,0 +1,47 @@
+"""A small app for tests that run `flask errands …` as a real process.
+
+Configured from FLASK_* environment variables (FLASK_ERRANDS_URL=...), so a
+test can point it at any backend.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from flask import Flask
+
+from flask_errands import Errands, current_job
+
+app = Flask(__name__, instance_path=os.environ.get("WORKER_APP_INSTANCE", "/tmp/worker-app"))
+app.config["ERRANDS_URL"] = "memory://"
+app.config.from_prefixed_env()
+errands = Errands(app)
+
+
+@errands.task(name="noop")
+def noop() -> None:
+    """Do nothing."""
+
+
+@errands.task(name="record")
+def record(path: str, seconds: float = 0.0, label: str = "-") -> int:
+    """Append this run to a file (so tests count runs), after sleeping ``seconds``."""
+    with open(path, "a") as runs:
+        runs.write(f"start {label} {current_job.id} {current_job.attempt} {os.getpid()}\n")
+    time.sleep(seconds)
+    with open(path, "a") as runs:
+        runs.write(f"end {label} {current_job.id} {current_job.attempt} {os.getpid()}\n")
+    return current_job.attempt
+
+
+@errands.task(name="boom")
+def boom(message: str = "boom") -> None:
+    """Fail."""
+    raise ValueError(message)
+
+
+@errands.task(name="stuck", timeout=1)
+def stuck(seconds: float) -> None:
+    """Sleep in C code, where a thread cannot be interrupted."""
+    time.sleep(seconds)
