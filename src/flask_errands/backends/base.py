@@ -63,7 +63,7 @@ class JobRecord:
         return cls(**{f.name: row[f.name] for f in FIELDS if f.name in row})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dict(self.__dict__)
 
 
 FIELDS = dataclasses.fields(JobRecord)

@@ -4,8 +4,9 @@ One connection per process, in WAL mode, behind a lock: SQLite lets one writer
 in at a time anyway, and a single connection per process means threads never
 wait on each other through SQLite's busy handler. Every change runs under
 ``BEGIN IMMEDIATE``, so several processes on one host share the file safely.
-Other processes' enqueues are seen by polling ``PRAGMA data_version``, which
-costs microseconds and changes whenever another connection commits.
+Workers in other processes are woken through Unix sockets (``wakeup.py``)
+after each commit that adds work, with a slow ``PRAGMA data_version`` poll as
+a backstop.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 from ..exceptions import BackendUnavailable, ConfigurationError
 from .base import SCHEDULED, Backend, JobRecord
 from .queries import load_queries
+from .wakeup import SocketWakeup
 
 T = TypeVar("T")
 
@@ -32,8 +34,8 @@ SCHEMA_VERSION = 1
 
 #: How long one operation keeps retrying a locked database before it gives up.
 LOCK_PATIENCE = 30.0
-#: How often the watcher looks for other processes' commits.
-WATCH_INTERVAL = 0.002
+#: How often the watcher checks for commits it was not told about.
+BACKSTOP_INTERVAL = 0.25
 
 
 class SQLiteBackend(Backend):
@@ -49,6 +51,7 @@ class SQLiteBackend(Backend):
         self._connection: sqlite3.Connection | None = None
         self._watcher: threading.Thread | None = None
         self._closed = threading.Event()
+        self._wakeup = SocketWakeup(path)
         try:
             directory = os.path.dirname(path)
             if directory:
@@ -292,6 +295,10 @@ class SQLiteBackend(Backend):
 
     def close(self) -> None:
         self._closed.set()
+        watcher = self._watcher
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(timeout=2 * BACKSTOP_INTERVAL)
+        self._wakeup.shutdown()
         with self._lock:
             if self._connection is not None and self._pid == os.getpid():
                 self._connection.close()
@@ -309,18 +316,31 @@ class SQLiteBackend(Backend):
             self._watcher.start()
 
     def _watch_commits(self) -> None:
+        """Wake this process's workers when another process may have added work.
+
+        Writers knock on a Unix socket after each commit (see ``wakeup.py``);
+        polling ``PRAGMA data_version`` now and then catches anything missed,
+        such as a writer running as another user.
+        """
         db = self._connect()
+        listener = self._wakeup.listen()
         try:
             last = None
-            while not self._closed.wait(WATCH_INTERVAL) and self._watchers:
+            while not self._closed.is_set() and self._watchers:
+                knocked = self._wakeup.wait(listener, BACKSTOP_INTERVAL)
                 version = db.execute("PRAGMA data_version").fetchone()[0]
-                if version != last:
+                if knocked or version != last:
                     last = version
-                    self._notify()
-        except sqlite3.Error:
-            pass  # the file went away with the backend; nothing left to watch
+                    super()._notify()
+        except (sqlite3.Error, OSError):
+            pass  # the backend was closed under us; nothing left to watch
         finally:
+            self._wakeup.close(listener)
             db.close()
+
+    def _notify(self) -> None:
+        super()._notify()
+        self._wakeup.send()
 
 
 def _insert(db: sqlite3.Connection, jobs: Sequence[JobRecord]) -> list[JobRecord]:
