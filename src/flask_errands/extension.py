@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import datetime as dt
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, overload
 
 import click
@@ -19,9 +20,11 @@ from .backends import Backend, JobRecord, backend_from_url
 from .backends.base import QUEUED
 from .backends.memory import MemoryBackend
 from .config import DEFAULTS, Settings, parse_queues
-from .exceptions import Retry
+from .exceptions import ConfigurationError, Retry
 from .jobs import Job
 from .runner import Runner, no_backoff
+from .scheduler import Scheduler
+from .schedules import Schedule, check_call, schedules_from_config
 from .tasks import P, R, Task, TaskOptions
 from .worker import Worker, new_worker_id
 
@@ -46,6 +49,20 @@ class AppState:
         self._worker_pid: int | None = None
         self._lock = threading.Lock()
         self.eager_backend = MemoryBackend("memory://eager") if settings.eager else None
+        self.config_schedules: dict[str, Schedule] = {}
+        self.scheduler: Scheduler | None = None
+
+    @property
+    def schedules(self) -> dict[str, Schedule]:
+        """Every schedule of this app: those declared in code, then those of ERRANDS_SCHEDULE."""
+        merged = dict(self.errands.schedules)
+        for name, schedule in self.config_schedules.items():
+            if merged.setdefault(name, schedule) != schedule:
+                raise ConfigurationError(
+                    f"schedule {name!r} is declared both in code and in ERRANDS_SCHEDULE; "
+                    "rename one of them"
+                )
+        return merged
 
     def ensure_embedded_worker(self) -> None:
         """Start the embedded worker once per process (again in a forked child)."""
@@ -66,11 +83,17 @@ class AppState:
             ).start()
             self._worker_pid = os.getpid()
             _embedded_workers.add(self.worker)
+            if self.scheduler is not None:
+                self.scheduler.stop(wait=False)
+            self.scheduler = Scheduler(self).start() if settings.scheduler else None
             return self.worker
 
     def stop_worker(self, grace: float) -> None:
         with self._lock:
             worker, self.worker, self._worker_pid = self.worker, None, None
+            scheduler, self.scheduler = self.scheduler, None
+        if scheduler is not None:
+            scheduler.stop()
         if worker is not None:
             worker.stop(grace)
 
@@ -108,6 +131,7 @@ class Errands:
 
     def __init__(self, app: Flask | None = None) -> None:
         self.tasks: dict[str, Task[Any, Any]] = {}
+        self.schedules: dict[str, Schedule] = {}
         if app is not None:
             self.init_app(app)
 
@@ -118,8 +142,11 @@ class Errands:
         for key, value in DEFAULTS.items():
             app.config.setdefault(key, value)
         settings = Settings.from_config(app.config, app.instance_path)
+        config_schedules = schedules_from_config(settings.schedule, self)
         backend = backend_from_url(settings.url, instance_path=app.instance_path)
         state = AppState(self, app, settings, backend)
+        state.config_schedules = config_schedules
+        state.schedules  # noqa: B018 - a name declared twice fails here, not in the scheduler
         app.extensions["errands"] = state
         if settings.embedded_worker and not settings.eager:
             app.before_request(state.ensure_embedded_worker)
@@ -168,6 +195,54 @@ class Errands:
             return task
 
         return register if func is None else register(func)
+
+    def periodic(
+        self,
+        *,
+        every: float | dt.timedelta | None = None,
+        cron: str | None = None,
+        timezone: str | None = None,
+        name: str | None = None,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        catch_up: bool = True,
+        max_running: int | None = None,
+        **options: Any,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a function as a task that also runs by itself, on ``every`` or ``cron``.
+
+        ``name`` names the schedule (default: the task's name); other keywords
+        are task options as for :meth:`task`. A bad schedule raises
+        ``ValueError`` here, at decoration.
+        """
+
+        def register(func: Callable[P, R]) -> Task[P, R]:
+            own_task = func if isinstance(func, Task) and func.errands is self else None
+            target = func.func if isinstance(func, Task) else func
+            task_name = own_task.name if own_task else f"{target.__module__}.{target.__qualname__}"
+            schedule = Schedule(
+                name or task_name,
+                task_name,
+                every=every.total_seconds() if isinstance(every, dt.timedelta) else every,
+                cron=cron,
+                timezone=timezone,
+                args=args,
+                kwargs=dict(kwargs or {}),
+                catch_up=catch_up,
+                max_running=max_running,
+            )
+            check_call(schedule, target)
+            if self.schedules.get(schedule.name, schedule) != schedule:
+                raise ConfigurationError(
+                    f"schedule {schedule.name!r} is already registered; pass name=..."
+                )
+            if own_task is not None and options:
+                raise ValueError("give task options to @errands.task or to @errands.periodic")
+            task = own_task or self.task(name=task_name, **options)(target)
+            self.schedules[schedule.name] = schedule
+            return task
+
+        return register
 
     # -- using the current app's backend -------------------------------------
 

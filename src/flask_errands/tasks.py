@@ -74,6 +74,7 @@ class Task(Generic[P, R]):
         self.name = name
         self.default_options = options
         self.signature = inspect.signature(func)
+        self._bound = BoundTask(self, options)
         self.__doc__ = func.__doc__
         self.__wrapped__ = func
 
@@ -82,7 +83,7 @@ class Task(Generic[P, R]):
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """Enqueue a call and return its :class:`Job` at once."""
-        return self.options().delay(*args, **kwargs)
+        return self._bound.delay(*args, **kwargs)
 
     def delay_many(self, calls: Iterable[Any]) -> list[Job]:
         """Enqueue many calls in one round trip and return their jobs.
@@ -90,7 +91,7 @@ class Task(Generic[P, R]):
         Each item is a tuple of positional arguments, an ``(args, kwargs)``
         pair, or a single argument.
         """
-        return self.options().delay_many(calls)
+        return self._bound.delay_many(calls)
 
     def options(self, **overrides: Any) -> BoundTask[P, R]:
         """Return this task with options overridden for the calls made through it."""
@@ -156,8 +157,7 @@ def encode_call(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, A
     try:
         return serialization.dumps({"args": list(args), "kwargs": kwargs})
     except TypeError:
-        bound = task.signature.bind(*args, **kwargs)
-        for name, value in bound.arguments.items():
+        for name, value in _named_arguments(task, args, kwargs):
             try:
                 serialization.dumps(value)
             except TypeError as exc:
@@ -167,6 +167,23 @@ def encode_call(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, A
                     "datetime, date, UUID, Decimal, bytes)"
                 ) from None
         raise
+
+
+def _named_arguments(
+    task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[tuple[str, Any]]:
+    """Each argument with the name a caller knows it by: ``b``, ``targets[1]``, ``when``."""
+    named: list[tuple[str, Any]] = []
+    bound = task.signature.bind(*args, **kwargs)
+    for name, value in bound.arguments.items():
+        kind = task.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            named.extend((f"{name}[{i}]", item) for i, item in enumerate(value))
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            named.extend(value.items())
+        else:
+            named.append((name, value))
+    return named
 
 
 def _split_call(call: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -86,7 +86,7 @@ UPDATE errands_jobs
 SET attempts = attempts + 1, started_at = :now, lease_expires_at = :expires,
     lease_token = lower(hex(randomblob(16))), worker_id = :worker
 WHERE seq IN (
-    SELECT seq FROM errands_jobs
+    SELECT seq FROM errands_jobs INDEXED BY errands_jobs_leases
     WHERE status = 'running' AND lease_expires_at <= :now {queue_filter}
     ORDER BY lease_expires_at LIMIT :limit
 )
@@ -97,7 +97,7 @@ UPDATE errands_jobs
 SET status = 'running', attempts = attempts + 1, started_at = :now, lease_expires_at = :expires,
     lease_token = lower(hex(randomblob(16))), worker_id = :worker
 WHERE seq IN (
-    SELECT seq FROM errands_jobs
+    SELECT seq FROM errands_jobs INDEXED BY errands_jobs_waiting
     WHERE status IN ('queued', 'scheduled') AND eta <= :now {queue_filter}
     ORDER BY priority DESC, eta, seq LIMIT :limit
 )
