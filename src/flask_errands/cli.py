@@ -279,6 +279,29 @@ def show(job_id: str, as_json: bool) -> None:
         click.echo("\n" + record.traceback.rstrip())
 
 
+@errands_cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def schedules(as_json: bool) -> None:
+    """Periodic jobs, with their next run (in their zone and UTC) and last outcome."""
+    from .scheduler import describe_schedules
+
+    infos = describe_schedules(_state())
+    if as_json:
+        _print_json([info.to_dict() for info in infos])
+        return
+    if not infos:
+        click.echo("(no schedules)")
+        return
+    for info in infos:
+        click.echo(f"{_clip(info.name, 30):<30} {_clip(info.description, 49)}")
+        next_run = info.next_run.strftime("%Y-%m-%d %H:%M:%S %Z")
+        line = f"  next: {next_run} ({info.next_run_utc:%H:%M:%S} UTC)"
+        if info.last_run is not None:
+            outcome = info.last_status.value if info.last_status else "pruned"
+            line += f"  last: {info.last_run:%m-%d %H:%M} {outcome}"
+        click.echo(_clip(line, 80))
+
+
 # -- acting ---------------------------------------------------------------------
 
 

@@ -143,7 +143,11 @@ class Errands:
             app.config.setdefault(key, value)
         settings = Settings.from_config(app.config, app.instance_path)
         config_schedules = schedules_from_config(settings.schedule, self)
-        backend = backend_from_url(settings.url, instance_path=app.instance_path)
+        options = {
+            "prefix": app.config["ERRANDS_REDIS_PREFIX"],
+            "result_ttl": settings.result_ttl,
+        }
+        backend = backend_from_url(settings.url, instance_path=app.instance_path, options=options)
         state = AppState(self, app, settings, backend)
         state.config_schedules = config_schedules
         state.schedules  # noqa: B018 - a name declared twice fails here, not in the scheduler
