@@ -455,3 +455,41 @@ def _try_enqueue(app: Flask) -> str | None:
         return enqueue(app, worker_app.noop)
     except Exception:
         return None
+
+
+def test_schedules_shows_next_run_in_zone_and_utc_and_last_outcome(tmp_path: Path) -> None:
+    from flask_errands import Errands
+    from flask_errands.scheduler import Scheduler
+
+    app = Flask("schedules_test", instance_path=str(tmp_path))
+    app.config.update(ERRANDS_URL=f"sqlite:///{tmp_path}/s.db", ERRANDS_EMBEDDED_WORKER=False)
+    errands = Errands()
+
+    @errands.periodic(cron="0 3 * * *", timezone="Europe/Paris", name="nightly")
+    def nightly() -> None: ...
+
+    @errands.periodic(every=2, name="often")
+    def often() -> str:
+        return "done"
+
+    errands.init_app(app)
+    runner = app.test_cli_runner()
+    listing = runner.invoke(args=["errands", "schedules"])
+    assert listing.exit_code == 0
+    lines = listing.output.splitlines()
+    assert lines[0].split() == ["nightly", "cron", "0", "3", "*", "*", "*", "(Europe/Paris)"]
+    assert lines[1].strip().startswith("next: ") and "03:00:00 CET (02:00:00 UTC)" in lines[1]
+    assert lines[2].split()[:3] == ["often", "every", "2s"]
+    assert "last:" not in listing.output
+    with app.app_context():
+        scheduler = Scheduler(app.extensions["errands"])
+        past = time.time() - 10
+        scheduler.tick(past)
+        fired = scheduler.tick(past + 2.5)
+        assert len(fired) == 1
+        assert errands.drain() == 1
+    data = json.loads(runner.invoke(args=["errands", "schedules", "--json"]).output)
+    often_info = next(d for d in data if d["name"] == "often")
+    assert often_info["last_status"] == "succeeded"
+    assert "succeeded" in runner.invoke(args=["errands", "schedules"]).output
+    app.extensions["errands"].backend.close()
