@@ -1,0 +1,486 @@
+"""``postgresql://``: jobs in PostgreSQL, for many worker processes on many hosts.
+
+Every change is one transaction, and reserve is a single statement that claims
+due jobs with ``FOR UPDATE SKIP LOCKED``, so workers never wait on each other
+and never claim a job twice. Connections come from a small pool opened on first
+use (an app starts while the server is down) and opened again in a forked
+child. Enqueues are announced with ``NOTIFY`` on a channel named after the
+schema, heard by one listening connection per process.
+
+Tables are created in the first schema of the connection's ``search_path``;
+choose another schema with ``?options=-csearch_path%3Dmyschema``. Two query
+parameters tune the pool and are not passed to libpq: ``pool_max_size``
+(connections per process, default 10) and ``pool_timeout`` (seconds an
+operation waits for a connection before it fails, default 5). Needs
+PostgreSQL 13 or newer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.errors import UniqueViolation
+from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ..exceptions import BackendUnavailable, ConfigurationError, EnqueueError
+from . import hide_password
+from .base import SCHEDULED, Backend, JobRecord
+from .queries import load_queries
+
+logger = logging.getLogger("flask_errands")
+
+Connection = psycopg.Connection[DictRow]
+
+QUERIES = load_queries("postgres.sql")
+SCHEMA_VERSION = 1
+#: The statements that bring a schema from the version before to each version.
+MIGRATIONS = {1: tuple(QUERIES[name] for name in QUERIES if name.startswith("create_"))}
+
+#: Pool settings read from (and removed from) the URL's query, with their defaults.
+POOL_OPTIONS = {"pool_max_size": 10.0, "pool_timeout": 5.0}
+#: libpq settings used unless the URL gives its own.
+CONNECT_DEFAULTS = {"connect_timeout": "10", "application_name": "flask-errands"}
+#: How long the pool retries a failed connection before the next operation starts afresh.
+RECONNECT_TIMEOUT = 10.0
+#: How often the listening thread looks up from the socket to see if it should stop.
+LISTEN_POLL = 0.5
+#: The longest pause between two attempts to reconnect the listening connection.
+MAX_RECONNECT_DELAY = 5.0
+#: How many times enqueue retries a unique key whose live job finished under it.
+UNIQUE_RACE_RETRIES = 10
+
+
+class PostgresBackend(Backend):
+    """Jobs in PostgreSQL tables, shared by every process that connects to the database."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = _display(url)
+        self._conninfo, options = _split_pool_options(url)
+        self._pool_max_size = int(options["pool_max_size"])
+        self._pool_timeout = options["pool_timeout"]
+        given = conninfo_to_dict(self._conninfo)
+        self._connect_kwargs: dict[str, Any] = {
+            k: v for k, v in CONNECT_DEFAULTS.items() if k not in given
+        }
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._pool: ConnectionPool[Connection] | None = None
+        # Pools inherited through fork(): their sockets are the parent's, so they are
+        # kept alive and never touched, lest closing them end the parent's sessions.
+        self._inherited: list[ConnectionPool[Connection]] = []
+        self._channel: str | None = None
+        self._closed = threading.Event()
+        self._listener: threading.Thread | None = None
+
+    # -- connections -----------------------------------------------------------
+
+    def _get_pool(self) -> ConnectionPool[Connection]:
+        pool = self._pool
+        if pool is not None and self._pid == os.getpid():
+            return pool
+        with self._lock:
+            if self._pool is not None and self._pid != os.getpid():
+                self._inherited.append(self._pool)
+                self._pool = None
+            if self._pool is None:
+                self._pool = ConnectionPool(
+                    self._conninfo,
+                    connection_class=Connection,
+                    kwargs={"autocommit": True, "row_factory": dict_row, **self._connect_kwargs},
+                    min_size=1,
+                    max_size=self._pool_max_size,
+                    timeout=self._pool_timeout,
+                    check=ConnectionPool.check_connection,
+                    reconnect_timeout=RECONNECT_TIMEOUT,
+                    name="flask-errands",
+                    num_workers=2,
+                    open=False,
+                )
+                self._pool.open(wait=False)
+                self._pid = os.getpid()
+            return self._pool
+
+    @contextmanager
+    def _connection(
+        self, failure: type[BackendUnavailable] = BackendUnavailable
+    ) -> Iterator[Connection]:
+        """Lend a pooled connection, creating the tables first if this backend has not yet.
+
+        A lost or refused connection becomes ``failure`` with a one-line reason;
+        the pool replaces broken connections by itself, so the next call may succeed.
+        """
+        if self._closed.is_set():
+            raise failure(f"the PostgreSQL backend for {self.url} is closed")
+        try:
+            with self._get_pool().connection() as conn:
+                if self._channel is None:
+                    self._channel = self._create_schema(conn)
+                yield conn
+        except psycopg.OperationalError as exc:
+            prefix = "job not enqueued, " if issubclass(failure, EnqueueError) else ""
+            reason = self._reason(exc)
+            raise failure(f"{prefix}PostgreSQL at {self.url} is unavailable: {reason}") from exc
+
+    def _reason(self, exc: psycopg.OperationalError) -> str:
+        """Say in one line why an operation failed; a pool timeout is traced to its cause."""
+        if isinstance(exc, PoolTimeout):
+            try:
+                psycopg.connect(
+                    self._conninfo, **{**self._connect_kwargs, "connect_timeout": 2}
+                ).close()
+            except psycopg.Error as direct:
+                return _one_line(str(direct))
+            return (
+                f"no pooled connection was free within {self._pool_timeout:g}s; "
+                "raise pool_max_size in the URL or lower the load"
+            )
+        return _one_line(str(exc))
+
+    def _create_schema(self, conn: Connection) -> str:
+        """Create or upgrade the tables, one process at a time; return the notify channel."""
+        with conn.transaction():
+            conn.execute(QUERIES["lock_schema"])
+            schema = _value(conn.execute(QUERIES["current_schema"]).fetchone())
+            if schema is None:
+                raise ConfigurationError(
+                    f"the search_path of {self.url} names no existing schema; create it, "
+                    "or set ?options=-csearch_path%3D<schema> in ERRANDS_URL"
+                )
+            version = 0
+            if _value(conn.execute(QUERIES["schema_exists"]).fetchone()):
+                version = _value(conn.execute(QUERIES["schema_version"]).fetchone())
+            if version > SCHEMA_VERSION:
+                raise ConfigurationError(
+                    f"the errands tables in schema {schema!r} are at version {version}, newer "
+                    f"than this flask-errands knows ({SCHEMA_VERSION}); upgrade flask-errands"
+                )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target]:
+                    conn.execute(statement)
+                conn.execute(QUERIES["set_schema_version"], (target,))
+        return _channel_name(schema)
+
+    # -- life of a job -------------------------------------------------------
+
+    def enqueue(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
+        # One job is one statement (or an insert and a read): atomic without BEGIN/COMMIT.
+        with (
+            self._connection(EnqueueError) as conn,
+            nullcontext() if len(jobs) == 1 else conn.transaction(),
+        ):
+            stored = self._insert(conn, jobs)
+        self._notify()
+        return stored
+
+    def reserve(
+        self,
+        queues: Sequence[str] | None,
+        limit: int,
+        worker_id: str,
+        lease_seconds: float,
+        now: float,
+    ) -> list[JobRecord]:
+        queue_filter, params = _queue_filter(queues)
+        params.update(now=now, expires=now + lease_seconds, worker=worker_id, limit=limit)
+        query = QUERIES["reserve"].format(queue_filter=queue_filter)
+        with self._connection() as conn:
+            rows = conn.execute(query, params).fetchall()
+        rows.sort(key=lambda row: (-row["priority"], row["eta"], row["seq"]))
+        return [_record(row) for row in rows]
+
+    def heartbeat(self, leases: Mapping[str, str], lease_seconds: float, now: float) -> set[str]:
+        if not leases:
+            return set()
+        params = {
+            "expires": now + lease_seconds,
+            "ids": list(leases),
+            "tokens": list(leases.values()),
+        }
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["extend_leases"], params).fetchall()
+        return {row["id"] for row in rows if row["cancel_requested"]}
+
+    def set_progress(self, job_id: str, progress: float | None, message: str | None) -> None:
+        params = {"id": job_id, "progress": progress, "message": message}
+        with self._connection() as conn:
+            conn.execute(QUERIES["set_progress"], params)
+
+    def finish(
+        self,
+        job_id: str,
+        lease_token: str,
+        status: str,
+        now: float,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        traceback: str | None = None,
+        eta: float | None = None,
+    ) -> bool:
+        with self._connection() as conn:
+            params = {
+                "id": job_id,
+                "token": lease_token,
+                "status": status,
+                "now": now,
+                "result": result,
+                "error": error,
+                "traceback": traceback,
+                "eta": eta,
+                "channel": self._channel,
+            }
+            applied = conn.execute(QUERIES["finish"], params).rowcount == 1
+        if applied and status == SCHEDULED:
+            self._notify()
+        return applied
+
+    def release(self, job_id: str, lease_token: str, now: float) -> bool:
+        with self._connection() as conn:
+            params = {"id": job_id, "token": lease_token, "channel": self._channel}
+            applied = conn.execute(QUERIES["release"], params).rowcount == 1
+        if applied:
+            self._notify()
+        return applied
+
+    def cancel(self, job_id: str, now: float) -> JobRecord | None:
+        with self._connection() as conn:
+            row = conn.execute(QUERIES["cancel"], {"id": job_id, "now": now}).fetchone()
+            if row is None:  # unknown, or already finished and left as it is
+                row = conn.execute(QUERIES["get"], (job_id,)).fetchone()
+        return None if row is None else _record(row)
+
+    def requeue(self, job_id: str, now: float) -> JobRecord | None:
+        with self._connection() as conn:
+            params = {"id": job_id, "now": now, "channel": self._channel}
+            try:
+                requeued = conn.execute(QUERIES["requeue"], params).rowcount == 1
+            except UniqueViolation:
+                requeued = False  # a live job holds its unique key: this one stays finished
+            row = conn.execute(QUERIES["get"], (job_id,)).fetchone()
+        if requeued:
+            self._notify()
+        return None if row is None else _record(row)
+
+    # -- looking at jobs -----------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._connection() as conn:
+            row = conn.execute(QUERIES["get"], (job_id,)).fetchone()
+        return None if row is None else _record(row)
+
+    def list_jobs(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[JobRecord]:
+        params = {"status": status, "queue": queue, "limit": limit, "offset": offset}
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["list_jobs"], params).fetchall()
+        return [_record(row) for row in rows]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["counts"]).fetchall()
+        return {(row["queue"], row["status"]): row["n"] for row in rows}
+
+    def next_eta(self, queues: Sequence[str] | None) -> float | None:
+        queue_filter, params = _queue_filter(queues)
+        with self._connection() as conn:
+            row = conn.execute(QUERIES["next_eta"].format(queue_filter=queue_filter), params)
+            eta: float | None = _value(row.fetchone())
+        return eta
+
+    # -- housekeeping --------------------------------------------------------
+
+    def fire_tick(self, schedule: str, fire_time: float, job: JobRecord, now: float) -> bool:
+        with self._connection() as conn, conn.transaction():
+            fired = conn.execute(QUERIES["fire_tick"], (schedule, fire_time, now)).rowcount == 1
+            if fired:
+                [stored] = self._insert(conn, [job])
+                conn.execute(QUERIES["set_tick_job"], (stored.id, schedule, fire_time))
+        if fired:
+            self._notify()
+        return fired
+
+    def last_ticks(self) -> dict[str, tuple[float, str | None]]:
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["last_ticks"]).fetchall()
+        return {row["schedule"]: (row["fire_time"], row["job_id"]) for row in rows}
+
+    def prune(self, finished_before: float) -> int:
+        with self._connection() as conn, conn.transaction():
+            conn.execute(QUERIES["prune_ticks"], (finished_before,))
+            conn.execute(QUERIES["prune_workers"], (finished_before,))
+            return conn.execute(QUERIES["prune_jobs"], (finished_before,)).rowcount
+
+    def purge(
+        self, status: str | None = None, queue: str | None = None, before: float | None = None
+    ) -> int:
+        params = {"status": status, "queue": queue, "before": before}
+        with self._connection() as conn:
+            return conn.execute(QUERIES["purge"], params).rowcount
+
+    def register_worker(
+        self, worker_id: str, info: Mapping[str, Any], ttl: float, now: float
+    ) -> None:
+        with self._connection() as conn:
+            conn.execute(QUERIES["register_worker"], (worker_id, Jsonb(dict(info)), now + ttl))
+
+    def unregister_worker(self, worker_id: str) -> None:
+        with self._connection() as conn:
+            conn.execute(QUERIES["unregister_worker"], (worker_id,))
+
+    def list_workers(self, now: float) -> list[dict[str, Any]]:
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["list_workers"], (now,)).fetchall()
+        return [{**row["info"], "id": row["id"]} for row in rows]
+
+    def close(self) -> None:
+        self._closed.set()
+        listener = self._listener
+        if listener is not None and listener is not threading.current_thread():
+            listener.join(timeout=2 * LISTEN_POLL)
+        with self._lock:
+            pool, self._pool = self._pool, None
+            if pool is not None and self._pid == os.getpid():
+                pool.close()
+
+    # -- storing new jobs ------------------------------------------------------
+
+    def _insert(self, conn: Connection, jobs: Sequence[JobRecord]) -> list[JobRecord]:
+        """Insert ``jobs`` (several: in the caller's transaction); a live unique job stands in."""
+        rows = [{**job.to_dict(), "channel": self._channel} for job in jobs]
+        try:
+            if len(jobs) == 1 and jobs[0].unique_key is None:
+                conn.execute(QUERIES["insert_job"], rows[0])
+                return [dataclasses.replace(jobs[0])]
+            if all(job.unique_key is None for job in jobs):
+                with conn.cursor() as cursor:
+                    cursor.executemany(QUERIES["insert_job"], rows)
+                return [dataclasses.replace(job) for job in jobs]
+            return [
+                self._insert_unique(conn, job, row) for job, row in zip(jobs, rows, strict=True)
+            ]
+        except UniqueViolation as exc:
+            if exc.diag.constraint_name != "errands_jobs_id_key":
+                raise
+            raise ValueError(f"job id already stored: {exc.diag.message_detail}") from exc
+
+    def _insert_unique(self, conn: Connection, job: JobRecord, row: dict[str, Any]) -> JobRecord:
+        for _ in range(UNIQUE_RACE_RETRIES):
+            if conn.execute(QUERIES["insert_job"], row).fetchone() is not None:
+                return dataclasses.replace(job)
+            live = conn.execute(QUERIES["live_unique"], (job.unique_key,)).fetchone()
+            if live is not None:
+                return _record(live)
+            # The job holding the key finished between the two statements: try again.
+        raise BackendUnavailable(
+            f"unique key {job.unique_key!r} kept changing hands; job {job.id} was not stored"
+        )
+
+    # -- wake-ups from other processes ---------------------------------------
+
+    def _start_watching(self) -> None:
+        with self._watchers_lock:
+            if self._listener is not None and self._listener.is_alive():
+                return
+            self._listener = threading.Thread(
+                target=self._listen, name="errands-postgres-listen", daemon=True
+            )
+            self._listener.start()
+
+    def _listen(self) -> None:
+        """LISTEN on a connection of its own until closed; reconnect with back-off if it drops."""
+        delay = 0.0
+        while not self._closed.is_set():
+            try:
+                with psycopg.connect(
+                    self._conninfo, autocommit=True, row_factory=dict_row, **self._connect_kwargs
+                ) as conn:
+                    channel = _channel_name(
+                        _value(conn.execute(QUERIES["current_schema"]).fetchone())
+                    )
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    if delay:
+                        logger.info("errands: listening to PostgreSQL at %s again", self.url)
+                    delay = 0.0
+                    self._notify()  # jobs may have been enqueued while nobody listened
+                    while not self._closed.is_set():
+                        for _ in conn.notifies(timeout=LISTEN_POLL):
+                            self._notify()
+            except psycopg.Error as exc:
+                if not delay:
+                    logger.warning(
+                        "errands: no PostgreSQL listen connection to %s (%s); reconnecting",
+                        self.url,
+                        _one_line(str(exc)),
+                    )
+                delay = min(max(delay * 2, 0.1), MAX_RECONNECT_DELAY)
+                self._closed.wait(delay)
+
+
+def _record(row: Mapping[str, Any]) -> JobRecord:
+    return JobRecord.from_mapping(row)
+
+
+def _value(row: DictRow | None) -> Any:
+    """The single value of a one-column row."""
+    return None if row is None else next(iter(row.values()))
+
+
+def _queue_filter(queues: Sequence[str] | None) -> tuple[str, dict[str, Any]]:
+    if queues is None:
+        return "", {}
+    return "AND queue = ANY(%(queues)s)", {"queues": list(queues)}
+
+
+def _channel_name(schema: str | None) -> str:
+    """The NOTIFY channel of a schema; channel names are identifiers of at most 63 bytes."""
+    name = f"errands_{schema or ''}"
+    return name.encode()[:63].decode(errors="ignore")
+
+
+def _split_pool_options(url: str) -> tuple[str, dict[str, float]]:
+    """Take the pool's own settings out of ``url``; return the libpq URL and the settings."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    options = dict(POOL_OPTIONS)
+    for key, value in query:
+        if key in POOL_OPTIONS:
+            try:
+                options[key] = float(value)
+            except ValueError:
+                options[key] = 0.0
+            if options[key] <= 0 or (key == "pool_max_size" and not options[key].is_integer()):
+                raise ConfigurationError(
+                    f"{key} in ERRANDS_URL must be a positive number, not {value!r}"
+                )
+    if all(key not in POOL_OPTIONS for key, _ in query):
+        return url, options
+    rest = urlencode([(k, v) for k, v in query if k not in POOL_OPTIONS], quote_via=quote)
+    return urlunsplit(parts._replace(query=rest)), options
+
+
+def _display(url: str) -> str:
+    """``url`` fit for messages: no password, in the authority or in the query."""
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", hide_password(url))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
