@@ -413,7 +413,11 @@ def test_three_worker_processes_fire_each_tick_once(
             assert child.stdout is not None and child.stdout.readline().strip() == "ready"
         begin = time.time() + 0.5
         end = begin + 10
-        outputs = [child.communicate(f"{begin} {end}\n", timeout=60)[0] for child in children]
+        for child in children:  # all three start together: communicate() waits for each
+            assert child.stdin is not None
+            child.stdin.write(f"{begin} {end}\n")
+            child.stdin.flush()
+        outputs = [child.communicate(timeout=60)[0] for child in children]
     finally:
         for child in children:
             if child.poll() is None:

@@ -82,7 +82,7 @@ class AppState:
                 result_ttl=settings.result_ttl,
             ).start()
             self._worker_pid = os.getpid()
-            _embedded_workers.add(self.worker)
+            _started.add(self)
             if self.scheduler is not None:
                 self.scheduler.stop(wait=False)
             self.scheduler = Scheduler(self).start() if settings.scheduler else None
@@ -324,18 +324,21 @@ class Errands:
         return [Job(eager.get(record.id) or record, eager) for record in stored]
 
 
-_embedded_workers: weakref.WeakSet[Worker] = weakref.WeakSet()
+_started: weakref.WeakSet[AppState] = weakref.WeakSet()
 
 
 @atexit.register
 def _stop_embedded_workers() -> None:
-    workers = [worker for worker in _embedded_workers if worker.running]
-    if not workers:
-        return
-    busy = sum(len(worker.active_jobs()) for worker in workers)
+    """At exit, stop schedulers at once and give running jobs ``EMBEDDED_GRACE`` to finish."""
+    states = [s for s in _started if s.worker is not None and s.worker.running]
+    busy = sum(len(s.worker.active_jobs()) for s in states if s.worker is not None)
     if busy:
         logger.info("waiting up to %gs for %d running job(s) to finish", EMBEDDED_GRACE, busy)
-    for worker in workers:
-        worker.stop(EMBEDDED_GRACE, wait=False)
-    for worker in workers:
-        worker.join()
+    for state in states:
+        if state.scheduler is not None:
+            state.scheduler.stop(wait=False)
+        if state.worker is not None:
+            state.worker.stop(EMBEDDED_GRACE, wait=False)
+    for state in states:
+        if state.worker is not None:
+            state.worker.join()

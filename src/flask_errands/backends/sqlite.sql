@@ -2,7 +2,9 @@
 
 -- name: create_jobs
 CREATE TABLE IF NOT EXISTS errands_jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    -- The rowid. No AUTOINCREMENT, which costs a write to sqlite_sequence per insert: a seq
+    -- is reused only after the newest job is deleted, so order among live jobs holds.
+    seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
     task TEXT NOT NULL,
     payload TEXT NOT NULL,
@@ -81,25 +83,26 @@ ON CONFLICT (unique_key)
 SELECT * FROM errands_jobs
 WHERE unique_key = ? AND status IN ('queued', 'scheduled', 'running')
 
--- name: claim_expired
-UPDATE errands_jobs
-SET attempts = attempts + 1, started_at = :now, lease_expires_at = :expires,
-    lease_token = lower(hex(randomblob(16))), worker_id = :worker
-WHERE seq IN (
-    SELECT seq FROM errands_jobs INDEXED BY errands_jobs_leases
-    WHERE status = 'running' AND lease_expires_at <= :now {queue_filter}
-    ORDER BY lease_expires_at LIMIT :limit
-)
-RETURNING *
-
--- name: claim_due
+-- name: claim
+-- Jobs whose lease expired (their worker died) first, then due jobs by priority, eta and
+-- enqueue order; one statement, so it is its own transaction. INDEXED BY keeps the planner
+-- off the listing index, which would sort every waiting job on each claim.
 UPDATE errands_jobs
 SET status = 'running', attempts = attempts + 1, started_at = :now, lease_expires_at = :expires,
     lease_token = lower(hex(randomblob(16))), worker_id = :worker
 WHERE seq IN (
-    SELECT seq FROM errands_jobs INDEXED BY errands_jobs_waiting
-    WHERE status IN ('queued', 'scheduled') AND eta <= :now {queue_filter}
-    ORDER BY priority DESC, eta, seq LIMIT :limit
+    SELECT seq FROM (
+        SELECT seq FROM errands_jobs INDEXED BY errands_jobs_leases
+        WHERE status = 'running' AND lease_expires_at <= :now {queue_filter}
+        ORDER BY lease_expires_at LIMIT :limit
+    )
+    UNION ALL
+    SELECT seq FROM (
+        SELECT seq FROM errands_jobs INDEXED BY errands_jobs_waiting
+        WHERE status IN ('queued', 'scheduled') AND eta <= :now {queue_filter}
+        ORDER BY priority DESC, eta, seq LIMIT :limit
+    )
+    LIMIT :limit
 )
 RETURNING *
 
