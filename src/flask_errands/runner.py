@@ -52,14 +52,37 @@ class Execution(RunningJob):
     def __init__(self, record: JobRecord, backend: Backend, now: float) -> None:
         super().__init__(record, backend)
         self.lease_token = record.lease_token or ""
-        self.deadline = None if record.timeout is None else now + record.timeout
+        self.deadline: float | None = None
         self.thread_id: int | None = None
         self._settle_lock = threading.Lock()
         self._settled = False
+        self._started = False
 
     @property
     def settled(self) -> bool:
         return self._settled
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    def begin(self, now: float) -> bool:
+        """Mark the attempt as started, unless it was settled first; start its timeout."""
+        with self._settle_lock:
+            if self._settled:
+                return False
+            self._started = True
+            if self.record.timeout is not None:
+                self.deadline = now + self.record.timeout
+            return True
+
+    def claim_unstarted(self) -> bool:
+        """Claim an attempt that no thread has begun yet, so none ever will."""
+        with self._settle_lock:
+            if self._settled or self._started:
+                return False
+            self._settled = True
+            return True
 
     def claim(self, then: Callable[[], None] | None = None) -> bool:
         """Claim the right to record this attempt's end; run ``then`` while holding it."""
@@ -97,8 +120,8 @@ class Runner:
         """Run one attempt and record its outcome, unless a watchdog settled it first."""
         record = execution.record
         started = time.perf_counter()
-        if execution.settled:
-            return  # timed out or released before a thread could take it
+        if not execution.begin(self.clock()):
+            return  # released before a thread could take it
         task = self.tasks.get(record.task)
         if task is None:
             self.settle(
@@ -120,11 +143,13 @@ class Runner:
             except JobInterrupt:
                 return  # the watchdog that raised it has recorded the outcome
             except Retry as retry:
-                delay = self.retry_after(record) if retry.delay is None else retry.delay
+                delay = self.retry_after(record)
+                if retry.delay is not None and self.retry_after is not no_backoff:
+                    delay = retry.delay  # under no_backoff (eager mode) even this one is at once
                 self.settle(execution, SCHEDULED, error=_describe(retry), delay=delay)
             except JobCancelled:
                 self.settle(execution, CANCELLED)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # sys.exit() in a task must not end the thread
                 self.fail(execution, exc)
             else:
                 status = CANCELLED if execution.cancel_requested else SUCCEEDED
@@ -161,6 +186,21 @@ class Runner:
         """Write the attempt's outcome if nobody else has; send the matching signal."""
         if not execution.claim():
             return False
+        return self.record_outcome(
+            execution, status, result=result, error=error, trace=trace, delay=delay
+        )
+
+    def record_outcome(
+        self,
+        execution: Execution,
+        status: str,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        trace: str | None = None,
+        delay: float | None = None,
+    ) -> bool:
+        """Write the outcome of an attempt already claimed; send the matching signal."""
         record = execution.record
         now = self.clock()
         eta = None if delay is None else now + delay

@@ -28,6 +28,8 @@ HEARTBEAT_INTERVAL = 1.0
 IDLE_WAIT = 1.0
 #: How often finished jobs older than the result TTL are pruned.
 PRUNE_INTERVAL = 60.0
+#: Jobs shorter than this on average are reserved ahead, a batch per claim.
+PREFETCH_BELOW = 0.05
 #: How often a worker tells the backend it is alive; it drops off after three missed.
 REGISTER_INTERVAL = 5.0
 #: With hard timeouts, how long a timed-out job may ignore its interrupt before the worker quits.
@@ -71,6 +73,8 @@ class Worker:
         self.stuck = False
         self._timed_out: dict[str, float] = {}
         self._next_register = 0.0
+        self._drained = True
+        self._typical_duration: float | None = None
         self._backend_down_since: float | None = None
         self._clock = runner.clock
         self._active: dict[str, Execution] = {}
@@ -88,13 +92,23 @@ class Worker:
     # -- one step ------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Reserve due jobs for the idle threads and hand them over; return how many."""
-        free = self.concurrency - len(self._active)
-        if free <= 0 or self._stopping.is_set():
+        """Reserve due jobs for idle threads and hand them over; return how many.
+
+        While recent jobs are short, it also reserves as many again to queue
+        behind the running ones, so one claim feeds several jobs; long jobs are
+        never held back in one process while another could start them.
+        """
+        held = len(self._active)
+        if held > self.concurrency or self._stopping.is_set():
+            return 0
+        short = self._typical_duration is not None and self._typical_duration < PREFETCH_BELOW
+        want = (2 if short else 1) * self.concurrency - held
+        if want <= 0:
             return 0
         records = self.backend.reserve(
-            self.queues, free, self.id, self.lease_seconds, self._clock()
+            self.queues, want, self.id, self.lease_seconds, self._clock()
         )
+        self._drained = len(records) < want
         for record in records:
             execution = self.runner.start(record)
             with self._active_lock:
@@ -208,7 +222,7 @@ class Worker:
                 if self._backend_down_since is not None:
                     logger.warning("errands worker %s: backend is back", self.id)
                     self._backend_down_since, pause = None, 0.5
-                if reserved and len(self._active) < self.concurrency:
+                if reserved and not self._drained and len(self._active) <= self.concurrency:
                     continue
                 self._wake.wait(self._idle_wait())
             except BackendUnavailable as exc:
@@ -232,7 +246,7 @@ class Worker:
         deadlines = [e.deadline for e in list(self._active.values()) if e.deadline is not None]
         if deadlines:
             wait = min(wait, max(0.0, min(deadlines) - now))
-        if len(self._active) < self.concurrency:
+        if self._drained and len(self._active) < self.concurrency:
             eta = self.backend.next_eta(self.queues)
             if eta is not None:
                 wait = min(wait, max(0.0, eta - now))
@@ -241,6 +255,12 @@ class Worker:
     def _finish_running(self) -> None:
         """On stop: keep leases alive while running jobs finish, then release the rest."""
         deadline = self._grace_deadline or time.monotonic()
+        with self._active_lock:
+            waiting = [e for e in self._active.values() if e.claim_unstarted()]
+        for execution in waiting:
+            self.backend.release(execution.id, execution.lease_token, self._clock())
+            with self._active_lock:
+                self._active.pop(execution.id, None)
         while self._active and time.monotonic() < deadline:
             try:
                 self.maintain(self._clock())
@@ -268,17 +288,26 @@ class Worker:
                 if next_job is None:
                     return
                 execution = next_job
+                started = time.perf_counter()
                 try:
                     self.runner.run(execution)
                 finally:
-                    self.jobs_done += 1
                     with self._active_lock:
                         self._active.pop(execution.id, None)
-                    self._wake.set()
+                        held = len(self._active)
+                    if execution.started:
+                        self.jobs_done += 1
+                        self._note_duration(time.perf_counter() - started)
+                    if held <= self.concurrency:
+                        self._wake.set()
             except JobInterrupt:
                 continue  # arrived after the job ended; its outcome is already recorded
             except Exception:
                 logger.exception("errands worker thread: unexpected error")
+
+    def _note_duration(self, seconds: float) -> None:
+        typical = self._typical_duration
+        self._typical_duration = seconds if typical is None else 0.8 * typical + 0.2 * seconds
 
     def _time_out(self, execution: Execution) -> None:
         timeout = execution.record.timeout
@@ -288,13 +317,11 @@ class Worker:
             return
         self._timed_out[execution.id] = time.monotonic()
         # Claimed: write the outcome here, since the interrupted thread will not.
-        now = self._clock()
         if record.attempts < record.max_attempts and not execution.cancel_requested:
-            status, eta = SCHEDULED, now + self.runner.retry_after(record)
+            status, delay = SCHEDULED, self.runner.retry_after(record)
         else:
-            status, eta = FAILED, None
-        self.backend.finish(record.id, execution.lease_token, status, now, error=error, eta=eta)
-        record.status, record.error = status, error
+            status, delay = FAILED, None
+        self.runner.record_outcome(execution, status, error=error, delay=delay)
         logger.warning(
             "%s %s timed out after %gs (attempt %d)",
             record.task,
