@@ -136,7 +136,8 @@ class Runner:
         with self.app.app_context():
             token = _current.set(execution)
             try:
-                signals.job_started.send(self.app, job=Job(record, self.backend))
+                if signals.job_started.receivers:
+                    signals.job_started.send(self.app, job=Job(record, self.backend))
                 payload = serialization.loads(record.payload)
                 value = task.func(*payload["args"], **payload["kwargs"])
                 result = serialization.dumps(value)
@@ -217,7 +218,7 @@ class Runner:
         record.status, record.result, record.error, record.traceback = status, result, error, trace
         if applied:
             signal = _SIGNALS.get(status)
-            if signal is not None:
+            if signal is not None and signal.receivers:
                 job = Job(record, self.backend)
                 extra: dict[str, Any] = {"error": error} if error else {}
                 signal.send(self.app, job=job, **extra)
