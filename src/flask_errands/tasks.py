@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import inspect
+import os
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
@@ -137,7 +137,7 @@ class BoundTask(Generic[P, R]):
             unique_key = unique_key(*args, **kwargs)
         eta = opts.eta(now)
         return JobRecord(
-            id=uuid.uuid4().hex,
+            id=os.urandom(16).hex(),
             task=task.name,
             payload=payload,
             queue=opts.queue,

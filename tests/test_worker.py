@@ -1,0 +1,239 @@
+"""The worker threads as a user relies on them: concurrency, leases, stopping, pruning.
+
+Tests ask for ``backend_url`` before ``make_app``: fixtures are torn down in
+reverse, so each store outlives the worker threads using it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_errands import Errands, JobFailed, JobStatus, current_job
+
+AppFactory = Callable[..., tuple[Flask, Errands]]
+
+
+def wait_until(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Poll ``predicate`` until it is true; fail the test, saying what never happened."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up after {timeout:g}s waiting for {what}")
+        time.sleep(0.005)
+
+
+def test_jobs_run_side_by_side_up_to_the_concurrency(
+    backend_url: str, make_app: AppFactory
+) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url, ERRANDS_CONCURRENCY=3)
+    lock = threading.Lock()
+    running: list[int] = []
+    most = [0]
+    barrier = threading.Barrier(3, timeout=30)
+
+    @errands.task
+    def work(n: int) -> int:
+        with lock:
+            running.append(n)
+            most[0] = max(most[0], len(running))
+        try:
+            if n < 3:
+                barrier.wait()  # only passes if three jobs run at the same time
+            else:
+                time.sleep(0.05)
+        finally:
+            with lock:
+                running.remove(n)
+        return n
+
+    with app.app_context():
+        errands.start_worker()
+        jobs = work.delay_many([(n,) for n in range(6)])
+        assert [job.result(timeout=30) for job in jobs] == list(range(6))
+    assert most[0] == 3
+
+
+def test_a_job_longer_than_its_lease_runs_once_while_its_worker_heartbeats(
+    shared_backend_url: str, make_app: AppFactory
+) -> None:
+    runs: list[str] = []
+    apps = [make_app(ERRANDS_URL=shared_backend_url, ERRANDS_LEASE_SECONDS=1.5) for _ in range(2)]
+    for _, errands in apps:
+
+        @errands.task(name="slow.export")
+        def export() -> int:
+            runs.append(current_job.id)
+            time.sleep(2.0)  # well past the 1.5 s lease
+            return current_job.attempt
+
+    for app, errands in apps:
+        with app.app_context():
+            errands.start_worker()
+    app, errands = apps[0]
+    with app.app_context():
+        job = errands.tasks["slow.export"].delay()
+        assert job.result(timeout=30) == 1
+    assert runs == [job.id]
+    assert job.attempts == 1
+
+
+def test_a_job_enqueued_by_another_app_on_the_same_store_is_picked_up(
+    shared_backend_url: str, make_app: AppFactory
+) -> None:
+    web, web_errands = make_app(ERRANDS_URL=shared_backend_url, ERRANDS_EMBEDDED_WORKER=False)
+    worker, worker_errands = make_app(ERRANDS_URL=shared_backend_url)
+    for errands in (web_errands, worker_errands):
+
+        @errands.task(name="shared.square")
+        def square(n: int) -> int:
+            return n * n
+
+    with worker.app_context():
+        worker_errands.start_worker()
+    with web.app_context():
+        jobs = web_errands.tasks["shared.square"].delay_many([(n,) for n in range(10)])
+        assert [job.result(timeout=30) for job in jobs] == [n * n for n in range(10)]
+
+
+def test_stopping_lets_running_jobs_finish_within_the_grace(
+    backend_url: str, make_app: AppFactory
+) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url)
+    started = threading.Event()
+
+    @errands.task
+    def slow() -> str:
+        started.set()
+        time.sleep(0.3)
+        return "finished"
+
+    with app.app_context():
+        errands.start_worker()
+        job = slow.delay()
+        assert started.wait(30)
+        errands.stop_worker(grace=30)
+        assert job.refresh().status is JobStatus.SUCCEEDED
+        assert job.result() == "finished"
+
+
+def test_a_job_still_running_after_the_grace_goes_back_to_its_queue(
+    backend_url: str, make_app: AppFactory
+) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url)
+    started = threading.Event()
+    finish = threading.Event()
+    runs: list[int] = []
+
+    @errands.task
+    def stubborn() -> str:
+        runs.append(current_job.attempt)
+        started.set()
+        while not finish.is_set():
+            time.sleep(0.01)
+        return "done"
+
+    with app.app_context():
+        errands.start_worker()
+        job = stubborn.delay()
+        assert started.wait(30)
+        errands.stop_worker(grace=0.1)
+        assert job.refresh().status is JobStatus.QUEUED
+        assert job.attempts == 0  # the interrupted attempt does not count
+        finish.set()
+        errands.start_worker()
+        assert job.result(timeout=30) == "done"
+    assert runs == [1, 1]
+    assert job.attempts == 1
+
+
+def test_a_task_calling_sys_exit_fails_its_job_and_the_worker_goes_on(
+    backend_url: str, make_app: AppFactory
+) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url, ERRANDS_CONCURRENCY=1)
+
+    @errands.task
+    def legacy_script() -> None:
+        sys.exit(3)
+
+    @errands.task
+    def after() -> str:
+        return "still working"
+
+    with app.app_context():
+        errands.start_worker()
+        job = legacy_script.delay()
+        with pytest.raises(JobFailed) as caught:
+            job.result(timeout=30)
+        assert after.delay().result(timeout=30) == "still working"
+    assert caught.value.exc_type == "SystemExit"
+    assert caught.value.message == "3"
+
+
+def test_finished_jobs_are_pruned_after_the_result_ttl(
+    backend_url: str, make_app: AppFactory
+) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url, ERRANDS_RESULT_TTL=0.2)
+
+    @errands.task
+    def noop() -> None:
+        pass
+
+    with app.app_context():
+        errands.start_worker()
+        job = noop.delay()
+        job.result(timeout=30)
+        waiting = noop.options(delay=3600).delay()
+        assert errands.job(job.id) is not None
+        ttl_passed = job.finished_at.timestamp() + 0.2  # type: ignore[union-attr]
+        wait_until(lambda: time.time() > ttl_passed, "the result TTL to pass")
+        errands.stop_worker()
+        errands.start_worker()  # a worker prunes when it starts, then every minute
+        wait_until(lambda: errands.job(job.id) is None, "the finished job to be pruned")
+        assert errands.job(waiting.id) is not None  # jobs still to run are never pruned
+
+
+def test_start_worker_runs_whatever_the_config_says(
+    backend_url: str, make_app: AppFactory
+) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url, ERRANDS_EMBEDDED_WORKER=False)
+
+    @errands.task
+    def noop() -> str:
+        return "ran"
+
+    with app.app_context():
+        job = noop.delay()
+        worker = errands.start_worker()
+        assert errands.start_worker() is worker  # once per process
+        assert job.result(timeout=30) == "ran"
+        errands.stop_worker()
+        assert not worker.running
+
+
+def test_a_signal_receiver_that_raises_does_not_lose_the_job(
+    backend_url: str, make_app: AppFactory
+) -> None:
+    from flask_errands import job_started
+
+    app, errands = make_app(ERRANDS_URL=backend_url)
+
+    @errands.task
+    def noop() -> str:
+        return "ran"
+
+    def broken_receiver(sender: Flask, **extra: Any) -> None:
+        raise RuntimeError("receiver bug")
+
+    with app.app_context(), job_started.connected_to(broken_receiver, app):
+        errands.start_worker()
+        job = noop.delay()
+        with pytest.raises(JobFailed, match="receiver bug"):
+            job.result(timeout=30)
+        assert job.status is JobStatus.FAILED
