@@ -119,8 +119,17 @@ def backend(backend_url: str, tmp_path: object) -> Iterator[Backend]:
 
 
 @pytest.fixture
-def make_app(tmp_path: object) -> Iterator[Callable[..., tuple[Flask, Errands]]]:
-    """Build apps with their own instance folder; their workers are stopped afterwards."""
+def make_app(
+    request: pytest.FixtureRequest, tmp_path: object
+) -> Iterator[Callable[..., tuple[Flask, Errands]]]:
+    """Build apps with their own instance folder; their workers are stopped afterwards.
+
+    A store the test also asks for is set up first, so it is torn down only
+    after these apps' workers have stopped using it.
+    """
+    for store in ("backend_url", "shared_backend_url"):
+        if store in request.fixturenames:
+            request.getfixturevalue(store)
     made: list[tuple[Flask, Errands]] = []
 
     def make(**config: object) -> tuple[Flask, Errands]:

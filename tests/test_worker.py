@@ -237,3 +237,42 @@ def test_a_signal_receiver_that_raises_does_not_lose_the_job(
         with pytest.raises(JobFailed, match="receiver bug"):
             job.result(timeout=30)
         assert job.status is JobStatus.FAILED
+
+
+def test_a_job_cancelled_while_running_that_then_times_out_ends_cancelled(
+    make_app: AppFactory,
+) -> None:
+    app, errands = make_app()
+    started = threading.Event()
+
+    @errands.task(timeout=0.5, retries=3)
+    def spin() -> None:
+        started.set()
+        while True:  # ignores cancel_requested; only the timeout stops it
+            time.sleep(0.01)
+
+    with app.app_context():
+        errands.start_worker()
+        job = spin.delay()
+        assert started.wait(30)
+        job.cancel()
+        wait_until(lambda: job.refresh().status.finished, "the timeout to stop the job")
+        assert job.status == JobStatus.CANCELLED
+        assert job.attempts == 1
+
+
+def test_waiting_on_a_job_that_was_purged_raises_instead_of_hanging(
+    backend_url: str, make_app: AppFactory
+) -> None:
+    from flask_errands import ErrandsError
+
+    app, errands = make_app(ERRANDS_URL=backend_url, ERRANDS_EMBEDDED_WORKER=False)
+
+    @errands.task
+    def never_runs() -> None: ...
+
+    with app.app_context():
+        job = never_runs.delay()
+        errands.backend.purge(status="queued")
+        with pytest.raises(ErrandsError, match="no longer exists"):
+            job.result(timeout=30)

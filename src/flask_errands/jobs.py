@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import serialization
 from .backends.base import CANCELLED, FAILED, FINISHED, SUCCEEDED, JobRecord
-from .exceptions import JobCancelled, JobFailed
+from .exceptions import ErrandsError, JobCancelled, JobFailed
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -148,7 +148,10 @@ class Job:
                 raise TimeoutError(f"job {self.id} did not finish within {timeout}s")
             time.sleep(pause if remaining is None else min(pause, remaining))
             pause = min(pause * 1.5, 0.1)
-            self.refresh()
+            record = self._backend.get(self.id)
+            if record is None:
+                raise ErrandsError(f"job {self.id} no longer exists (pruned or purged)")
+            self._record = record
         record = self._record
         if record.status == SUCCEEDED:
             return None if record.result is None else serialization.loads(record.result)

@@ -203,6 +203,13 @@ class Runner:
     ) -> bool:
         """Write the outcome of an attempt already claimed; send the matching signal."""
         record = execution.record
+        if status == SCHEDULED and not execution.cancel_requested:
+            # A cancel may have come in since the last heartbeat: never retry past it.
+            latest = self.backend.get(record.id)
+            if latest is not None and latest.cancel_requested:
+                execution.request_cancel()
+        if status == SCHEDULED and execution.cancel_requested:
+            status, delay = CANCELLED, None
         now = self.clock()
         eta = None if delay is None else now + delay
         applied = self.backend.finish(
@@ -240,11 +247,11 @@ def _describe(exc: BaseException) -> str:
 def _log_outcome(execution: Execution, duration: float) -> None:
     record = execution.record
     level = logging.INFO if record.status in (SUCCEEDED, CANCELLED) else logging.WARNING
-    outcome = record.status if record.status != SCHEDULED else "retrying"
+    outcome = record.status if record.status != SCHEDULED else "failed, will retry"
     detail = f": {record.error}" if record.error else ""
     logger.log(
         level,
-        "%s %s %s in %.3fs (attempt %d)%s",
+        "%s %s %s after %.3fs (attempt %d)%s",
         record.task,
         record.id,
         outcome,

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Sequence
 from functools import partial
 
-from .backends.base import FAILED, SCHEDULED
+from .backends.base import CANCELLED, FAILED, SCHEDULED
 from .exceptions import BackendUnavailable
 from .runner import Execution, JobInterrupt, Runner, logger
 
@@ -317,7 +317,9 @@ class Worker:
             return
         self._timed_out[execution.id] = time.monotonic()
         # Claimed: write the outcome here, since the interrupted thread will not.
-        if record.attempts < record.max_attempts and not execution.cancel_requested:
+        if execution.cancel_requested:
+            status, delay = CANCELLED, None
+        elif record.attempts < record.max_attempts:
             status, delay = SCHEDULED, self.runner.retry_after(record)
         else:
             status, delay = FAILED, None
