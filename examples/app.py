@@ -15,6 +15,11 @@ From another terminal::
     curl -X POST localhost:5000/rates/EUR                           # flaky service, retried
     curl -X POST localhost:5000/invoices/42/sync                    # fails: read its traceback
 
+Production runs the same jobs in worker processes (``flask --app examples.app
+errands worker``), with ``FLASK_ERRANDS_URL=redis://localhost:6379/0`` and
+``FLASK_ERRANDS_EMBEDDED_WORKER=false`` for the web process;
+``flask --app examples.app errands schedules`` lists the periodic jobs.
+
 Settings come from ``FLASK_*`` environment variables too, for instance
 ``FLASK_ERRANDS_URL=sqlite:////tmp/jobs.db`` or ``FLASK_SLOW_SECONDS=0.1``.
 """
@@ -42,6 +47,10 @@ def create_app() -> Flask:
     app.config.update(
         SLOW_SECONDS=1.0,  # how long each simulated slow call takes
         UPLOAD_FOLDER=os.path.join(app.instance_path, "uploads"),
+        # Schedules can live in config too, naming any plain function by import path.
+        ERRANDS_SCHEDULE=[
+            {"name": "disk-usage", "task": "examples.app:log_disk_usage", "every": 300},
+        ],
     )
     app.config.from_prefixed_env()
     app.logger.setLevel("INFO")  # show the "sent" e-mails
@@ -109,6 +118,30 @@ def fetch_exchange_rate(currency: str) -> dict[str, Any]:
 def sync_invoice(invoice_id: int) -> None:
     """Push an invoice to an accounting system that always says no."""
     raise ValueError(f"invoice {invoice_id}: the accounting system rejected its VAT number")
+
+
+# -- periodic jobs: once per tick, however many processes run a scheduler -------
+
+
+@errands.periodic(cron="0 3 * * *", timezone="Europe/Paris")
+def nightly_cleanup() -> int:
+    """Every night at 3:00 Paris time, delete uploads older than a week."""
+    folder = current_app.config["UPLOAD_FOLDER"]
+    cutoff = time.time() - 7 * 86400
+    removed = 0
+    for entry in os.scandir(folder) if os.path.isdir(folder) else ():
+        if entry.is_file() and entry.stat().st_mtime < cutoff:
+            os.remove(entry.path)
+            removed += 1
+    return removed
+
+
+def log_disk_usage() -> int:
+    """Log how much the uploads take (scheduled from ERRANDS_SCHEDULE in create_app)."""
+    folder = current_app.config["UPLOAD_FOLDER"]
+    used = sum(e.stat().st_size for e in os.scandir(folder)) if os.path.isdir(folder) else 0
+    current_app.logger.info("uploads use %d bytes", used)
+    return used
 
 
 # -- routes --------------------------------------------------------------------

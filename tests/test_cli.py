@@ -493,3 +493,58 @@ def test_schedules_shows_next_run_in_zone_and_utc_and_last_outcome(tmp_path: Pat
     assert often_info["last_status"] == "succeeded"
     assert "succeeded" in runner.invoke(args=["errands", "schedules"]).output
     app.extensions["errands"].backend.close()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_the_example_app_runs_its_jobs_in_a_worker_process(tmp_path: Path, store: str) -> None:
+    """`flask --app examples.app errands worker`, as the README says, on SQLite and Redis."""
+    if store == "redis":
+        pytest.importorskip("flask_errands.backends.redis")
+        url = f"redis://127.0.0.1:6379/0?prefix=example-{time.monotonic_ns()}:"
+    else:
+        url = f"sqlite:///{tmp_path}/example.db"
+    env = {
+        **os.environ,
+        "FLASK_ERRANDS_URL": url,
+        "FLASK_ERRANDS_EMBEDDED_WORKER": "false",
+        "FLASK_SLOW_SECONDS": "0.05",
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "examples.app", "errands", "worker"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        from examples.app import create_app
+
+        os.environ.update({k: env[k] for k in ("FLASK_ERRANDS_URL", "FLASK_SLOW_SECONDS")})
+        os.environ["FLASK_ERRANDS_EMBEDDED_WORKER"] = "false"
+        try:
+            web = create_app()
+        finally:
+            for key in (
+                "FLASK_ERRANDS_URL",
+                "FLASK_SLOW_SECONDS",
+                "FLASK_ERRANDS_EMBEDDED_WORKER",
+            ):
+                os.environ.pop(key, None)
+        client = web.test_client()
+        reply = client.post("/reports", data={"days": 3})
+        assert reply.status_code == 202
+        status_url = reply.get_json()["status_url"]
+        wait_for(
+            lambda: client.get(status_url).get_json()["status"] == "succeeded",
+            "the worker process to run the report",
+        )
+        assert client.get(status_url).get_json()["result"]["days"] == 3
+        assert web.extensions["errands"].worker is None  # the web process ran nothing
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        output = worker.communicate(timeout=30)[0]
+    assert worker.returncode == 0, output
+    assert "build_report" in output and "succeeded" in output
+    if store == "redis":
+        web.extensions["errands"].backend.purge()
