@@ -18,7 +18,7 @@ own, emptied before and after; nothing is written outside Redis and /tmp):
 
 A system that fails or times out is reported as failed; the run always finishes.
 Run ``python benchmarks/redis_peers.py --help`` for the knobs; the defaults take
-about four minutes on a 2-core machine.
+about four minutes on a 2-core machine, and each ``--repeat`` round as long again.
 """
 
 from __future__ import annotations
@@ -495,7 +495,8 @@ def report(rows: list[Row], args: argparse.Namespace, server: str, load: tuple[s
     )
     print(
         f"{args.enqueue_jobs:,} single enqueues; drain of {args.jobs:,} no-op jobs; "
-        f"latency over {args.latency_jobs} jobs at {args.rate:g}/s\n"
+        f"latency over {args.latency_jobs} jobs at {args.rate:g}/s; "
+        f"median of {args.repeat} round(s)\n"
     )
     print(
         "| system | version | settings | enqueue/s | delay_many/s (100; 1000) | drain/s "
@@ -574,6 +575,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}"
     )
+    parser.add_argument("--repeat", type=int, default=1, help="rounds; figures are medians")
     parser.add_argument("--serve", choices=list(SYSTEMS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     base = args.redis.rstrip("/")
@@ -583,13 +585,45 @@ def main(argv: list[str] | None = None) -> None:
     client = redis.Redis.from_url(base)
     server = str(client.info("server")["redis_version"])
     load_before = f"{os.getloadavg()[0]:.2f}"
-    rows = [baseline(base, args.enqueue_jobs)]
+    names = ["redis-py LPUSH", *(name.strip() for name in args.systems.split(","))]
+    rounds: dict[str, list[Row]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="errands-redis-bench-") as scratch:
-        for name in args.systems.split(","):
-            print(f"measuring {name} ...", file=sys.stderr, flush=True)
-            rows.append(measure(name.strip(), base, args, scratch))
+        # Rounds go through every system in turn, so a busy spell on the machine
+        # does not land on one system's figures only.
+        for round_ in range(args.repeat):
+            for name in names:
+                print(f"round {round_ + 1}: {name} ...", file=sys.stderr, flush=True)
+                if name == "redis-py LPUSH":
+                    rounds[name].append(baseline(base, args.enqueue_jobs))
+                else:
+                    rounds[name].append(measure(name, base, args, scratch))
     load_after = f"{os.getloadavg()[0]:.2f}"
-    report(rows, args, server, (load_before, load_after))
+    report([median_row(rows) for rows in rounds.values()], args, server, (load_before, load_after))
+
+
+def median_row(rows: list[Row]) -> Row:
+    """The median of each figure over the rounds that did not fail."""
+    good = [row for row in rows if not row.failure]
+    if not good:
+        return rows[-1]
+
+    def middle(values: list[float | None]) -> float | None:
+        present = [value for value in values if value is not None]
+        return statistics.median(present) if present else None
+
+    first = good[0]
+    return Row(
+        first.name,
+        first.version,
+        first.settings,
+        enqueue=middle([row.enqueue for row in good]),
+        batches={
+            size: statistics.median(row.batches[size] for row in good) for size in first.batches
+        },
+        drain=middle([row.drain for row in good]),
+        p50=middle([row.p50 for row in good]),
+        p99=middle([row.p99 for row in good]),
+    )
 
 
 if __name__ == "__main__":

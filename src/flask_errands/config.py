@@ -21,6 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "ERRANDS_EAGER": False,
     "ERRANDS_SCHEDULE": [],
     "ERRANDS_SCHEDULER": True,
+    "ERRANDS_REDIS_PREFIX": "errands:",  # a ?prefix= in a redis:// ERRANDS_URL wins
 }
 
 EMBEDDED_SCHEMES = ("memory", "sqlite")

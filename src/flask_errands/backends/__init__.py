@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ..exceptions import ConfigurationError
@@ -11,8 +13,15 @@ from .base import Backend, JobRecord
 __all__ = ["Backend", "JobRecord", "backend_from_url", "hide_password"]
 
 
-def backend_from_url(url: str, *, instance_path: str) -> Backend:
-    """Build the backend ``url`` names; relative SQLite paths are inside ``instance_path``."""
+def backend_from_url(
+    url: str, *, instance_path: str, options: Mapping[str, Any] | None = None
+) -> Backend:
+    """Build the backend ``url`` names; relative SQLite paths are inside ``instance_path``.
+
+    ``options`` carries settings from the app's config that some backends use
+    (``prefix`` and ``result_ttl`` for Redis); the others ignore them.
+    """
+    options = options or {}
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         from .memory import MemoryBackend
@@ -34,7 +43,9 @@ def backend_from_url(url: str, *, instance_path: str) -> Backend:
             from .redis import RedisBackend  # type: ignore[import-not-found,unused-ignore]
         except ImportError as exc:
             raise _missing("redis", exc) from exc
-        backend: Backend = RedisBackend(url)
+        backend: Backend = RedisBackend(
+            url, prefix=options.get("prefix"), result_ttl=options.get("result_ttl")
+        )
         return backend
     if scheme in ("postgresql", "postgres"):
         try:

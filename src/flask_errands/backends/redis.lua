@@ -1,0 +1,554 @@
+-- Scripts of the Redis backend, one per atomic operation, run by name with EVALSHA.
+-- Each script is the `common` block followed by its own block; ARGV[1] is the key prefix.
+-- Floats travel as Python's repr() text and are stored as given, so they read back exact;
+-- a script never returns a float as a Lua number (Redis would truncate it to an integer).
+--
+-- Keys, all under the prefix:
+--   job:<id>              hash: the record's fields (None fields absent), plus seq and batch
+--   seq                   counter: enqueue order, for listing and for ties in reserve order
+--   queues                set: names of queues that hold jobs
+--   idx:<queue>:<status>  zset seq -> id: listing and counts
+--   prios:<queue>         set: priorities that have waiting jobs in the queue
+--   wait:<queue>:<prio>   zset eta -> <seq as %016d><id>: waiting jobs, in reserve order
+--   leases:<queue>        zset lease_expires_at -> id: running jobs
+--   finished              zset finished_at -> id: what prune deletes
+--   unique:<key>          string: the id of the job that holds the unique key
+--   schedules             set of schedule names; ticks:<name> zset fire_time -> fire_time text,
+--   tickfired:<name>      zset fired_at -> fire_time text, tickjob:<name> hash fire_time -> id
+--   workers               zset expires_at -> worker id; workerinfo hash id -> JSON
+--   wake                  pub/sub channel: new work may be due
+
+-- name: common
+local P = ARGV[1]
+local WAITING = {queued = true, scheduled = true}
+local FINISHED = {succeeded = true, failed = true, cancelled = true}
+local STATUSES = {'queued', 'scheduled', 'running', 'succeeded', 'failed', 'cancelled'}
+local STATE = {'status', 'queue', 'priority', 'seq', 'unique_key', 'lease_token', 'eta'}
+
+local function job_key(id) return P .. 'job:' .. id end
+local function idx_key(queue, status) return P .. 'idx:' .. queue .. ':' .. status end
+local function prios_key(queue) return P .. 'prios:' .. queue end
+local function wait_key(queue, prio) return P .. 'wait:' .. queue .. ':' .. prio end
+local function lease_key(queue) return P .. 'leases:' .. queue end
+local function unique_key(key) return P .. 'unique:' .. key end
+local function member(seq, id) return string.format('%016d', seq) .. id end
+local function prio(value) return string.format('%d', tonumber(value) or 0) end
+
+-- The fields that say where a job is indexed, or nil when there is no such job.
+local function state(id)
+  local v = redis.call('HMGET', job_key(id), unpack(STATE))
+  if not v[1] then return nil end
+  return {id = id, status = v[1], queue = v[2] or 'default', prio = prio(v[3]),
+          seq = tonumber(v[4]) or 0, unique = v[5], token = v[6], eta = v[7] or '0'}
+end
+
+local function index(job, status)
+  if job.status ~= status then redis.call('ZREM', idx_key(job.queue, job.status), job.id) end
+  redis.call('ZADD', idx_key(job.queue, status), job.seq, job.id)
+end
+
+local function add_waiting(job, eta)
+  redis.call('ZADD', wait_key(job.queue, job.prio), eta, member(job.seq, job.id))
+  redis.call('SADD', prios_key(job.queue), job.prio)
+end
+
+local function remove_waiting(job)
+  redis.call('ZREM', wait_key(job.queue, job.prio), member(job.seq, job.id))
+end
+
+local function live_holder(key)
+  local holder = redis.call('GET', unique_key(key))
+  if holder then
+    local status = redis.call('HGET', job_key(holder), 'status')
+    if WAITING[status] or status == 'running' then return holder end
+  end
+  return false
+end
+
+local function forget_unique(job)
+  if job.unique and redis.call('GET', unique_key(job.unique)) == job.id then
+    redis.call('DEL', unique_key(job.unique))
+  end
+end
+
+-- Make a waiting or running job finished; its record expires after ttl seconds.
+local function end_job(job, status, now, ttl)
+  index(job, status)
+  redis.call('HSET', job_key(job.id), 'status', status, 'finished_at', now)
+  redis.call('ZADD', P .. 'finished', now, job.id)
+  redis.call('EXPIRE', job_key(job.id), ttl)
+  forget_unique(job)
+end
+
+local function delete_job(job)
+  redis.call('ZREM', idx_key(job.queue, job.status), job.id)
+  remove_waiting(job)
+  redis.call('ZREM', lease_key(job.queue), job.id)
+  redis.call('ZREM', P .. 'finished', job.id)
+  forget_unique(job)
+  redis.call('DEL', job_key(job.id))
+end
+
+-- An ARGV block of fields: n, then n field/value pairs to set, then m, then m fields to
+-- delete. Returns the two as arrays, to send with whatever else the script writes.
+local function field_block(pos)
+  local n = tonumber(ARGV[pos])
+  local sets = {unpack(ARGV, pos + 1, pos + 2 * n)}
+  pos = pos + 2 * n + 1
+  return sets, {unpack(ARGV, pos + 1, pos + tonumber(ARGV[pos]))}
+end
+
+-- New jobs arrive as one JSON array (one ARGV, so packing costs little) of
+-- [id, queue, priority, status, eta, unique key or null, [field, value, ...]], all text.
+local function parse_jobs(text)
+  local jobs = cjson.decode(text)
+  for i, job in ipairs(jobs) do
+    jobs[i] = {id = job[1], queue = job[2], prio = prio(job[3]), status = job[4], eta = job[5],
+               unique = job[6] ~= cjson.null and job[6], fields = job[7]}
+  end
+  return jobs
+end
+
+-- Ids already stored by this same call (a retry after a lost reply), or nil and a taken id.
+local function replayed_ids(jobs, nonce)
+  local seen, replayed, keys = {}, {}, {}
+  for i, job in ipairs(jobs) do
+    if seen[job.id] then return nil, job.id end
+    seen[job.id] = true
+    keys[i] = job_key(job.id)
+  end
+  local taken = 0
+  for k = 1, #keys, 1000 do  -- one EXISTS for many keys: usually none is taken
+    taken = taken + redis.call('EXISTS', unpack(keys, k, math.min(k + 999, #keys)))
+  end
+  if taken == 0 then return replayed end
+  for _, job in ipairs(jobs) do
+    if redis.call('EXISTS', job_key(job.id)) == 1 then
+      if redis.call('HGET', job_key(job.id), 'batch') ~= nonce then return nil, job.id end
+      replayed[job.id] = true
+    end
+  end
+  return replayed
+end
+
+-- Index writes of new jobs, sent per key once the whole batch is stored.
+local pending, known = {}, {}
+
+local function later(command, key, ...)
+  local args = pending[key]
+  if not args then
+    args = {command}
+    pending[key] = args
+  end
+  for _, value in ipairs({...}) do args[#args + 1] = value end
+end
+
+local function write_pending()
+  for key, args in pairs(pending) do
+    for k = 2, #args, 1000 do
+      redis.call(args[1], key, unpack(args, k, math.min(k + 999, #args)))
+    end
+  end
+  pending = {}
+end
+
+local function add_once(key, value)
+  if not known[key .. '\0' .. value] then
+    known[key .. '\0' .. value] = true
+    later('SADD', key, value)
+  end
+end
+
+-- Store one new job under job.seq; returns 0, or the record of the live job holding its
+-- unique key. Its indexes are written by write_pending().
+local function insert(job, nonce)
+  if job.unique then
+    local holder = live_holder(job.unique)
+    if holder then return redis.call('HGETALL', job_key(holder)) end
+  end
+  redis.call('HSET', job_key(job.id), 'seq', job.seq, 'batch', nonce, unpack(job.fields))
+  if job.unique then redis.call('SET', unique_key(job.unique), job.id) end
+  add_once(P .. 'queues', job.queue)
+  add_once(prios_key(job.queue), job.prio)
+  later('ZADD', idx_key(job.queue, job.status), job.seq, job.id)
+  later('ZADD', wait_key(job.queue, job.prio), job.eta, member(job.seq, job.id))
+  return 0
+end
+
+-- Give the jobs enqueue order: one counter increment for the whole batch.
+local function number(jobs)
+  local last = redis.call('INCRBY', P .. 'seq', #jobs)
+  for i, job in ipairs(jobs) do job.seq = last - #jobs + i end
+end
+
+local function wake(queue) redis.call('PUBLISH', P .. 'wake', queue) end
+
+local function queues_from(pos)
+  if #ARGV >= pos then return {unpack(ARGV, pos)} end
+  return redis.call('SMEMBERS', P .. 'queues')
+end
+
+-- name: enqueue
+-- ARGV: prefix, nonce, jobs.
+local nonce = ARGV[2]
+local jobs = parse_jobs(ARGV[3])
+local replayed, taken = replayed_ids(jobs, nonce)
+if not replayed then return redis.error_reply('ERRANDS job id already stored: ' .. taken) end
+number(jobs)
+local out = {}
+for i, job in ipairs(jobs) do
+  out[i] = replayed[job.id] and 0 or insert(job, nonce)
+end
+write_pending()
+if #jobs > 0 then wake(jobs[1].queue) end
+return out
+
+-- name: reserve
+-- ARGV: prefix, now, lease expiry, worker id, limit, token prefix, queues (none: all).
+-- Returns id, record pairs: expired leases first, then due jobs in priority, eta, seq order.
+local now, expires, worker, token = ARGV[2], ARGV[3], ARGV[4], ARGV[6]
+local limit = tonumber(ARGV[5])
+local queues = queues_from(7)
+local claimed = {}
+
+local function claim(id, attempts, status_fields)
+  redis.call('HSET', job_key(id), 'attempts', (tonumber(attempts) or 0) + 1, 'started_at', now,
+             'lease_expires_at', expires, 'lease_token', token .. (#claimed + 1),
+             'worker_id', worker, unpack(status_fields))
+  claimed[#claimed + 1] = id
+end
+
+for _, queue in ipairs(queues) do
+  if #claimed >= limit then break end
+  local ids = redis.call('ZRANGEBYSCORE', lease_key(queue), '-inf', now,
+                         'LIMIT', 0, limit - #claimed)
+  for _, id in ipairs(ids) do
+    local v = redis.call('HMGET', job_key(id), 'status', 'attempts')
+    if v[1] == 'running' then
+      redis.call('ZADD', lease_key(queue), expires, id)
+      claim(id, v[2], {})
+    else
+      redis.call('ZREM', lease_key(queue), id)
+    end
+  end
+end
+
+local need = limit - #claimed
+if need > 0 then
+  local levels = {}
+  for _, queue in ipairs(queues) do
+    for _, p in ipairs(redis.call('SMEMBERS', prios_key(queue))) do
+      if tonumber(p) then levels[#levels + 1] = {tonumber(p), queue, p} end
+    end
+  end
+  table.sort(levels, function(a, b) return a[1] > b[1] end)
+  -- Candidates from every level of the best priorities, until they are enough.
+  local found, i = {}, 1
+  while i <= #levels and #found < need do
+    local level = levels[i][1]
+    while i <= #levels and levels[i][1] == level do
+      local queue, p = levels[i][2], levels[i][3]
+      local key = wait_key(queue, p)
+      local due = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'WITHSCORES', 'LIMIT', 0, need)
+      if #due == 0 and redis.call('EXISTS', key) == 0 then
+        redis.call('SREM', prios_key(queue), p)
+      end
+      for k = 1, #due, 2 do
+        found[#found + 1] = {level, tonumber(due[k + 1]), due[k], queue, key}
+      end
+      i = i + 1
+    end
+  end
+  table.sort(found, function(a, b)
+    if a[1] ~= b[1] then return a[1] > b[1] end
+    if a[2] ~= b[2] then return a[2] < b[2] end
+    return a[3] < b[3]
+  end)
+  for k = 1, math.min(need, #found) do
+    local _, _, m, queue, key = unpack(found[k])
+    local id = string.sub(m, 17)
+    redis.call('ZREM', key, m)
+    local v = redis.call('HMGET', job_key(id), 'status', 'attempts')
+    if WAITING[v[1]] then
+      redis.call('ZREM', idx_key(queue, v[1]), id)
+      redis.call('ZADD', idx_key(queue, 'running'), tonumber(string.sub(m, 1, 16)), id)
+      redis.call('ZADD', lease_key(queue), expires, id)
+      claim(id, v[2], {'status', 'running'})
+    end
+  end
+end
+
+local out = {}
+for _, id in ipairs(claimed) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGETALL', job_key(id))
+end
+return out
+
+-- name: heartbeat
+-- ARGV: prefix, lease expiry, then id, token pairs. Returns the ids whose cancel was requested.
+local out = {}
+for i = 3, #ARGV, 2 do
+  local id = ARGV[i]
+  local v = redis.call('HMGET', job_key(id), 'status', 'lease_token', 'cancel_requested', 'queue')
+  if v[1] == 'running' and v[2] == ARGV[i + 1] then
+    redis.call('HSET', job_key(id), 'lease_expires_at', ARGV[2])
+    redis.call('ZADD', lease_key(v[4] or 'default'), ARGV[2], id)
+    if v[3] == '1' then out[#out + 1] = id end
+  end
+end
+return out
+
+-- name: set_progress
+-- ARGV: prefix, id, then a fields block.
+local key = job_key(ARGV[2])
+if redis.call('EXISTS', key) == 1 then
+  local sets, deletes = field_block(3)
+  if #sets > 0 then redis.call('HSET', key, unpack(sets)) end
+  if #deletes > 0 then redis.call('HDEL', key, unpack(deletes)) end
+end
+return 0
+
+-- name: finish
+-- ARGV: prefix, id, lease token, status, now, eta, ttl, then a fields block. Returns 1 if applied.
+local job = state(ARGV[2])
+if not job or job.status ~= 'running' or job.token ~= ARGV[3] then return 0 end
+local status, key = ARGV[4], job_key(job.id)
+local sets, deletes = field_block(8)
+redis.call('HDEL', key, 'lease_expires_at', 'lease_token', unpack(deletes))
+redis.call('ZREM', lease_key(job.queue), job.id)
+index(job, status)
+if status == 'scheduled' then
+  redis.call('HSET', key, 'status', status, 'eta', ARGV[6], unpack(sets))
+  add_waiting(job, ARGV[6])
+  wake(job.queue)
+else
+  redis.call('HSET', key, 'status', status, 'finished_at', ARGV[5], unpack(sets))
+  redis.call('ZADD', P .. 'finished', ARGV[5], job.id)
+  redis.call('EXPIRE', key, ARGV[7])
+  forget_unique(job)
+end
+return 1
+
+-- name: release
+-- ARGV: prefix, id, lease token. Returns 1 if applied.
+local job = state(ARGV[2])
+if not job or job.status ~= 'running' or job.token ~= ARGV[3] then return 0 end
+local key = job_key(job.id)
+local attempts = tonumber(redis.call('HGET', key, 'attempts')) or 1
+redis.call('ZREM', lease_key(job.queue), job.id)
+redis.call('HDEL', key, 'started_at', 'lease_expires_at', 'lease_token', 'worker_id')
+redis.call('HSET', key, 'status', 'queued', 'attempts', attempts - 1)
+index(job, 'queued')
+add_waiting(job, job.eta)
+wake(job.queue)
+return 1
+
+-- name: cancel
+-- ARGV: prefix, id, now, ttl. Returns the record afterwards, or nil.
+local job = state(ARGV[2])
+if not job then return false end
+if WAITING[job.status] then
+  remove_waiting(job)
+  end_job(job, 'cancelled', ARGV[3], ARGV[4])
+elseif job.status == 'running' then
+  redis.call('HSET', job_key(job.id), 'cancel_requested', '1')
+end
+return redis.call('HGETALL', job_key(job.id))
+
+-- name: requeue
+-- ARGV: prefix, id, now. Returns the record afterwards, or nil.
+local job = state(ARGV[2])
+if not job then return false end
+local key = job_key(job.id)
+if FINISHED[job.status] and not (job.unique and live_holder(job.unique)) then
+  redis.call('HDEL', key, 'result', 'error', 'traceback', 'progress', 'progress_message',
+             'started_at', 'finished_at', 'worker_id')
+  redis.call('HSET', key, 'status', 'queued', 'attempts', 0, 'eta', ARGV[3],
+             'cancel_requested', '0')
+  redis.call('PERSIST', key)
+  redis.call('ZREM', P .. 'finished', job.id)
+  index(job, 'queued')
+  add_waiting(job, ARGV[3])
+  if job.unique then redis.call('SET', unique_key(job.unique), job.id) end
+  wake(job.queue)
+end
+return redis.call('HGETALL', key)
+
+-- name: list_jobs
+-- ARGV: prefix, status ('' for any), queue ('' for any), limit, offset. Newest first.
+local limit, offset = tonumber(ARGV[4]), tonumber(ARGV[5])
+if limit <= 0 then return {} end
+local queues = ARGV[3] ~= '' and {ARGV[3]} or redis.call('SMEMBERS', P .. 'queues')
+local statuses = ARGV[2] ~= '' and {ARGV[2]} or STATUSES
+local found = {}
+for _, queue in ipairs(queues) do
+  for _, status in ipairs(statuses) do
+    local got = redis.call('ZREVRANGE', idx_key(queue, status), 0, offset + limit - 1,
+                           'WITHSCORES')
+    for k = 1, #got, 2 do found[#found + 1] = {tonumber(got[k + 1]), got[k]} end
+  end
+end
+table.sort(found, function(a, b) return a[1] > b[1] end)
+local out = {}
+for k = offset + 1, math.min(offset + limit, #found) do
+  local record = redis.call('HGETALL', job_key(found[k][2]))
+  if #record > 0 then out[#out + 1] = record end
+end
+return out
+
+-- name: counts
+-- ARGV: prefix. Returns queue, status, count triples for every non-empty pair.
+local out = {}
+for _, queue in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
+  for _, status in ipairs(STATUSES) do
+    local n = redis.call('ZCARD', idx_key(queue, status))
+    if n > 0 then
+      out[#out + 1] = queue
+      out[#out + 1] = status
+      out[#out + 1] = n
+    end
+  end
+end
+return out
+
+-- name: next_eta
+-- ARGV: prefix, queues (none: all). Returns the earliest eta as text, or nil.
+local best, text = nil, false
+for _, queue in ipairs(queues_from(2)) do
+  for _, p in ipairs(redis.call('SMEMBERS', prios_key(queue))) do
+    local head = redis.call('ZRANGE', wait_key(queue, p), 0, 0, 'WITHSCORES')
+    if #head > 0 and (best == nil or tonumber(head[2]) < best) then
+      best, text = tonumber(head[2]), head[2]
+    end
+  end
+end
+return text
+
+-- name: fire_tick
+-- ARGV: prefix, nonce, schedule, fire time text, now, jobs (one). Returns 1 for the first.
+local nonce, schedule, fire_time, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if redis.call('ZSCORE', P .. 'ticks:' .. schedule, fire_time) then return 0 end
+local job = parse_jobs(ARGV[6])[1]
+if redis.call('EXISTS', job_key(job.id)) == 1 then
+  return redis.error_reply('ERRANDS job id already stored: ' .. job.id)
+end
+number({job})
+local holder = insert(job, nonce)
+write_pending()
+local id = holder == 0 and job.id or false
+if not id then
+  for k = 1, #holder, 2 do if holder[k] == 'id' then id = holder[k + 1] end end
+end
+redis.call('SADD', P .. 'schedules', schedule)
+redis.call('ZADD', P .. 'ticks:' .. schedule, fire_time, fire_time)
+redis.call('ZADD', P .. 'tickfired:' .. schedule, now, fire_time)
+redis.call('HSET', P .. 'tickjob:' .. schedule, fire_time, id or '')
+wake(job.queue)
+return 1
+
+-- name: last_ticks
+-- ARGV: prefix. Returns schedule, fire time text, job id triples.
+local out = {}
+for _, schedule in ipairs(redis.call('SMEMBERS', P .. 'schedules')) do
+  local latest = redis.call('ZRANGE', P .. 'ticks:' .. schedule, -1, -1)[1]
+  if latest then
+    out[#out + 1] = schedule
+    out[#out + 1] = latest
+    out[#out + 1] = redis.call('HGET', P .. 'tickjob:' .. schedule, latest) or ''
+  end
+end
+return out
+
+-- name: prune
+-- ARGV: prefix, finished before, batch size. Returns jobs deleted, and 1 if more are left.
+local before, batch = '(' .. ARGV[2], tonumber(ARGV[3])
+local deleted, more = 0, 0
+local queues = redis.call('SMEMBERS', P .. 'queues')
+local ids = redis.call('ZRANGEBYSCORE', P .. 'finished', '-inf', before, 'LIMIT', 0, batch)
+if #ids == batch then more = 1 end
+for _, id in ipairs(ids) do
+  local job = state(id)
+  if job and FINISHED[job.status] then
+    delete_job(job)
+  elseif not job then
+    -- The record expired by its TTL before prune came by: clear it from the indexes.
+    for _, queue in ipairs(queues) do
+      for status in pairs(FINISHED) do redis.call('ZREM', idx_key(queue, status), id) end
+    end
+  end
+  if not job or FINISHED[job.status] then deleted = deleted + 1 end
+  redis.call('ZREM', P .. 'finished', id)
+end
+for _, schedule in ipairs(redis.call('SMEMBERS', P .. 'schedules')) do
+  local ticks, fired = P .. 'ticks:' .. schedule, P .. 'tickfired:' .. schedule
+  local latest = redis.call('ZRANGE', ticks, -1, -1)[1]
+  local old = redis.call('ZRANGEBYSCORE', fired, '-inf', before, 'LIMIT', 0, batch)
+  if #old == batch then more = 1 end
+  for _, fire_time in ipairs(old) do
+    if fire_time ~= latest then
+      redis.call('ZREM', ticks, fire_time)
+      redis.call('ZREM', fired, fire_time)
+      redis.call('HDEL', P .. 'tickjob:' .. schedule, fire_time)
+    end
+  end
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'workers', '-inf', ARGV[2])) do
+  redis.call('ZREM', P .. 'workers', id)
+  redis.call('HDEL', P .. 'workerinfo', id)
+end
+for _, queue in ipairs(queues) do
+  for _, p in ipairs(redis.call('SMEMBERS', prios_key(queue))) do
+    if redis.call('EXISTS', wait_key(queue, p)) == 0 then redis.call('SREM', prios_key(queue), p) end
+  end
+  local keys = {prios_key(queue), lease_key(queue)}
+  for _, status in ipairs(STATUSES) do keys[#keys + 1] = idx_key(queue, status) end
+  if redis.call('EXISTS', unpack(keys)) == 0 then redis.call('SREM', P .. 'queues', queue) end
+end
+return {deleted, more}
+
+-- name: purge
+-- ARGV: prefix, queue, status, before ('' for any), after seq, batch size.
+-- Deletes matching jobs of one index, in seq order from a cursor; returns count, next cursor.
+local before = ARGV[4] ~= '' and tonumber(ARGV[4]) or nil
+local batch = tonumber(ARGV[6])
+local got = redis.call('ZRANGEBYSCORE', idx_key(ARGV[2], ARGV[3]), '(' .. ARGV[5], '+inf',
+                       'WITHSCORES', 'LIMIT', 0, batch)
+local deleted = 0
+for k = 1, #got, 2 do
+  local job = state(got[k])
+  if not job then
+    redis.call('ZREM', idx_key(ARGV[2], ARGV[3]), got[k])
+  elseif job.status ~= 'running' then
+    local at = redis.call('HMGET', job_key(job.id), 'finished_at', 'enqueued_at')
+    if before == nil or (tonumber(at[1] or at[2]) or 0) < before then
+      delete_job(job)
+      deleted = deleted + 1
+    end
+  end
+end
+return {deleted, #got == 2 * batch and got[#got] or ''}
+
+-- name: register_worker
+-- ARGV: prefix, worker id, expiry, info JSON.
+redis.call('ZADD', P .. 'workers', ARGV[3], ARGV[2])
+redis.call('HSET', P .. 'workerinfo', ARGV[2], ARGV[4])
+return 0
+
+-- name: unregister_worker
+-- ARGV: prefix, worker id.
+redis.call('ZREM', P .. 'workers', ARGV[2])
+redis.call('HDEL', P .. 'workerinfo', ARGV[2])
+return 0
+
+-- name: list_workers
+-- ARGV: prefix, now. Returns id, info JSON pairs of workers whose registration holds.
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'workers', '(' .. ARGV[2], '+inf')) do
+  local info = redis.call('HGET', P .. 'workerinfo', id)
+  if info then
+    out[#out + 1] = id
+    out[#out + 1] = info
+  end
+end
+return out

@@ -1,0 +1,593 @@
+"""``redis://host:port/db``: the production queue, shared by worker processes on many hosts.
+
+Every operation is one Lua script from ``redis.lua``, run with EVALSHA (and loaded
+again when a restarted server has forgotten it), so each is atomic and costs one
+round trip. Records are hashes under one key prefix (``?prefix=`` in the URL, or
+``ERRANDS_REDIS_PREFIX``; default ``errands:``). Workers hear of new work on a
+pub/sub channel the scripts publish to, and wait for delayed jobs until their eta.
+
+A lost connection is retried with back-off, for up to ``WORKER_PATIENCE`` seconds
+in the worker's operations and ``CALLER_PATIENCE`` seconds in the web process's,
+then surfaces as :class:`~flask_errands.exceptions.BackendUnavailable` (or
+:class:`~flask_errands.exceptions.EnqueueError`). Nothing read from Redis is ever
+unpickled: records are strings, numbers and JSON text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+try:
+    from hiredis import pack_command
+except ImportError:  # pragma: no cover - each connection packs in Python then
+    pack_command = None  # type: ignore[assignment]
+
+from ..exceptions import BackendUnavailable, EnqueueError
+from . import hide_password
+from .base import FAILED, RUNNING, SCHEDULED, STATUSES, Backend, JobRecord
+from .queries import load_queries
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "errands:"
+#: How long the web process's calls (enqueue, look-ups) retry a lost connection.
+CALLER_PATIENCE = 1.0
+#: How long the worker's calls retry a lost connection before raising.
+WORKER_PATIENCE = 10.0
+#: The longest pause between two reconnection attempts.
+MAX_BACKOFF = 2.0
+#: A finished record expires this long after its result TTL; prune deletes it first.
+EXPIRY_SLACK = 86400.0
+DEFAULT_RESULT_TTL = 7 * 86400.0
+#: How many jobs one prune or purge script handles before giving Redis back to others.
+BATCH = 500
+#: How long the watcher waits on the wake channel before checking whether it was closed.
+WATCH_TIMEOUT = 1.0
+#: Connection settings the URL's query can override.
+CLIENT_DEFAULTS: dict[str, Any] = {
+    "socket_connect_timeout": 5.0,
+    "socket_timeout": 10.0,
+    "socket_keepalive": True,
+}
+
+_TRANSIENT = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "MISCONF")
+_INTS = {"priority", "attempts", "max_attempts"}
+_FLOATS = {
+    "retry_delay",
+    "eta",
+    "enqueued_at",
+    "timeout",
+    "started_at",
+    "finished_at",
+    "progress",
+    "lease_expires_at",
+}
+
+
+_TEXT: dict[type, Callable[[Any], str]] = {
+    str: str,
+    float: repr,
+    int: repr,
+    bool: lambda value: "1" if value else "0",
+}
+#: Fields that may be left out of a stored record: the scripts read them with these defaults.
+_DEFAULTS: dict[str, Any] = {
+    "queue": "default",
+    "priority": 0,
+    "attempts": 0,
+    "max_attempts": 1,
+    "retry_delay": 1.0,
+    "cancel_requested": False,
+}
+_NO_DEFAULT = object()
+_OPTIONAL = tuple(
+    name
+    for name in JobRecord.__dataclass_fields__
+    if name not in ("id", "task", "payload", "status", "eta", "enqueued_at")
+)
+_to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _convert(name: str) -> Callable[[bytes], Any]:
+    if name in _INTS:
+        return int
+    if name in _FLOATS:
+        return float
+    if name == "cancel_requested":
+        return lambda value: value == b"1"
+    return bytes.decode
+
+
+_DECODERS = {name.encode(): (name, _convert(name)) for name in JobRecord.__dataclass_fields__}
+
+
+class _Unreadable(ValueError):
+    """A stored record that is not what this backend writes."""
+
+
+class _Script:
+    """One named script: its text (helpers, then its own block) and the SHA1 it runs by."""
+
+    def __init__(self, name: str, text: str) -> None:
+        self.name = name
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+
+def _with_helpers(common: str, body: str) -> str:
+    """``body`` after the top-level definitions of ``common`` that it uses, directly or not.
+
+    Every run of a script executes its whole text, so each carries only what it
+    needs: defining every helper on each call would cost a few microseconds.
+    """
+    chunks: list[list[str]] = []
+    for line in common.splitlines():
+        top = line.startswith(("local ", "--"))
+        attached = bool(chunks) and chunks[-1][-1].startswith("--")
+        if not chunks or (top and not attached):
+            chunks.append([line])
+        else:
+            chunks[-1].append(line)
+    texts = ["\n".join(chunk) for chunk in chunks]
+    names = [
+        set(re.findall(r"^local (?:function )?(\w+(?:, \w+)*)", text, re.M)) for text in texts
+    ]
+    defined = [{name for group in found for name in group.split(", ")} for found in names]
+    used = set(re.findall(r"\w+", body))
+    wanted: set[int] = set()
+    while True:
+        more = {i for i, names_ in enumerate(defined) if i not in wanted and names_ & used}
+        if not more:
+            break
+        wanted |= more
+        for i in more:
+            used |= set(re.findall(r"\w+", texts[i]))
+    return "\n".join([*(texts[i] for i in sorted(wanted)), body])
+
+
+_LUA = load_queries("redis.lua")
+SCRIPTS = {
+    name: _Script(name, _with_helpers(_LUA["common"], body))
+    for name, body in _LUA.items()
+    if name != "common"
+}
+
+
+class RedisBackend(Backend):
+    """Jobs in one Redis server, shared by every process that uses the same URL and prefix."""
+
+    def __init__(
+        self, url: str, *, prefix: str | None = None, result_ttl: float | None = None
+    ) -> None:
+        super().__init__()
+        self.url = hide_password(url)
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        url_prefix = next((value for key, value in query if key == "prefix"), None)
+        self.prefix = url_prefix or prefix or DEFAULT_PREFIX
+        self.result_ttl = DEFAULT_RESULT_TTL if result_ttl is None else result_ttl
+        self._expiry = math.ceil(self.result_ttl + EXPIRY_SLACK)
+        rest = urlencode([(key, value) for key, value in query if key != "prefix"])
+        self._client = redis.Redis.from_url(
+            urlunsplit(parts._replace(query=rest)),
+            # Retries are ours: a script is only run again where that is safe.
+            retry=Retry(NoBackoff(), 0),
+            **CLIENT_DEFAULTS,
+        )
+        self._execute: Callable[..., Any] = self._client.execute_command
+        pool = self._client.connection_pool
+        self._connections = _Connections(lambda: pool.connection_class(**pool.connection_kwargs))
+        self._closed = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    # -- running scripts -----------------------------------------------------
+
+    def _run(self, name: str, args: Sequence[Any], patience: float = WORKER_PATIENCE) -> Any:
+        script = SCRIPTS[name]
+
+        def evalsha() -> Any:
+            try:
+                return self._evalsha(script.sha, args)
+            except redis.exceptions.NoScriptError:
+                self._client.script_load(script.text)  # the server restarted or was flushed
+                return self._evalsha(script.sha, args)
+
+        return self._retrying(evalsha, name, patience)
+
+    def _evalsha(self, sha: str, args: Sequence[Any]) -> Any:
+        """One EVALSHA, packed and sent without redis-py's per-command machinery."""
+        command = ("EVALSHA", sha, 0, self.prefix, *args)
+        connection = self._connections.take()
+        try:
+            if pack_command is not None:
+                connection.send_packed_command([pack_command(command)], check_health=False)
+            else:
+                connection.send_command(*command, check_health=False)
+            reply = connection.read_response()
+        except redis.ResponseError:
+            self._connections.give(connection)  # the server answered: the connection is fine
+            raise
+        except BaseException:
+            connection.disconnect()
+            self._connections.drop_idle()  # the server went away: the others are stale too
+            raise
+        self._connections.give(connection)
+        return reply
+
+    def _retrying(self, call: Callable[[], T], what: str, patience: float) -> T:
+        """Run ``call``, retrying transient errors with back-off for ``patience`` seconds."""
+        deadline = time.monotonic() + patience
+        pause = 0.0
+        while True:
+            try:
+                return call()
+            except redis.RedisError as exc:
+                if str(exc).startswith("ERRANDS job id already stored: "):
+                    raise ValueError(str(exc).removeprefix("ERRANDS ")) from None
+                left = deadline - time.monotonic()
+                if not _transient(exc) or left <= 0 or self._closed.is_set():
+                    raise BackendUnavailable(
+                        f"Redis at {self.url} failed {what} ({type(exc).__name__}: {exc}); "
+                        "check that the server is running and reachable"
+                    ) from exc
+                time.sleep(min(pause, left))
+                pause = min(max(pause * 2, 0.05), MAX_BACKOFF) * random.uniform(0.8, 1.0)
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    # -- life of a job -------------------------------------------------------
+
+    def enqueue(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
+        if not jobs:
+            return []
+        try:
+            reply = self._run("enqueue", [os.urandom(8).hex(), _jobs_text(jobs)], CALLER_PATIENCE)
+        except BackendUnavailable as exc:
+            raise EnqueueError(
+                f"could not enqueue {len(jobs)} job(s) of {jobs[0].task}: {exc}; "
+                "nothing was stored"
+            ) from exc.__cause__
+        self._notify()
+        return [
+            job if held == 0 else _lenient(held) for job, held in zip(jobs, reply, strict=True)
+        ]
+
+    def reserve(
+        self,
+        queues: Sequence[str] | None,
+        limit: int,
+        worker_id: str,
+        lease_seconds: float,
+        now: float,
+    ) -> list[JobRecord]:
+        if limit <= 0 or (queues is not None and not queues):
+            return []
+        token = os.urandom(8).hex() + ":"
+        args = [now, now + lease_seconds, worker_id, limit, token, *(queues or ())]
+        reply = self._run("reserve", args)
+        claimed = []
+        for i in range(0, len(reply), 2):
+            try:
+                claimed.append(_strict(reply[i + 1]))
+            except _Unreadable as exc:
+                self._fail_unreadable(reply[i].decode(errors="replace"), reply[i + 1], exc, now)
+        return claimed
+
+    def _fail_unreadable(
+        self, job_id: str, flat: list[bytes], exc: _Unreadable, now: float
+    ) -> None:
+        """Fail a claimed job whose record cannot be read, so it is never run."""
+        token = dict(zip(flat[::2], flat[1::2], strict=True)).get(b"lease_token", b"")
+        error = (
+            f"InvalidJob: the record of job {job_id} in Redis is unreadable ({exc}); "
+            "it was not run. Enqueue jobs with task.delay(), never by writing to Redis"
+        )
+        self.finish(job_id, token.decode(), FAILED, now, error=error)
+
+    def heartbeat(self, leases: Mapping[str, str], lease_seconds: float, now: float) -> set[str]:
+        if not leases:
+            return set()
+        args: list[Any] = [now + lease_seconds]
+        for job_id, token in leases.items():
+            args += (job_id, token)
+        return {job_id.decode() for job_id in self._run("heartbeat", args)}
+
+    def set_progress(self, job_id: str, progress: float | None, message: str | None) -> None:
+        fields = _fields({"progress": progress, "progress_message": message})
+        self._run("set_progress", [job_id, *fields])
+
+    def finish(
+        self,
+        job_id: str,
+        lease_token: str,
+        status: str,
+        now: float,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        traceback: str | None = None,
+        eta: float | None = None,
+    ) -> bool:
+        fields = _fields({"result": result, "error": error, "traceback": traceback})
+        args = [job_id, lease_token, status, now, now if eta is None else eta, self._expiry]
+        applied = bool(self._run("finish", [*args, *fields]) == 1)
+        if applied and status == SCHEDULED:
+            self._notify()
+        return applied
+
+    def release(self, job_id: str, lease_token: str, now: float) -> bool:
+        applied = bool(self._run("release", [job_id, lease_token]) == 1)
+        self._notify()
+        return applied
+
+    def cancel(self, job_id: str, now: float) -> JobRecord | None:
+        reply = self._run("cancel", [job_id, now, self._expiry], CALLER_PATIENCE)
+        return None if reply is None else _lenient(reply, job_id)
+
+    def requeue(self, job_id: str, now: float) -> JobRecord | None:
+        reply = self._run("requeue", [job_id, now], CALLER_PATIENCE)
+        self._notify()
+        return None if reply is None else _lenient(reply, job_id)
+
+    # -- looking at jobs -----------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord | None:
+        key = self._key("job", job_id)
+        found = self._retrying(lambda: self._execute("HGETALL", key), "to read", CALLER_PATIENCE)
+        return (
+            _lenient([item for pair in found.items() for item in pair], job_id) if found else None
+        )
+
+    def list_jobs(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[JobRecord]:
+        args = [status or "", queue or "", limit, offset]
+        return [_lenient(flat) for flat in self._run("list_jobs", args, CALLER_PATIENCE)]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        reply = self._run("counts", [], CALLER_PATIENCE)
+        return {
+            (reply[i].decode(), reply[i + 1].decode()): int(reply[i + 2])
+            for i in range(0, len(reply), 3)
+        }
+
+    def next_eta(self, queues: Sequence[str] | None) -> float | None:
+        if queues is not None and not queues:
+            return None
+        reply = self._run("next_eta", list(queues or ()))
+        return None if reply is None else float(reply)
+
+    # -- housekeeping --------------------------------------------------------
+
+    def fire_tick(self, schedule: str, fire_time: float, job: JobRecord, now: float) -> bool:
+        args = [os.urandom(8).hex(), schedule, repr(float(fire_time)), now, _jobs_text([job])]
+        fired = bool(self._run("fire_tick", args) == 1)
+        if fired:
+            self._notify()
+        return fired
+
+    def last_ticks(self) -> dict[str, tuple[float, str | None]]:
+        reply = self._run("last_ticks", [])
+        return {
+            reply[i].decode(): (float(reply[i + 1]), reply[i + 2].decode() or None)
+            for i in range(0, len(reply), 3)
+        }
+
+    def prune(self, finished_before: float) -> int:
+        total, more = 0, 1
+        while more:
+            deleted, more = self._run("prune", [finished_before, BATCH])
+            total += deleted
+        return int(total)
+
+    def purge(
+        self, status: str | None = None, queue: str | None = None, before: float | None = None
+    ) -> int:
+        if status == RUNNING or (status is not None and status not in STATUSES):
+            return 0
+        statuses = [status] if status else [s for s in STATUSES if s != RUNNING]
+        if queue is None:
+            members = self._retrying(
+                lambda: self._execute("SMEMBERS", self._key("queues")),
+                "to list queues",
+                CALLER_PATIENCE,
+            )
+            queues = sorted(name.decode() for name in members)
+        else:
+            queues = [queue]
+        total = 0
+        for name in queues:
+            for state in statuses:
+                cursor = "0"
+                while cursor:
+                    args = [name, state, "" if before is None else before, cursor, BATCH]
+                    deleted, next_cursor = self._run("purge", args, CALLER_PATIENCE)
+                    total += deleted
+                    cursor = next_cursor.decode()
+        return total
+
+    # -- live workers --------------------------------------------------------
+
+    def register_worker(
+        self, worker_id: str, info: Mapping[str, Any], ttl: float, now: float
+    ) -> None:
+        self._run("register_worker", [worker_id, now + ttl, json.dumps(dict(info))])
+
+    def unregister_worker(self, worker_id: str) -> None:
+        self._run("unregister_worker", [worker_id])
+
+    def list_workers(self, now: float) -> list[dict[str, Any]]:
+        reply = self._run("list_workers", [now], CALLER_PATIENCE)
+        workers = []
+        for i in range(0, len(reply), 2):
+            with contextlib.suppress(ValueError):
+                workers.append({**json.loads(reply[i + 1]), "id": reply[i].decode()})
+        return sorted(workers, key=lambda worker: str(worker["id"]))
+
+    def close(self) -> None:
+        self._closed.set()
+        self._connections.close()
+        self._client.close()
+
+    # -- wake-ups from other processes ---------------------------------------
+
+    def _start_watching(self) -> None:
+        with self._watchers_lock:
+            if self._watcher is not None and self._watcher.is_alive():
+                return
+            self._watcher = threading.Thread(
+                target=self._watch_channel, name="errands-redis-watch", daemon=True
+            )
+            self._watcher.start()
+
+    def _watch_channel(self) -> None:
+        """Listen on the wake channel until closed, reconnecting with back-off."""
+        pause = 0.0
+        while not self._closed.is_set():
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(self._key("wake"))
+                self._notify()  # work may have come while nobody was listening
+                pause = 0.0
+                while not self._closed.is_set():
+                    if pubsub.get_message(timeout=WATCH_TIMEOUT) is not None:
+                        while pubsub.get_message(timeout=0.0) is not None:
+                            pass
+                        self._notify()
+            except Exception:  # close() pulls the socket from under redis-py, too
+                pause = min(max(pause * 2, 0.05), MAX_BACKOFF)
+                self._closed.wait(pause)
+            finally:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+
+
+class _Connections:
+    """Connections for scripts, reused last-in first-out; each serves one caller at a time.
+
+    Lighter than redis-py's pool, which inspects its arguments on every call;
+    there are as many connections as callers ever ran scripts at once.
+    """
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._pid = os.getpid()
+        self._idle: list[Any] = []
+        self._made: list[Any] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> Any:
+        if self._pid != os.getpid():
+            # Forked: the parent's sockets are not ours to use (nor to close).
+            self._pid, self._idle, self._made = os.getpid(), [], []
+        try:
+            return self._idle.pop()
+        except IndexError:
+            connection = self._make()
+            with self._lock:
+                self._made.append(connection)
+            return connection
+
+    def give(self, connection: Any) -> None:
+        self._idle.append(connection)
+
+    def drop_idle(self) -> None:
+        """Disconnect idle connections; each reconnects when next used."""
+        for connection in list(self._idle):
+            connection.disconnect()
+
+    def close(self) -> None:
+        with self._lock:
+            made, self._made, self._idle = self._made, [], []
+        for connection in made:
+            connection.disconnect()
+
+
+def _transient(exc: redis.RedisError) -> bool:
+    """Whether an error may go away by itself: a lost connection, a loading or busy server."""
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith(_TRANSIENT)
+
+
+def _jobs_text(jobs: Sequence[JobRecord]) -> str:
+    """New jobs as the scripts read them: index fields, then the stored fields as pairs."""
+    blocks: list[list[Any]] = []
+    for job in jobs:
+        values = job.__dict__
+        eta = repr(float(job.eta))
+        fields = ["id", job.id, "task", job.task, "payload", job.payload, "status", job.status]
+        fields += ("eta", eta, "enqueued_at", repr(float(job.enqueued_at)))
+        for name in _OPTIONAL:
+            value = values[name]
+            # A field at JobRecord's default is left out: reading it back gives the default.
+            if value is not None and _DEFAULTS.get(name, _NO_DEFAULT) != value:
+                fields += (name, _TEXT.get(type(value), str)(value))
+        header = [job.id, job.queue, str(job.priority), job.status, eta]
+        blocks.append([*header, job.unique_key, fields])
+    return _to_json(blocks)
+
+
+def _fields(values: Mapping[str, Any]) -> list[Any]:
+    """A block of fields to set (the non-None ones) and fields to delete (the None ones)."""
+    block: list[Any] = [sum(value is not None for value in values.values())]
+    for name, value in values.items():
+        if value is not None:
+            block += (name, value)
+    block.append(sum(value is None for value in values.values()))
+    block += [name for name, value in values.items() if value is None]
+    return block
+
+
+def _strict(flat: list[bytes]) -> JobRecord:
+    """Decode a record to be run; raise :class:`_Unreadable` for anything not written by us."""
+    values: dict[str, Any] = {}
+    try:
+        for i in range(0, len(flat), 2):
+            decoder = _DECODERS.get(flat[i])
+            if decoder is not None:
+                name, convert = decoder
+                values[name] = convert(flat[i + 1])
+        record = JobRecord(**values)
+        payload = json.loads(record.payload)
+    except (TypeError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError included
+        raise _Unreadable(str(exc)) from None
+    if (
+        not isinstance(payload, dict)
+        or not isinstance(payload.get("args"), list)
+        or not isinstance(payload.get("kwargs"), dict)
+    ):
+        raise _Unreadable("its payload is not an object with args and kwargs")
+    return record
+
+
+def _lenient(flat: list[bytes], job_id: str = "") -> JobRecord:
+    """Decode a record to be shown: fields that cannot be read are left at their defaults."""
+    values: dict[str, Any] = {"id": job_id, "task": "", "payload": ""}
+    for i in range(0, len(flat), 2):
+        decoder = _DECODERS.get(flat[i])
+        if decoder is not None:
+            name, convert = decoder
+            with contextlib.suppress(ValueError):
+                values[name] = convert(flat[i + 1])
+    return JobRecord(**values)

@@ -1,0 +1,424 @@
+"""What the Redis backend adds to the conformance suite: outages, restarts, crashes, races.
+
+Tests marked ``ON_REDIS`` get a key prefix of their own on the shared server
+through the ``backend_url`` fixture. Tests that stop or restart a server start
+their own ``redis-server`` on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+redis = pytest.importorskip("redis")
+
+from flask_errands import EnqueueError, Errands, Job, current_job  # noqa: E402
+from flask_errands.backends import JobRecord, backend_from_url  # noqa: E402
+from flask_errands.backends.redis import RedisBackend  # noqa: E402
+
+T = TypeVar("T")
+
+ON_REDIS = pytest.mark.parametrize("backend_url", ["redis"], indirect=True)
+DEADLINE = 30.0
+LEASE = 2.0
+
+WORKER = """
+import sys, time
+import redis
+from flask import Flask
+from flask_errands import Errands, current_job
+
+app = Flask("redis_test_worker", instance_path=sys.argv[2])
+app.config.update(ERRANDS_URL=sys.argv[1], ERRANDS_LEASE_SECONDS=float(sys.argv[3]))
+errands = Errands(app)
+base, _, query = sys.argv[1].partition("?")
+runs = redis.Redis.from_url(base), query.partition("prefix=")[2] + "runs"
+
+
+@errands.task(name="tests.mark")
+def mark():
+    runs[0].rpush(runs[1], current_job.id)
+
+
+@errands.task(name="tests.hang_first")
+def hang_first(seconds):
+    if current_job.attempt == 1:
+        time.sleep(seconds)
+    return current_job.attempt
+
+
+@errands.task(name="tests.add")
+def add(a, b):
+    return a + b
+
+
+with app.app_context():
+    errands.start_worker()
+while True:
+    time.sleep(3600)
+"""
+
+
+def eventually(attempt: Callable[[], T | None], what: str, deadline: float = DEADLINE) -> T:
+    """Call ``attempt`` until it returns something other than None; fail after ``deadline``."""
+    give_up = time.monotonic() + deadline
+    while True:
+        value = attempt()
+        if value is not None:
+            return value
+        if time.monotonic() > give_up:
+            pytest.fail(f"gave up after {deadline:g}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def register_tasks(errands: Errands) -> dict[str, Any]:
+    """The worker script's tasks, so this process can enqueue and run them."""
+
+    @errands.task(name="tests.hang_first")
+    def hang_first(seconds: float) -> int:
+        if current_job.attempt == 1:
+            time.sleep(seconds)
+        return current_job.attempt
+
+    @errands.task(name="tests.add")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    return {"hang_first": hang_first, "add": add}
+
+
+def settled(jobs: list[Job], status: str = "succeeded") -> list[Job] | None:
+    """The jobs, once every one of them has reached ``status``; else None."""
+    return jobs if all(job.refresh().status == status for job in jobs) else None
+
+
+class RedisServer:
+    """A ``redis-server`` of the test's own, append-only, fsync on every write."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [
+            "redis-server",
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.directory),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--save", "",
+            "--logfile", str(self.directory / "redis.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command)
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+
+        def answers() -> bool | None:
+            try:
+                return client.ping() or None
+            except redis.RedisError:
+                return None
+
+        eventually(answers, f"redis-server on port {self.port} to answer")
+        client.close()
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        server.kill()
+
+
+@pytest.fixture
+def start_worker_process(tmp_path: Path) -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
+    """Start the worker script against a URL, as a process of its own; killed afterwards."""
+    script = tmp_path / "redis_worker.py"
+    script.write_text(textwrap.dedent(WORKER))
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(url: str) -> subprocess.Popen[bytes]:
+        command = [sys.executable, str(script), url, str(tmp_path), str(LEASE)]
+        process = subprocess.Popen(command)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+# -- failure handling ---------------------------------------------------------
+
+
+def test_delay_against_a_dead_server_raises_enqueue_error(make_app: Callable[..., Any]) -> None:
+    app, errands = make_app(ERRANDS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    add = register_tasks(errands)["add"]
+    with app.app_context():
+        with pytest.raises(EnqueueError, match="nothing was stored") as caught:
+            add.delay(1, 2)
+        with pytest.raises(EnqueueError):
+            add.delay_many([(1, 2), (3, 4)])
+    assert "127.0.0.1" in str(caught.value)
+
+
+def test_restarted_server_loses_nothing_acknowledged_and_workers_carry_on(
+    own_redis: RedisServer,
+    make_app: Callable[..., Any],
+    start_worker_process: Callable[[str], subprocess.Popen[bytes]],
+) -> None:
+    app, errands = make_app(ERRANDS_URL=own_redis.url, ERRANDS_LEASE_SECONDS=LEASE)
+    add = register_tasks(errands)["add"]
+    start_worker_process(own_redis.url)
+    with app.app_context():
+        done = [add.delay(n, 1) for n in range(20)]
+        eventually(lambda: settled(done), "the first jobs to run")
+        later = add.options(delay=600).delay(0, 0)
+        waiting = add.delay_many([(n, 2) for n in range(200)])
+        own_redis.kill()  # mid-run: the worker is draining the batch
+        with pytest.raises(EnqueueError):
+            add.delay(0, 0)
+        own_redis.start()
+        after = add.delay(100, 1)  # the web side reconnects, the server reloads the scripts
+        every = [*done, *waiting, after]
+        eventually(lambda: settled(every), "the worker to reconnect and run every job")
+        assert [job.result() for job in every] == [n + 1 for n in range(20)] + [
+            n + 2 for n in range(200)
+        ] + [101]
+        assert later.refresh().status == "scheduled"
+
+
+@ON_REDIS
+def test_sigkilled_worker_jobs_run_again_after_the_lease(
+    backend_url: str,
+    make_app: Callable[..., Any],
+    start_worker_process: Callable[[str], subprocess.Popen[bytes]],
+) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url, ERRANDS_LEASE_SECONDS=LEASE)
+    tasks = register_tasks(errands)
+    with app.app_context():
+        in_flight = [tasks["hang_first"].delay(60) for _ in range(4)]  # the default concurrency
+        queued = [tasks["add"].delay(n, n) for n in range(6)]
+        worker = start_worker_process(backend_url)
+        eventually(lambda: settled(in_flight, "running"), "the worker to take four jobs")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        errands.start_worker()
+        eventually(lambda: settled(in_flight + queued), "every job to complete after the lease")
+    assert [job.attempts for job in in_flight] == [2, 2, 2, 2]
+    assert [job.result() for job in in_flight] == [2, 2, 2, 2]
+    assert [job.attempts for job in queued] == [1] * 6
+    assert [job.result() for job in queued] == [0, 2, 4, 6, 8, 10]
+
+
+# -- semantics under concurrency ----------------------------------------------
+
+
+@ON_REDIS
+def test_ten_processes_drain_twenty_thousand_jobs_each_exactly_once(
+    backend_url: str,
+    make_app: Callable[..., Any],
+    start_worker_process: Callable[[str], subprocess.Popen[bytes]],
+) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url)
+    mark = errands.task(name="tests.mark")(lambda: None)
+    with app.app_context():
+        ids = [job.id for _ in range(20) for job in mark.delay_many([()] * 1000)]
+        for _ in range(10):
+            start_worker_process(backend_url)
+        every = {("default", "succeeded"): 20_000}
+        eventually(lambda: errands.backend.counts() == every or None, "the drain", 180)
+        assert {job.attempts for job in errands.backend.list_jobs(limit=20_000)} == {1}
+    client = redis.Redis.from_url(backend_url.split("?")[0])
+    runs = [run.decode() for run in client.lrange(backend_url.split("prefix=")[1] + "runs", 0, -1)]
+    client.close()
+    assert len(runs) == 20_000
+    assert sorted(runs) == sorted(ids)
+
+
+@ON_REDIS
+def test_delayed_job_longer_than_the_lease_runs_once_at_its_time(
+    backend_url: str, make_app: Callable[..., Any]
+) -> None:
+    client = redis.Redis.from_url(backend_url.split("?")[0])
+    prefix = backend_url.split("prefix=")[1]
+    apps = [make_app(ERRANDS_URL=backend_url, ERRANDS_LEASE_SECONDS=1) for _ in range(2)]
+    for _, errands in apps:
+
+        @errands.task(name="tests.count_runs")
+        def count_runs() -> int:
+            return int(client.incr(f"{prefix}runs:{current_job.id}"))
+
+    app, errands = apps[0]
+    with app.app_context():
+        job = errands.tasks["tests.count_runs"].options(delay=3).delay()
+    for other_app, other in apps:
+        with other_app.app_context():
+            other.start_worker()
+    eventually(lambda: settled([job]), "the delayed job to run")
+    assert job.attempts == 1
+    assert job.result() == 1
+    assert job.started_at is not None and job.started_at >= job.scheduled_for
+    assert int(client.get(f"{prefix}runs:{job.id}") or 0) == 1
+    client.close()
+
+
+@ON_REDIS
+def test_three_concurrent_delays_with_one_unique_key_make_one_job(
+    backend_url: str, make_app: Callable[..., Any]
+) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url)
+    add = register_tasks(errands)["add"]
+    start = threading.Barrier(3)
+    ids: list[str] = []
+
+    def enqueue() -> None:
+        with app.app_context():
+            start.wait()
+            ids.append(add.options(unique_key="report-7").delay(1, 2).id)
+
+    threads = [threading.Thread(target=enqueue) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(ids) == 3 and len(set(ids)) == 1
+    with app.app_context():
+        assert [job.id for job in errands.backend.list_jobs()] == ids[:1]
+
+
+# -- records written by hand --------------------------------------------------
+
+
+@ON_REDIS
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("payload", "not json", "InvalidJob: "),
+        ("payload", '{"args": "rm -rf /"}', "InvalidJob: "),
+        ("eta", "soon", "InvalidJob: "),
+        ("payload", b"\xff\xfe", "InvalidJob: "),
+        ("task", "os.system", "UnknownTask: "),
+    ],
+)
+def test_a_record_changed_by_hand_fails_cleanly_and_never_runs(
+    backend_url: str, make_app: Callable[..., Any], field: str, value: Any, error: str
+) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url)
+    runs: list[int] = []
+
+    @errands.task(name="tests.spy")
+    def spy(*args: Any, **kwargs: Any) -> None:
+        runs.append(1)
+
+    client = redis.Redis.from_url(backend_url.split("?")[0])
+    prefix = backend_url.split("prefix=")[1]
+    with app.app_context():
+        job = spy.delay()
+        client.hset(f"{prefix}job:{job.id}", field, value)
+        errands.drain()
+        failed = job.refresh()
+        assert failed.status == "failed"
+        assert failed.error is not None and failed.error.startswith(error)
+        assert runs == []
+        assert errands.drain() == 0
+    client.close()
+
+
+# -- keys, expiry and wake-ups ------------------------------------------------
+
+
+@ON_REDIS
+def test_finished_jobs_expire_and_prune_leaves_no_index_behind(backend_url: str) -> None:
+    backend = backend_from_url(backend_url, instance_path="/tmp", options={"result_ttl": 3600})
+    assert isinstance(backend, RedisBackend)
+    client = redis.Redis.from_url(backend_url.split("?")[0])
+    now = time.time()
+
+    def record(**fields: Any) -> JobRecord:
+        return JobRecord(id=uuid.uuid4().hex, task="t", payload="{}", enqueued_at=now, **fields)
+
+    first = record(queue="q2", unique_key="u", priority=3)
+    backend.enqueue([first, record(queue="q2", unique_key="u"), record(), record(eta=now - 5)])
+    assert backend.fire_tick("nightly", now - 60, record(queue="q3"), now)
+    for claimed in backend.reserve(None, 10, "w", 30, now):
+        backend.finish(claimed.id, claimed.lease_token or "", "succeeded", now, result="2")
+    assert 3600 < client.ttl(f"{backend.prefix}job:{first.id}") <= 3600 + 86400
+    assert backend.prune(now + 1) == 4
+    assert backend.counts() == {}
+    assert backend.list_jobs() == []
+    keys = {key.decode()[len(backend.prefix) :] for key in client.scan_iter(f"{backend.prefix}*")}
+    assert keys == {"seq", "schedules", "ticks:nightly", "tickfired:nightly", "tickjob:nightly"}
+    backend.close()
+    client.close()
+
+
+@ON_REDIS
+def test_the_prefix_comes_from_the_url_else_from_config(
+    backend_url: str, make_app: Callable[..., Any]
+) -> None:
+    prefix = backend_url.split("prefix=")[1]
+    app, errands = make_app(ERRANDS_URL=backend_url, ERRANDS_REDIS_PREFIX="ignored:")
+    with app.app_context():
+        assert errands.backend.prefix == prefix  # type: ignore[attr-defined]
+    bare = backend_url.split("?")[0]
+    app, errands = make_app(ERRANDS_URL=bare, ERRANDS_REDIS_PREFIX=prefix + "cfg:")
+    add = register_tasks(errands)["add"]
+    client = redis.Redis.from_url(bare)
+    with app.app_context():
+        job = add.delay(1, 2)
+        assert client.exists(f"{prefix}cfg:job:{job.id}") == 1
+        assert client.exists(f"errands:job:{job.id}") == 0
+    client.close()
+
+
+@ON_REDIS
+def test_an_enqueue_from_another_process_wakes_the_watchers(backend_url: str) -> None:
+    listener = backend_from_url(backend_url, instance_path="/tmp")
+    woken = threading.Event()
+    listener.watch(woken.set)
+    eventually(lambda: woken.wait(0.1) or None, "the watcher to subscribe")
+    woken.clear()  # from here on, only a message through Redis can wake it
+    script = textwrap.dedent(
+        """
+        import sys, time, uuid
+        from flask_errands.backends import JobRecord, backend_from_url
+        backend = backend_from_url(sys.argv[1], instance_path="/tmp")
+        job = JobRecord(id=uuid.uuid4().hex, task="t", payload="{}", enqueued_at=time.time())
+        backend.enqueue([job])
+        """
+    )
+    subprocess.run([sys.executable, "-c", script, backend_url], check=True)
+    eventually(lambda: woken.is_set() or None, "the wake-up from the other process")
+    listener.close()
