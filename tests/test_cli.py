@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from flask import Flask
 
 from tests.apps import worker_app
+from tests.helpers import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -256,16 +256,6 @@ class WorkerProcess:
         return self.log.read_text()
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def runs(path: Path) -> list[list[str]]:
     return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -316,7 +306,7 @@ def test_sigterm_lets_a_running_job_finish_then_exits_0(
     worker = WorkerProcess(sqlite_url, tmp_path)
     proc = worker.start("-c", "2")
     job_id = enqueue(client_app, worker_app.record, str(log), 2.0)
-    wait_for(lambda: runs(log), "the job to start")
+    wait_until(lambda: runs(log), "the job to start")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, worker.output()
     assert [r[0] for r in runs(log)] == ["start", "end"]
@@ -332,7 +322,7 @@ def test_a_job_still_running_at_the_grace_deadline_goes_back_to_its_queue(
     worker = WorkerProcess(sqlite_url, tmp_path)
     proc = worker.start("--grace", "0.5")
     job_id = enqueue(client_app, worker_app.record, str(log), 30.0)
-    wait_for(lambda: runs(log), "the job to start")
+    wait_until(lambda: runs(log), "the job to start")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, worker.output()
     job = job_of(client_app, job_id)
@@ -347,9 +337,9 @@ def test_a_killed_child_is_replaced_and_its_job_runs_again(
     proc = worker.start("--processes", "2", "-c", "1")
     try:
         job_id = enqueue(client_app, worker_app.record, str(log), 1.0)
-        first = wait_for(lambda: runs(log), "the job to start")[0]
+        first = wait_until(lambda: runs(log), "the job to start")[0]
         os.kill(int(first[4]), signal.SIGKILL)
-        job = wait_for(
+        job = wait_until(
             lambda: (j := job_of(client_app, job_id)).status == "succeeded" and j,
             "the job to run again after its lease",
         )
@@ -370,13 +360,15 @@ def test_a_job_that_ignores_its_timeout_is_killed_with_its_child(
     proc = worker.start("--processes", "2", "-c", "1")
     try:
         stuck = enqueue(client_app, worker_app.stuck, 60.0)
-        job = wait_for(
+        job = wait_until(
             lambda: (j := job_of(client_app, stuck)).status == "failed" and j, "the timeout"
         )
         assert job.error == "TimeoutError: job exceeded its timeout of 1s"
-        wait_for(lambda: "exited (3); replacing it" in worker.output(), "the child to be replaced")
+        wait_until(
+            lambda: "exited (3); replacing it" in worker.output(), "the child to be replaced"
+        )
         after = enqueue(client_app, worker_app.noop)
-        wait_for(lambda: job_of(client_app, after).status == "succeeded", "work to go on")
+        wait_until(lambda: job_of(client_app, after).status == "succeeded", "work to go on")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, worker.output()
@@ -388,7 +380,7 @@ def test_live_workers_are_listed_by_status(
     worker = WorkerProcess(sqlite_url, tmp_path)
     proc = worker.start("-q", "emails,reports", "-c", "3")
     try:
-        status = wait_for(
+        status = wait_until(
             lambda: (out := worker.run("status", "--json").stdout) and json.loads(out)["workers"],
             "the worker to register",
         )
@@ -405,21 +397,15 @@ def test_live_workers_are_listed_by_status(
     assert json.loads(worker.run("status", "--json").stdout)["workers"] == []
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_a_worker_started_while_redis_is_down_waits_and_then_works(tmp_path: Path) -> None:
     pytest.importorskip("flask_errands.backends.redis")
-    port = _free_port()
+    port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     worker = WorkerProcess(url, tmp_path)
     proc = worker.start()
     server = None
     try:
-        wait_for(lambda: "retrying" in worker.output(), "the worker to report the server down")
+        wait_until(lambda: "retrying" in worker.output(), "the worker to report the server down")
         complaint = next(line for line in worker.output().splitlines() if "retrying" in line)
         assert "Traceback" not in worker.output()
         assert str(port) in complaint or "Redis" in complaint
@@ -440,8 +426,8 @@ def test_a_worker_started_while_redis_is_down_waits_and_then_works(tmp_path: Pat
         client = Flask("client", instance_path=str(tmp_path))
         client.config.update(ERRANDS_URL=url)
         worker_app.errands.init_app(client)
-        job_id = wait_for(lambda: _try_enqueue(client), "Redis to accept jobs")
-        wait_for(lambda: job_of(client, job_id).status == "succeeded", "the worker to run it")
+        job_id = wait_until(lambda: _try_enqueue(client), "Redis to accept jobs")
+        wait_until(lambda: job_of(client, job_id).status == "succeeded", "the worker to run it")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
@@ -535,7 +521,7 @@ def test_the_example_app_runs_its_jobs_in_a_worker_process(tmp_path: Path, store
         reply = client.post("/reports", data={"days": 3})
         assert reply.status_code == 202
         status_url = reply.get_json()["status_url"]
-        wait_for(
+        wait_until(
             lambda: client.get(status_url).get_json()["status"] == "succeeded",
             "the worker process to run the report",
         )

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from flask import Flask
 
 import flask_errands
 from flask_errands import Errands, JobStatus
+from tests.helpers import wait_until
 
 AppFactory = Callable[..., tuple[Flask, Errands]]
 
@@ -56,15 +56,6 @@ WEB_PROCESS = textwrap.dedent(
         time.sleep(0.05)
     """
 )
-
-
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    """Poll ``predicate`` until it is true; fail the test, saying what never happened."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout:g}s waiting for {what}")
-        time.sleep(0.01)
 
 
 class Processes:

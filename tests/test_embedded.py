@@ -16,18 +16,10 @@ from flask import Flask
 
 from flask_errands import ConfigurationError, Errands, JobStatus
 from flask_errands.worker import Worker
+from tests.helpers import wait_until
 
 AppFactory = Callable[..., tuple[Flask, Errands]]
 EMBEDDED = ["memory", "sqlite"]  # the stores whose worker is embedded by default
-
-
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    """Poll ``predicate`` until it is true; fail the test, saying what never happened."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout:g}s waiting for {what}")
-        time.sleep(0.005)
 
 
 def embedded_worker(app: Flask) -> Worker | None:

@@ -38,18 +38,10 @@ from flask_errands import (
     job_succeeded,
 )
 from flask_errands.backends import JobRecord
+from tests.helpers import wait_until
 
 AppFactory = Callable[..., tuple[Flask, Errands]]
 UTC = dt.timezone.utc
-
-
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    """Poll ``predicate`` until it is true; fail the test, saying what never happened."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout:g}s waiting for {what}")
-        time.sleep(0.005)
 
 
 @pytest.fixture

@@ -16,17 +16,9 @@ import pytest
 from flask import Flask
 
 from flask_errands import Errands, JobFailed, JobStatus, current_job
+from tests.helpers import wait_until
 
 AppFactory = Callable[..., tuple[Flask, Errands]]
-
-
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    """Poll ``predicate`` until it is true; fail the test, saying what never happened."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout:g}s waiting for {what}")
-        time.sleep(0.005)
 
 
 def test_jobs_run_side_by_side_up_to_the_concurrency(

@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ psycopg = pytest.importorskip("psycopg")
 
 from flask_errands import BackendUnavailable, ConfigurationError, EnqueueError  # noqa: E402
 from flask_errands.backends import JobRecord, backend_from_url  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 T = TypeVar("T")
 
@@ -61,13 +61,6 @@ def eventually(attempt: Callable[[], T | None], what: str, deadline: float = DEA
         if time.monotonic() > give_up:
             pytest.fail(f"{what} did not happen within {deadline:g}s")
         time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def schema_of(url: str) -> str:

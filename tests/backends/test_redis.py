@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +26,7 @@ redis = pytest.importorskip("redis")
 from flask_errands import EnqueueError, Errands, Job, current_job  # noqa: E402
 from flask_errands.backends import JobRecord, backend_from_url  # noqa: E402
 from flask_errands.backends.redis import RedisBackend  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 T = TypeVar("T")
 
@@ -81,12 +81,6 @@ def eventually(attempt: Callable[[], T | None], what: str, deadline: float = DEA
         if time.monotonic() > give_up:
             pytest.fail(f"gave up after {deadline:g}s waiting for {what}")
         time.sleep(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def register_tasks(errands: Errands) -> dict[str, Any]:

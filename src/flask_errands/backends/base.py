@@ -81,6 +81,7 @@ class Backend(ABC):
     def __init__(self) -> None:
         self._watchers: list[WakeCallback] = []
         self._watchers_lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
 
     # -- life of a job -------------------------------------------------------
 
@@ -262,8 +263,23 @@ class Backend(ABC):
             if callback in self._watchers:
                 self._watchers.remove(callback)
 
-    def _start_watching(self) -> None:  # noqa: B027 - optional hook
-        """Start whatever listens for other processes' enqueues; called on each watch()."""
+    def _start_watching(self) -> None:
+        """Run :meth:`_watch` in a daemon thread, once at a time, if this store has one."""
+        if type(self)._watch is Backend._watch:
+            return
+        with self._watchers_lock:
+            if self._watcher is not None and self._watcher.is_alive():
+                return
+            name = f"errands-{type(self).__name__}-watch"
+            self._watcher = threading.Thread(target=self._watch, name=name, daemon=True)
+            self._watcher.start()
+
+    def _watch(self) -> None:  # noqa: B027 - optional hook
+        """Listen for other processes' work and call :meth:`_notify`, until closed.
+
+        Stores that tell other processes about new work override this; it runs
+        in its own thread while anyone watches.
+        """
 
     def _notify(self) -> None:
         for callback in tuple(self._watchers):

@@ -84,7 +84,6 @@ class PostgresBackend(Backend):
         self._inherited: list[ConnectionPool[Connection]] = []
         self._channel: str | None = None
         self._closed = threading.Event()
-        self._listener: threading.Thread | None = None
 
     # -- connections -----------------------------------------------------------
 
@@ -353,7 +352,7 @@ class PostgresBackend(Backend):
 
     def close(self) -> None:
         self._closed.set()
-        listener = self._listener
+        listener = self._watcher
         if listener is not None and listener is not threading.current_thread():
             listener.join(timeout=2 * LISTEN_POLL)
         with self._lock:
@@ -396,16 +395,7 @@ class PostgresBackend(Backend):
 
     # -- wake-ups from other processes ---------------------------------------
 
-    def _start_watching(self) -> None:
-        with self._watchers_lock:
-            if self._listener is not None and self._listener.is_alive():
-                return
-            self._listener = threading.Thread(
-                target=self._listen, name="errands-postgres-listen", daemon=True
-            )
-            self._listener.start()
-
-    def _listen(self) -> None:
+    def _watch(self) -> None:
         """LISTEN on a connection of its own until closed; reconnect with back-off if it drops."""
         delay = 0.0
         while not self._closed.is_set():

@@ -193,7 +193,6 @@ class RedisBackend(Backend):
         pool = self._client.connection_pool
         self._connections = _Connections(lambda: pool.connection_class(**pool.connection_kwargs))
         self._closed = threading.Event()
-        self._watcher: threading.Thread | None = None
 
     # -- running scripts -----------------------------------------------------
 
@@ -451,16 +450,7 @@ class RedisBackend(Backend):
 
     # -- wake-ups from other processes ---------------------------------------
 
-    def _start_watching(self) -> None:
-        with self._watchers_lock:
-            if self._watcher is not None and self._watcher.is_alive():
-                return
-            self._watcher = threading.Thread(
-                target=self._watch_channel, name="errands-redis-watch", daemon=True
-            )
-            self._watcher.start()
-
-    def _watch_channel(self) -> None:
+    def _watch(self) -> None:
         """Listen on the wake channel until closed, reconnecting with back-off."""
         pause = 0.0
         while not self._closed.is_set():

@@ -52,7 +52,6 @@ class SQLiteBackend(Backend):
         _hold_lock_across_fork(self)
         self._pid = -1
         self._connection: sqlite3.Connection | None = None
-        self._watcher: threading.Thread | None = None
         self._closed = threading.Event()
         self._wakeup = SocketWakeup(path)
         try:
@@ -327,16 +326,7 @@ class SQLiteBackend(Backend):
 
     # -- wake-ups from other processes ---------------------------------------
 
-    def _start_watching(self) -> None:
-        with self._watchers_lock:
-            if self._watcher is not None and self._watcher.is_alive():
-                return
-            self._watcher = threading.Thread(
-                target=self._watch_commits, name="errands-sqlite-watch", daemon=True
-            )
-            self._watcher.start()
-
-    def _watch_commits(self) -> None:
+    def _watch(self) -> None:
         """Wake this process's workers when another process may have added work.
 
         Writers knock on a Unix socket after each commit (see ``wakeup.py``);
