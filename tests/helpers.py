@@ -31,3 +31,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def eventually(attempt: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
+    """Call ``attempt`` until it returns something other than None (0 and [] count), and
+    return that; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (value := attempt()) is None:
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
+    return value

@@ -31,7 +31,7 @@ psycopg = pytest.importorskip("psycopg")
 
 from flask_errands import BackendUnavailable, ConfigurationError, EnqueueError  # noqa: E402
 from flask_errands.backends import JobRecord, backend_from_url  # noqa: E402
-from tests.helpers import free_port  # noqa: E402
+from tests.helpers import eventually, free_port  # noqa: E402
 
 T = TypeVar("T")
 
@@ -49,18 +49,6 @@ def job(**fields: Any) -> JobRecord:
     }
     defaults.update(fields)
     return JobRecord(**defaults)
-
-
-def eventually(attempt: Callable[[], T | None], what: str, deadline: float = DEADLINE) -> T:
-    """Call ``attempt`` until it returns something other than None; fail after ``deadline``."""
-    give_up = time.monotonic() + deadline
-    while True:
-        value = attempt()
-        if value is not None:
-            return value
-        if time.monotonic() > give_up:
-            pytest.fail(f"{what} did not happen within {deadline:g}s")
-        time.sleep(0.05)
 
 
 def schema_of(url: str) -> str:

@@ -26,7 +26,7 @@ redis = pytest.importorskip("redis")
 from flask_errands import EnqueueError, Errands, Job, current_job  # noqa: E402
 from flask_errands.backends import JobRecord, backend_from_url  # noqa: E402
 from flask_errands.backends.redis import RedisBackend  # noqa: E402
-from tests.helpers import free_port  # noqa: E402
+from tests.helpers import eventually, free_port  # noqa: E402
 
 T = TypeVar("T")
 
@@ -69,18 +69,6 @@ with app.app_context():
 while True:
     time.sleep(3600)
 """
-
-
-def eventually(attempt: Callable[[], T | None], what: str, deadline: float = DEADLINE) -> T:
-    """Call ``attempt`` until it returns something other than None; fail after ``deadline``."""
-    give_up = time.monotonic() + deadline
-    while True:
-        value = attempt()
-        if value is not None:
-            return value
-        if time.monotonic() > give_up:
-            pytest.fail(f"gave up after {deadline:g}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def register_tasks(errands: Errands) -> dict[str, Any]:
