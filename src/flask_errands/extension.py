@@ -10,7 +10,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar, overload
+from typing import Any, overload
 
 import click
 from flask import Flask, current_app
@@ -29,8 +29,6 @@ from .tasks import P, R, Task, TaskOptions
 from .worker import Worker, new_worker_id
 
 logger = logging.getLogger("flask_errands")
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 #: How long the embedded worker lets running jobs finish when the process exits.
 EMBEDDED_GRACE = 25.0
