@@ -534,3 +534,13 @@ def test_the_example_app_runs_its_jobs_in_a_worker_process(tmp_path: Path, store
     assert "build_report" in output and "succeeded" in output
     if store == "redis":
         web.extensions["errands"].backend.purge()
+
+
+def test_a_worker_on_memory_warns_that_it_shares_nothing(tmp_path: Path) -> None:
+    worker = WorkerProcess("memory://", tmp_path)
+    proc = worker.start()
+    try:
+        wait_until(lambda: "Warning: memory://" in worker.output(), "the warning")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

@@ -134,6 +134,12 @@ def worker(
         f"  concurrency: {per}\n"
         f"  scheduler:   {'on' if options.scheduler else 'off'}"
     )
+    if settings.url.startswith("memory:"):
+        click.echo(
+            "Warning: memory:// jobs live in one process; this worker runs only the jobs it "
+            "enqueues itself. Use sqlite://, redis:// or postgresql:// to share jobs.",
+            err=True,
+        )
     sys.exit(run_worker(state, options))
 
 
