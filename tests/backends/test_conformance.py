@@ -325,6 +325,9 @@ CONCURRENT_CLAIMS = """
 import sys, time
 from flask_errands.backends import backend_from_url
 backend = backend_from_url(sys.argv[1], instance_path=sys.argv[2])
+backend.counts()  # connected and warmed up before the start line
+print("ready", flush=True)
+sys.stdin.readline()
 claimed = []
 while True:
     got = backend.reserve(None, 5, sys.argv[3], 30, time.time())
@@ -350,11 +353,18 @@ def test_processes_sharing_a_store_never_claim_a_job_twice(
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", script, shared_backend_url, str(tmp_path), f"w{n}"],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         for n in range(4)
     ]
+    for proc in procs:  # a start line, so no process finishes before the others begin
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
     outputs = [proc.communicate(timeout=120)[0] for proc in procs]
     assert all(proc.returncode == 0 for proc in procs)
     claimed = [line for out in outputs for line in out.split()]
