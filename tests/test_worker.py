@@ -268,3 +268,116 @@ def test_waiting_on_a_job_that_was_purged_raises_instead_of_hanging(
         errands.backend.purge(status="queued")
         with pytest.raises(ErrandsError, match="no longer exists"):
             job.result(timeout=30)
+
+
+# -- found in review: a worker must survive whatever a job or its store does ------------
+
+
+def test_a_task_raising_a_base_exception_fails_and_its_thread_goes_on(
+    make_app: AppFactory,
+) -> None:
+    import asyncio
+
+    app, errands = make_app(ERRANDS_CONCURRENCY=1)
+
+    @errands.task
+    def cancelled_coroutine() -> None:
+        raise asyncio.CancelledError()
+
+    @errands.task
+    def after() -> str:
+        return "still working"
+
+    with app.app_context():
+        errands.start_worker()
+        broken = cancelled_coroutine.delay()
+        with pytest.raises(JobFailed) as failure:
+            broken.result(timeout=30)
+        assert failure.value.exc_type == "CancelledError"
+        assert after.delay().result(timeout=30) == "still working"
+
+
+def test_a_redelivered_job_whose_cancel_was_requested_never_runs_its_body(
+    backend_url: str, make_app: AppFactory
+) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url, ERRANDS_EMBEDDED_WORKER=False)
+    ran: list[str] = []
+
+    @errands.task
+    def send_newsletter() -> None:
+        ran.append("sent")
+
+    with app.app_context():
+        job = send_newsletter.delay()
+        backend = errands.backend
+        [first] = backend.reserve(None, 1, "dead-worker", 30, time.time())
+        job.cancel()  # running (under the dead worker): only a request
+        later = time.time() + 60  # the dead worker's lease has expired
+        [again] = backend.reserve(None, 1, "live-worker", 30, later)
+        runner = app.extensions["errands"].runner
+        runner.run(runner.start(again))
+        assert ran == []
+        assert job.refresh().status == JobStatus.CANCELLED
+        assert first.id == again.id
+
+
+def test_jobs_reserved_ahead_go_to_an_idle_worker_instead_of_waiting_behind_a_long_one(
+    make_app: AppFactory,
+) -> None:
+    from flask_errands.worker import Worker
+
+    app, errands = make_app(ERRANDS_EMBEDDED_WORKER=False)
+    urgent_ran = threading.Event()
+
+    @errands.task
+    def quick(n: int) -> None: ...
+
+    @errands.task
+    def report() -> bool:
+        return urgent_ran.wait(30)  # true only if urgent ran meanwhile, elsewhere
+
+    @errands.task
+    def urgent() -> None:
+        urgent_ran.set()
+
+    with app.app_context():
+        state = app.extensions["errands"]
+        busy = Worker(state.runner, concurrency=1, name="h:1:busy").start()
+        quick.delay_many([(n,) for n in range(30)])  # recent jobs are short: it reserves ahead
+        wait_until(lambda: busy.jobs_done == 30, "the short jobs")
+        idle = Worker(state.runner, concurrency=1, name="h:2:idle").start()
+        now = time.time()
+        long_job, urgent_job = state.backend.enqueue(
+            [report.options().build((), {}, now), urgent.options().build((), {}, now)]
+        )
+        try:
+            assert errands.job(long_job.id).result(timeout=60) is True  # type: ignore[union-attr]
+            assert errands.job(urgent_job.id).status == JobStatus.SUCCEEDED  # type: ignore[union-attr]
+        finally:
+            busy.stop(5)
+            idle.stop(5)
+
+
+def test_an_interrupted_sqlite_transaction_never_leaves_the_connection_inside(
+    tmp_path: object,
+) -> None:
+    import sqlite3
+
+    from flask_errands.backends.sqlite import SQLiteBackend
+    from flask_errands.runner import JobInterrupt
+
+    backend = SQLiteBackend(f"{tmp_path}/jobs.db")
+
+    def interrupted(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO errands_workers VALUES ('w', '{}', 0)")
+        raise JobInterrupt  # what a job's timeout raises in its thread, at any instruction
+
+    with pytest.raises(JobInterrupt):
+        backend._transaction(interrupted)
+    assert not backend._db().in_transaction
+    other = sqlite3.connect(f"{tmp_path}/jobs.db", timeout=1)
+    other.execute("INSERT INTO errands_workers VALUES ('other', '{}', 0)")  # not locked
+    other.commit()
+    assert backend.list_workers(-1) == [{"id": "other"}]
+    other.close()
+    backend.close()

@@ -8,12 +8,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import serialization, signals
 from .backends.base import CANCELLED, FAILED, SCHEDULED, SUCCEEDED, Backend, JobRecord
 from .context import RunningJob, _current
-from .exceptions import JobCancelled, Retry
+from .exceptions import BackendUnavailable, JobCancelled, Retry
 from .jobs import Job
 
 if TYPE_CHECKING:
@@ -23,8 +23,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("flask_errands")
 
+T = TypeVar("T")
+
 #: The longest pause between two attempts, whatever the back-off says.
 MAX_BACKOFF = 3600.0
+#: How long a worker keeps trying to record an outcome while the backend is unreachable.
+OUTCOME_PATIENCE = 120.0
 
 
 class JobInterrupt(BaseException):
@@ -52,6 +56,7 @@ class Execution(RunningJob):
     def __init__(self, record: JobRecord, backend: Backend, now: float) -> None:
         super().__init__(record, backend)
         self.lease_token = record.lease_token or ""
+        self.reserved_at = time.monotonic()
         self.deadline: float | None = None
         self.thread_id: int | None = None
         self._settle_lock = threading.Lock()
@@ -72,6 +77,7 @@ class Execution(RunningJob):
             if self._settled:
                 return False
             self._started = True
+            self.thread_id = threading.get_ident()
             if self.record.timeout is not None:
                 self.deadline = now + self.record.timeout
             return True
@@ -122,6 +128,10 @@ class Runner:
         started = time.perf_counter()
         if not execution.begin(self.clock()):
             return  # released before a thread could take it
+        if execution.cancel_requested:  # cancelled while reserved ahead, or re-delivered
+            self.settle(execution, CANCELLED)
+            _log_outcome(execution, time.perf_counter() - started)
+            return
         task = self.tasks.get(record.task)
         if task is None:
             self.settle(
@@ -132,7 +142,6 @@ class Runner:
             )
             _log_outcome(execution, time.perf_counter() - started)
             return
-        execution.thread_id = threading.get_ident()
         with self.app.app_context():
             token = _current.set(execution)
             try:
@@ -150,7 +159,7 @@ class Runner:
                 self.settle(execution, SCHEDULED, error=_describe(retry), delay=delay)
             except JobCancelled:
                 self.settle(execution, CANCELLED)
-            except (Exception, SystemExit) as exc:  # sys.exit() in a task must not end the thread
+            except BaseException as exc:  # SystemExit, CancelledError too: fail, keep the thread
                 self.fail(execution, exc)
             else:
                 status = CANCELLED if execution.cancel_requested else SUCCEEDED
@@ -205,22 +214,25 @@ class Runner:
         record = execution.record
         if status == SCHEDULED and not execution.cancel_requested:
             # A cancel may have come in since the last heartbeat: never retry past it.
-            latest = self.backend.get(record.id)
+            latest = _persist(lambda: self.backend.get(record.id), record)
             if latest is not None and latest.cancel_requested:
                 execution.request_cancel()
         if status == SCHEDULED and execution.cancel_requested:
             status, delay = CANCELLED, None
         now = self.clock()
         eta = None if delay is None else now + delay
-        applied = self.backend.finish(
-            record.id,
-            execution.lease_token,
-            status,
-            now,
-            result=result,
-            error=error,
-            traceback=trace,
-            eta=eta,
+        applied = _persist(
+            lambda: self.backend.finish(
+                record.id,
+                execution.lease_token,
+                status,
+                now,
+                result=result,
+                error=error,
+                traceback=trace,
+                eta=eta,
+            ),
+            record,
         )
         record.status, record.result, record.error, record.traceback = status, result, error, trace
         if applied:
@@ -230,6 +242,32 @@ class Runner:
                 extra: dict[str, Any] = {"error": error} if error else {}
                 signal.send(self.app, job=job, **extra)
         return applied
+
+
+def _persist(write: Callable[[], T], record: JobRecord) -> T:
+    """Retry an outcome write while the backend is unreachable, rather than drop the outcome.
+
+    The job stays leased meanwhile (its worker keeps heartbeating), so giving up
+    early would only make a finished job run again after its lease.
+    """
+    deadline = time.monotonic() + OUTCOME_PATIENCE
+    pause = 0.1
+    while True:
+        try:
+            return write()
+        except BackendUnavailable as exc:
+            if time.monotonic() > deadline:
+                raise
+            logger.warning(
+                "%s %s: cannot record the outcome yet (%s); retrying in %.1fs",
+                record.task,
+                record.id,
+                exc,
+                pause,
+                extra={"job_id": record.id, "task": record.task},
+            )
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
 
 _SIGNALS = {

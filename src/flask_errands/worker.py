@@ -30,6 +30,8 @@ IDLE_WAIT = 1.0
 PRUNE_INTERVAL = 60.0
 #: Jobs shorter than this on average are reserved ahead, a batch per claim.
 PREFETCH_BELOW = 0.05
+#: A job reserved ahead that has waited this long for a thread goes back to its queue.
+HOLD_BACK_LIMIT = 0.5
 #: How often a worker tells the backend it is alive; it drops off after three missed.
 REGISTER_INTERVAL = 5.0
 #: With hard timeouts, how long a timed-out job may ignore its interrupt before the worker quits.
@@ -112,7 +114,7 @@ class Worker:
         for record in records:
             execution = self.runner.start(record)
             with self._active_lock:
-                self._active[record.id] = execution
+                self._active[execution.lease_token] = execution
             self._inbox.put(execution)
         return len(records)
 
@@ -123,13 +125,17 @@ class Worker:
         for execution in active:
             if execution.deadline is not None and now >= execution.deadline:
                 self._time_out(execution)
-        if active and now >= self._next_heartbeat:
+        self._release_held_back(active)
+        # A timed-out attempt whose thread has not let go yet is settled: its retry,
+        # perhaps reserved by this same worker, holds the lease now.
+        live = [e for e in active if not e.settled]
+        if live and now >= self._next_heartbeat:
             self._next_heartbeat = now + self._heartbeat_interval
-            leases = {e.id: e.lease_token for e in active}
-            for job_id in self.backend.heartbeat(leases, self.lease_seconds, now):
-                cancelled = self._active.get(job_id)
-                if cancelled is not None:
-                    cancelled.request_cancel()
+            leases = {e.id: e.lease_token for e in live}
+            cancelled = self.backend.heartbeat(leases, self.lease_seconds, now)
+            for execution in live:
+                if execution.id in cancelled:
+                    execution.request_cancel()
         if self.result_ttl is not None and now >= self._next_prune:
             self._next_prune = now + PRUNE_INTERVAL
             self.backend.prune(now - self.result_ttl)
@@ -154,15 +160,16 @@ class Worker:
 
     def _check_stuck(self, active: list[Execution]) -> None:
         """With hard timeouts, quit when a timed-out job ignores its interrupt for too long."""
-        if not self.hard_timeouts or not self._timed_out:
-            return
-        running = {e.id for e in active}
-        for job_id, since in list(self._timed_out.items()):
-            if job_id not in running:
-                del self._timed_out[job_id]
+        running = {e.lease_token: e.id for e in active}
+        for token, since in list(self._timed_out.items()):
+            if token not in running:
+                del self._timed_out[token]
+            elif not self.hard_timeouts:
+                continue
             elif time.monotonic() - since > STUCK_AFTER and not self._stopping.is_set():
                 logger.error(
-                    "job %s ignores its timeout; stopping this worker process to kill it", job_id
+                    "job %s ignores its timeout; stopping this worker process to kill it",
+                    running[token],
                 )
                 self.stuck = True
                 self.stop(0.0 if len(running) == 1 else 30.0, wait=False)
@@ -210,7 +217,7 @@ class Worker:
     def active_jobs(self) -> list[str]:
         """Ids of the jobs this worker is running now."""
         with self._active_lock:
-            return list(self._active)
+            return [e.id for e in self._active.values()]
 
     def _dispatch(self) -> None:
         pause = 0.5
@@ -243,9 +250,14 @@ class Worker:
     def _idle_wait(self) -> float:
         now = self._clock()
         wait = min(IDLE_WAIT, max(0.0, self._next_heartbeat - now) if self._active else IDLE_WAIT)
-        deadlines = [e.deadline for e in list(self._active.values()) if e.deadline is not None]
+        active = list(self._active.values())
+        deadlines = [e.deadline for e in active if e.deadline is not None]
         if deadlines:
             wait = min(wait, max(0.0, min(deadlines) - now))
+        waiting_since = [e.reserved_at for e in active if not e.started]
+        if waiting_since:
+            hold_back_ends = min(waiting_since) + HOLD_BACK_LIMIT - time.monotonic()
+            wait = min(wait, max(0.0, hold_back_ends) + 0.01)
         if self._drained and len(self._active) < self.concurrency:
             eta = self.backend.next_eta(self.queues)
             if eta is not None:
@@ -257,10 +269,7 @@ class Worker:
         deadline = self._grace_deadline or time.monotonic()
         with self._active_lock:
             waiting = [e for e in self._active.values() if e.claim_unstarted()]
-        for execution in waiting:
-            self.backend.release(execution.id, execution.lease_token, self._clock())
-            with self._active_lock:
-                self._active.pop(execution.id, None)
+        self._release(waiting)
         while self._active and time.monotonic() < deadline:
             try:
                 self.maintain(self._clock())
@@ -270,16 +279,37 @@ class Worker:
             self._wake.clear()
         with self._active_lock:
             left = list(self._active.values())
-        for execution in left:
-            released = execution.claim(partial(self._interrupt, execution))
-            if released:
+        stopped = [e for e in left if e.claim(partial(self._interrupt, e))]
+        self._release(stopped)
+        for execution in stopped:
+            logger.warning(
+                "%s %s released back to its queue: still running at shutdown",
+                execution.task,
+                execution.id,
+                extra={"job_id": execution.id, "task": execution.task},
+            )
+
+    def _release(self, executions: list[Execution]) -> None:
+        """Give claimed jobs back to their queue (on a backend error, after their lease)."""
+        for execution in executions:
+            try:
                 self.backend.release(execution.id, execution.lease_token, self._clock())
+            except Exception as exc:
                 logger.warning(
-                    "%s %s released back to its queue: still running at shutdown",
-                    execution.task,
-                    execution.id,
-                    extra={"job_id": execution.id, "task": execution.task},
+                    "could not release job %s (%s); it returns after its lease", execution.id, exc
                 )
+            with self._active_lock:
+                self._active.pop(execution.lease_token, None)
+
+    def _release_held_back(self, active: list[Execution]) -> None:
+        """Give back jobs reserved ahead that wait too long behind a slow one, for idle workers."""
+        now = time.monotonic()
+        stale = [
+            e for e in active if now - e.reserved_at > HOLD_BACK_LIMIT and e.claim_unstarted()
+        ]
+        if stale:
+            self._typical_duration = None  # no reserving ahead until a job ends again
+            self._release(stale)
 
     def _work(self) -> None:
         while True:
@@ -293,7 +323,7 @@ class Worker:
                     self.runner.run(execution)
                 finally:
                     with self._active_lock:
-                        self._active.pop(execution.id, None)
+                        self._active.pop(execution.lease_token, None)
                         held = len(self._active)
                     if execution.started:
                         self.jobs_done += 1
@@ -302,7 +332,7 @@ class Worker:
                         self._wake.set()
             except JobInterrupt:
                 continue  # arrived after the job ended; its outcome is already recorded
-            except Exception:
+            except BaseException:  # a job thread must outlive anything a job does
                 logger.exception("errands worker thread: unexpected error")
 
     def _note_duration(self, seconds: float) -> None:
@@ -315,7 +345,7 @@ class Worker:
         record = execution.record
         if not execution.claim(lambda: self._interrupt(execution)):
             return
-        self._timed_out[execution.id] = time.monotonic()
+        self._timed_out[execution.lease_token] = time.monotonic()
         # Claimed: write the outcome here, since the interrupted thread will not.
         if execution.cancel_requested:
             status, delay = CANCELLED, None

@@ -117,13 +117,16 @@ class SQLiteBackend(Backend):
                             if db.in_transaction:  # a RETURNING statement left half-read
                                 db.execute("ROLLBACK")
                             raise
-                    db.execute("BEGIN IMMEDIATE")
                     try:
+                        db.execute("BEGIN IMMEDIATE")
                         result = work(db)
                         db.execute("COMMIT")
                         return result
                     except BaseException:
-                        db.execute("ROLLBACK")
+                        # Also reached when a job's timeout interrupts its thread between
+                        # BEGIN and COMMIT: the shared connection must never stay inside.
+                        if db.in_transaction:
+                            db.execute("ROLLBACK")
                         raise
                 except sqlite3.OperationalError as exc:
                     if "locked" not in str(exc) and "busy" not in str(exc):
