@@ -1,9 +1,10 @@
 """The worker: reserves due jobs under a lease and runs them on a pool of threads.
 
-One dispatcher thread reserves as many jobs as there are idle threads, keeps
-their leases alive, stops jobs past their timeout, and sleeps until the
-backend says new work may be due. ``run_once()`` is one step of that loop, so
-tests can drive it without threads.
+One dispatcher thread reserves as many jobs as there are idle threads (and,
+while jobs are short, a batch ahead of them), keeps their leases alive, stops
+jobs past their timeout, and sleeps until the backend says new work may be
+due. ``run_once()`` is one step of that loop, so tests can drive it without
+threads.
 """
 
 from __future__ import annotations
@@ -146,10 +147,9 @@ class Worker:
 
     def info(self) -> dict[str, object]:
         """What this worker says of itself in the backend's list of live workers."""
-        host, pid, _ = self.id.split(":")
         return {
-            "host": host,
-            "pid": int(pid),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
             "kind": self.kind,
             "queues": list(self.queues) if self.queues else None,
             "concurrency": self.concurrency,
