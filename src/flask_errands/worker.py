@@ -98,8 +98,8 @@ class Worker:
         """Reserve due jobs for idle threads and hand them over; return how many.
 
         While recent jobs are short, it also reserves as many again to queue
-        behind the running ones, so one claim feeds several jobs; long jobs are
-        never held back in one process while another could start them.
+        behind the running ones, so one claim feeds several jobs; one that waits
+        longer than ``HOLD_BACK_LIMIT`` for a thread goes back for other workers.
         """
         held = len(self._active)
         if held > self.concurrency or self._stopping.is_set():
