@@ -25,7 +25,7 @@ from .jobs import Job
 from .runner import Runner, no_backoff
 from .scheduler import Scheduler
 from .schedules import Schedule, check_call, schedules_from_config
-from .tasks import P, R, Task, TaskOptions
+from .tasks import P, R, Task, TaskOptions, check_size
 from .worker import Worker, new_worker_id
 
 logger = logging.getLogger("flask_errands")
@@ -277,6 +277,8 @@ class Errands:
     def enqueue(self, task: Task[Any, Any], records: list[JobRecord]) -> list[Job]:
         """Store new jobs of ``task`` and return their handles; used by ``delay()``."""
         state = self.state
+        for record in records:
+            check_size(record, state.settings.max_payload)
         if state.eager_backend is not None:
             return self._run_eagerly(state, records)
         stored = state.backend.enqueue(records)

@@ -126,12 +126,6 @@ class BoundTask(Generic[P, R]):
         except TypeError as exc:
             raise TypeError(f"{task.name}.delay(): {exc}") from None
         payload = encode_call(task, args, kwargs)
-        max_payload = task.errands.settings.max_payload
-        if len(payload) * 4 > max_payload and len(payload.encode()) > max_payload:
-            raise PayloadTooLarge(
-                f"the arguments of {task.name} encode to {len(payload.encode()):,} bytes, "
-                f"over ERRANDS_MAX_PAYLOAD ({max_payload:,}); pass a file path or row id instead"
-            )
         unique_key = opts.unique_key
         if callable(unique_key):
             unique_key = unique_key(*args, **kwargs)
@@ -149,6 +143,16 @@ class BoundTask(Generic[P, R]):
             unique_key=unique_key,
             eta=eta,
             enqueued_at=now,
+        )
+
+
+def check_size(record: JobRecord, max_payload: int) -> None:
+    """Raise :class:`PayloadTooLarge` when encoded arguments exceed ``max_payload`` bytes."""
+    payload = record.payload
+    if len(payload) * 4 > max_payload and len(payload.encode()) > max_payload:
+        raise PayloadTooLarge(
+            f"the arguments of {record.task} encode to {len(payload.encode()):,} bytes, "
+            f"over ERRANDS_MAX_PAYLOAD ({max_payload:,}); pass a file path or row id instead"
         )
 
 
