@@ -361,6 +361,9 @@ def test_finished_jobs_expire_and_prune_leaves_no_index_behind(backend_url: str)
     assert backend.counts() == {}
     assert backend.list_jobs() == []
     keys = {key.decode()[len(backend.prefix) :] for key in client.scan_iter(f"{backend.prefix}*")}
+    replay_guards = {key for key in keys if key.startswith("reserved:")}
+    assert all(0 < client.ttl(backend.prefix + key) <= 60 for key in replay_guards)
+    keys -= replay_guards
     assert keys == {"seq", "schedules", "ticks:nightly", "tickfired:nightly", "tickjob:nightly"}
     backend.close()
     client.close()
@@ -404,3 +407,28 @@ def test_an_enqueue_from_another_process_wakes_the_watchers(backend_url: str) ->
     subprocess.run([sys.executable, "-c", script, backend_url], check=True)
     eventually(lambda: woken.is_set() or None, "the wake-up from the other process")
     listener.close()
+
+
+EMPTY_CALL = '{"args":[],"kwargs":{}}'
+
+
+@ON_REDIS
+def test_a_reserve_retried_after_a_lost_reply_claims_nothing_more(backend_url: str) -> None:
+    backend = backend_from_url(backend_url, instance_path="/tmp")
+    assert isinstance(backend, RedisBackend)
+    now = time.time()
+    jobs = [
+        JobRecord(id=uuid.uuid4().hex, task="t", payload=EMPTY_CALL, eta=now, enqueued_at=now)
+        for _ in range(3)
+    ]
+    backend.enqueue(jobs)
+    call = [now, now + 30, "w", 2, "retried-token:"]  # the arguments reserve() sends
+    first = backend._run("reserve", call)
+    again = backend._run("reserve", call)  # what its retry sends when the reply was lost
+    assert again == first
+    claimed = [backend.get(jobs[i].id) for i in range(2)]
+    assert [(j.status, j.attempts) for j in claimed if j] == [("running", 1), ("running", 1)]
+    assert backend.get(jobs[2].id).status == "queued"  # type: ignore[union-attr]
+    fresh = backend.reserve(None, 5, "w", 30, now)  # a new call claims what is left
+    assert [j.id for j in fresh] == [jobs[2].id]
+    backend.close()

@@ -16,6 +16,8 @@
 --   schedules             set of schedule names; ticks:<name> zset fire_time -> fire_time text,
 --   tickfired:<name>      zset fired_at -> fire_time text, tickjob:<name> hash fire_time -> id
 --   workers               zset expires_at -> worker id; workerinfo hash id -> JSON
+--   reserved:<token>      list of the ids one reserve call claimed, for 60 s: a retried
+--                         call returns them instead of claiming more
 --   wake                  pub/sub channel: new work may be due
 
 -- name: common
@@ -208,8 +210,24 @@ return out
 -- Returns id, record pairs: expired leases first, then due jobs in priority, eta, seq order.
 local now, expires, worker, token = ARGV[2], ARGV[3], ARGV[4], ARGV[6]
 local limit = tonumber(ARGV[5])
-local queues = queues_from(7)
 local claimed = {}
+
+-- A call retried after its reply was lost gets what the first run claimed, not more.
+local replay_key = P .. 'reserved:' .. token
+local earlier = redis.call('LRANGE', replay_key, 0, -1)
+if #earlier > 0 then
+  local out = {}
+  for _, id in ipairs(earlier) do
+    local held = redis.call('HMGET', job_key(id), 'status', 'lease_token')
+    if held[1] == 'running' and held[2] and string.sub(held[2], 1, #token) == token then
+      out[#out + 1] = id
+      out[#out + 1] = redis.call('HGETALL', job_key(id))
+    end
+  end
+  return out
+end
+
+local queues = queues_from(7)
 
 local function claim(id, attempts, status_fields)
   redis.call('HSET', job_key(id), 'attempts', (tonumber(attempts) or 0) + 1, 'started_at', now,
@@ -278,6 +296,10 @@ if need > 0 then
   end
 end
 
+if #claimed > 0 then
+  redis.call('RPUSH', replay_key, unpack(claimed))
+  redis.call('EXPIRE', replay_key, 60)
+end
 local out = {}
 for _, id in ipairs(claimed) do
   out[#out + 1] = id
