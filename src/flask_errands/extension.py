@@ -47,6 +47,11 @@ class AppState:
         self._worker_pid: int | None = None
         self._lock = threading.Lock()
         self.eager_backend = MemoryBackend("memory://eager") if settings.eager else None
+        self.eager_runner = (
+            Runner(app, self.eager_backend, errands.tasks, retry_after=no_backoff)
+            if self.eager_backend is not None
+            else None
+        )
         self.config_schedules: dict[str, Schedule] = {}
         self.scheduler: Scheduler | None = None
 
@@ -62,9 +67,14 @@ class AppState:
                 )
         return merged
 
+    @property
+    def worker_started_here(self) -> bool:
+        """Whether this process (not a parent it was forked from) started the worker."""
+        return self._worker_pid == os.getpid()
+
     def ensure_embedded_worker(self) -> None:
         """Start the embedded worker once per process (again in a forked child)."""
-        if self._worker_pid != os.getpid():
+        if not self.worker_started_here:
             self.start_worker()
 
     def start_worker(self) -> Worker:
@@ -283,8 +293,12 @@ class Errands:
             return self._run_eagerly(state, records)
         stored = state.backend.enqueue(records)
         jobs = [Job(record, state.backend) for record in stored]
-        if state.settings.embedded_worker and click.get_current_context(silent=True) is None:
-            state.ensure_embedded_worker()
+        if (
+            state.settings.embedded_worker
+            and not state.worker_started_here
+            and click.get_current_context(silent=True) is None  # never in `flask shell` & co
+        ):
+            state.start_worker()
         if signals.job_enqueued.receivers:
             for job in jobs:
                 signals.job_enqueued.send(state.app, job=job)
@@ -313,13 +327,12 @@ class Errands:
         self.state.stop_worker(grace)
 
     def _run_eagerly(self, state: AppState, records: list[JobRecord]) -> list[Job]:
-        eager = state.eager_backend
-        assert eager is not None
+        eager, runner = state.eager_backend, state.eager_runner
+        assert eager is not None and runner is not None
         now = time.time()
         for record in records:
             record.eta, record.status = min(record.eta, now), QUEUED
         stored = eager.enqueue(records)
-        runner = Runner(state.app, eager, self.tasks, retry_after=no_backoff)
         state.drain(eager, runner, None)
         return [Job(eager.get(record.id) or record, eager) for record in stored]
 

@@ -160,6 +160,8 @@ class Worker:
 
     def _check_stuck(self, active: list[Execution]) -> None:
         """With hard timeouts, quit when a timed-out job ignores its interrupt for too long."""
+        if not self._timed_out:
+            return
         running = {e.lease_token: e.id for e in active}
         for token, since in list(self._timed_out.items()):
             if token not in running:
