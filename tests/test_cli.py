@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
+from flask_errands import BackendUnavailable
 from tests.apps import worker_app
 from tests.helpers import free_port, wait_until
 
@@ -196,6 +197,50 @@ def test_drain_runs_due_jobs_and_exits_1_if_any_failed(
     enqueue(app, worker_app.noop, queue="elsewhere")
     bad = cli("drain", "-q", "default")
     assert bad.exit_code == 1 and "Ran 1 job(s), 1 failed." in bad.output
+
+
+def test_drain_counts_a_failed_attempt_that_will_retry_as_failed(
+    app: Flask, cli: Callable[..., Any]
+) -> None:
+    enqueue(app, worker_app.boom, retries=2)
+    result = cli("drain")
+    assert result.exit_code == 1
+    assert "Ran 1 job(s), 1 failed (1 will retry)." in result.output
+
+
+def test_retry_without_an_id_says_what_to_give(cli: Callable[..., Any]) -> None:
+    result = cli("retry")
+    assert result.exit_code == 2
+    assert "give the JOB_ID of a finished job, or --failed" in _stderr(result)
+    assert "not both" in _stderr(cli("retry", "abc", "--failed"))
+
+
+def test_duration_options_show_a_duration_metavar(cli: Callable[..., Any]) -> None:
+    assert "--older-than DURATION" in cli("purge", "--help").output
+    assert "--delay DURATION" in cli("enqueue", "--help").output
+    assert "PARSE_DURATION" not in cli("purge", "--help").output
+
+
+def test_show_prints_no_result_for_a_cancelled_job(app: Flask, cli: Callable[..., Any]) -> None:
+    job_id = enqueue(app, worker_app.noop)
+    with app.app_context():
+        worker_app.errands.job(job_id).cancel()  # type: ignore[union-attr]
+    shown = cli("show", job_id)
+    assert shown.exit_code == 0 and "cancelled" in shown.output
+    assert "result:" not in shown.output
+
+
+def test_a_store_that_is_down_is_one_error_line_and_exit_1(tmp_path: Path) -> None:
+    app = Flask("down", instance_path=str(tmp_path))
+    app.config.update(ERRANDS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    worker_app.errands.init_app(app)
+    runner = app.test_cli_runner(mix_stderr=False) if _mixes() else app.test_cli_runner()
+    result = runner.invoke(args=["errands", "status"])
+    assert result.exit_code == 1
+    assert _stderr(result).startswith("Error: ")
+    assert "Traceback" not in _stderr(result) and len(_stderr(result).splitlines()) <= 2
+    traced = runner.invoke(args=["errands", "--traceback", "status"])
+    assert traced.exit_code != 0 and isinstance(traced.exception, BackendUnavailable)
 
 
 def test_worker_rejects_bad_options(cli: Callable[..., Any]) -> None:

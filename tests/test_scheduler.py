@@ -25,8 +25,9 @@ from flask import Flask
 
 import flask_errands
 from flask_errands import Errands, Job
-from flask_errands.extension import AppState
-from flask_errands.scheduler import Scheduler, describe_schedules
+from flask_errands.admin import Admin
+from flask_errands.runtime import Runtime
+from flask_errands.scheduler import Scheduler
 
 UTC = dt.timezone.utc
 PARIS = zoneinfo.ZoneInfo("Europe/Paris")
@@ -39,9 +40,9 @@ def at(moment: dt.datetime) -> float:
     return moment.timestamp()
 
 
-def state_of(app: Flask) -> AppState:
+def state_of(app: Flask) -> Runtime:
     state = app.extensions["errands"]
-    assert isinstance(state, AppState)
+    assert isinstance(state, Runtime)
     return state
 
 
@@ -268,7 +269,7 @@ def test_a_config_schedule_enqueues_its_args_queue_and_priority(
 # -- what `flask errands schedules` shows ---------------------------------------
 
 
-def test_describe_schedules_shows_next_run_and_last_outcome(
+def test_admin_schedules_show_next_run_and_last_outcome(
     app_errands: tuple[Flask, Errands],
 ) -> None:
     app, errands = app_errands
@@ -281,7 +282,7 @@ def test_describe_schedules_shows_next_run_and_last_outcome(
         raise RuntimeError("disk full")
 
     state = state_of(app)
-    before = {info.name: info for info in describe_schedules(state, T0 + 1)}
+    before = {info.name: info for info in Admin(state).schedules(T0 + 1)}
     assert list(before) == ["nightly", "refresh"]
     assert before["refresh"].description == "every 60s"
     assert before["refresh"].next_run_utc == dt.datetime.fromtimestamp(T0 + 60, UTC)
@@ -296,7 +297,7 @@ def test_describe_schedules_shows_next_run_and_last_outcome(
     scheduler.tick(at(dt.datetime(2026, 5, 5, 3, 0, 1, tzinfo=PARIS)))
     with app.app_context():
         errands.drain()
-    after = {info.name: info for info in describe_schedules(state, T0 + 86400)}
+    after = {info.name: info for info in Admin(state).schedules(T0 + 86400)}
     assert after["nightly"].last_run == dt.datetime(2026, 5, 5, 3, 0, tzinfo=PARIS)
     assert after["nightly"].last_status == "failed"
     assert after["refresh"].last_status == "succeeded"

@@ -25,6 +25,7 @@ from flask import Flask, current_app, g, has_request_context
 
 from flask_errands import (
     Errands,
+    Job,
     JobCancelled,
     JobFailed,
     JobLogFilter,
@@ -38,6 +39,7 @@ from flask_errands import (
     job_succeeded,
 )
 from flask_errands.backends import JobRecord
+from flask_errands.scheduler import Scheduler
 from tests.helpers import wait_until
 
 AppFactory = Callable[..., tuple[Flask, Errands]]
@@ -649,6 +651,54 @@ def test_eager_mode_runs_an_explicit_retry_at_once(make_app: AppFactory) -> None
         assert job.status is JobStatus.SUCCEEDED
         assert job.result(timeout=5) == "ready"
         assert job.attempts == 2
+
+
+def test_drain_without_backoff_runs_retries_in_the_same_drain(
+    drained: tuple[Flask, Errands],
+) -> None:
+    app, errands = drained
+
+    @errands.task(retries=3, retry_delay=3600)
+    def flaky() -> str:
+        if current_job.attempt < 3:
+            raise ConnectionError("try again")
+        return "done"
+
+    with app.app_context():
+        waiting = flaky.delay()
+        assert errands.drain() == 1  # with back-off, the retry waits an hour
+        assert waiting.refresh().status is JobStatus.SCHEDULED
+        job = flaky.delay()
+        assert errands.drain(backoff=False) == 3  # this one's 3 attempts, back to back
+        assert job.refresh().status is JobStatus.SUCCEEDED
+        assert waiting.refresh().status is JobStatus.SCHEDULED  # already waiting: unchanged
+        assert job.attempts == 3 and job.result() == "done"
+
+
+def test_scheduled_ticks_take_the_same_enqueue_path_as_delay(
+    backend_url: str, make_app: AppFactory
+) -> None:
+    app, errands = make_app(
+        ERRANDS_URL=backend_url, ERRANDS_EMBEDDED_WORKER=False, ERRANDS_MAX_PAYLOAD=1000
+    )
+
+    @errands.periodic(every=60, args=("x" * 2000,), name="big")
+    def big(text: str) -> None: ...
+
+    @errands.periodic(every=60, name="small")
+    def small() -> None: ...
+
+    announced: list[str] = []
+
+    def on_enqueued(sender: Flask, job: Job) -> None:
+        announced.append(job.task)
+
+    with job_enqueued.connected_to(on_enqueued, sender=app):
+        scheduler = Scheduler(app.extensions["errands"])
+        scheduler.tick(1_000_000_000.0)
+        fired = scheduler.tick(1_000_000_060.0)
+    assert [tick.schedule for tick in fired] == ["small"]  # the oversize one is refused
+    assert announced == [small.name]
 
 
 def test_drain_runs_every_due_job_and_says_how_many(drained: tuple[Flask, Errands]) -> None:

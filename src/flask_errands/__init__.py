@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .admin import Admin, ScheduleInfo, WorkerInfo
 from .context import RunningJob, current_job
 from .exceptions import (
     BackendUnavailable,
@@ -10,17 +11,20 @@ from .exceptions import (
     ErrandsError,
     JobCancelled,
     JobFailed,
+    JobNotFound,
     PayloadTooLarge,
     Retry,
     UnknownTask,
 )
 from .extension import Errands
-from .jobs import Job, JobStatus
+from .jobs import Job
 from .logs import JobLogFilter
 from .signals import job_enqueued, job_failed, job_retrying, job_started, job_succeeded
+from .status import JobStatus
 from .tasks import BoundTask, Task, TaskOptions
 
 __all__ = [
+    "Admin",
     "BackendUnavailable",
     "BoundTask",
     "ConfigurationError",
@@ -31,13 +35,16 @@ __all__ = [
     "JobCancelled",
     "JobFailed",
     "JobLogFilter",
+    "JobNotFound",
     "JobStatus",
     "PayloadTooLarge",
     "Retry",
     "RunningJob",
+    "ScheduleInfo",
     "Task",
     "TaskOptions",
     "UnknownTask",
+    "WorkerInfo",
     "current_job",
     "job_enqueued",
     "job_failed",

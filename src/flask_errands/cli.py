@@ -10,38 +10,84 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import re
 import sys
-import time
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from flask import current_app
 from flask.cli import AppGroup
 
 from . import serialization
+from .admin import Admin
 from .backends import hide_password
-from .backends.base import FINISHED, RUNNING, STATUSES, JobRecord
 from .config import parse_queues
-from .extension import AppState
+from .exceptions import ErrandsError, JobNotFound, UnknownTask
 from .jobs import Job
 from .process import WorkerOptions, queues_label, run_worker
-
-errands_cli = AppGroup("errands", help="Run background workers and look after job queues.")
+from .runtime import Runtime
+from .status import FINISHED, STATUSES, JobStatus
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_STATE = click.Choice(STATUSES)
+_STATE = click.Choice([s.value for s in STATUSES])
 
 
-def _state() -> AppState:
-    state = current_app.extensions.get("errands")
-    if not isinstance(state, AppState):
+class ErrandsGroup(AppGroup):
+    """The ``flask errands`` group: an error is one ``Error:`` line and exit 1.
+
+    ``--traceback`` (or ``FLASK_DEBUG``) shows the whole traceback instead.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except Exception as exc:
+            if ctx.meta.get("errands.traceback") or _debug():
+                raise
+            message = str(exc) if isinstance(exc, ErrandsError) else f"{type(exc).__name__}: {exc}"
+            click.echo(f"Error: {' '.join(message.split())}", err=True)
+            click.echo("(run with --traceback for details)", err=True)
+            sys.exit(1)
+
+
+def _show_traceback(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta["errands.traceback"] = True
+
+
+errands_cli = ErrandsGroup("errands", help="Run background workers and look after job queues.")
+errands_cli.params.append(
+    click.Option(
+        ["--traceback"],
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_show_traceback,
+        help="Show the full traceback of an error.",
+    )
+)
+
+
+def _debug() -> bool:
+    return os.environ.get("FLASK_DEBUG", "").lower() in ("1", "true", "yes", "on")
+
+
+def _runtime() -> Runtime:
+    runtime = current_app.extensions.get("errands")
+    if not isinstance(runtime, Runtime):
         raise click.UsageError("flask-errands is not registered on this app (Errands(app)).")
-    return state
+    return runtime
 
 
-def _fail(message: str) -> None:
+def _admin() -> Admin:
+    return Admin(_runtime())
+
+
+def _fail(message: str) -> NoReturn:
     click.echo(f"Error: {message}", err=True)
     sys.exit(1)
 
@@ -50,30 +96,28 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-def _when(timestamp: float | None) -> str:
-    if timestamp is None:
+def _when(moment: dt.datetime | None) -> str:
+    """A time in the local zone, as people read it in a terminal."""
+    if moment is None:
         return "-"
-    return dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _find(state: AppState, job_id: str) -> JobRecord:
-    record = state.backend.get(job_id)
-    if record is None:
-        _fail(f"no job with id {job_id}")
-    assert record is not None
-    return record
-
-
 def parse_duration(text: str) -> float:
     """Seconds in ``30``, ``45s``, ``15m``, ``12h``, ``7d`` or ``2w``."""
     match = _DURATION.match(text)
     if match is None:
-        raise click.BadParameter(f"{text!r} is not a duration like 30s, 15m, 12h or 7d")
+        raise ValueError(f"{text!r} is not a duration like 30s, 15m, 12h or 7d")
     return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def duration(value: str | float) -> float:
+    """Click's converter for duration options; its name is the metavar help shows."""
+    return float(value) if isinstance(value, int | float) else parse_duration(value)
 
 
 # -- running ------------------------------------------------------------------
@@ -115,8 +159,8 @@ def worker(
     grace: float,
 ) -> None:
     """Run jobs until stopped (SIGTERM/SIGINT finish running jobs first)."""
-    state = _state()
-    settings = state.settings
+    runtime = _runtime()
+    settings = runtime.settings
     options = WorkerOptions(
         queues=parse_queues(queues) or settings.queues,
         concurrency=concurrency or settings.concurrency,
@@ -140,49 +184,41 @@ def worker(
             "enqueues itself. Use sqlite://, redis:// or postgresql:// to share jobs.",
             err=True,
         )
-    sys.exit(run_worker(state, options))
+    sys.exit(run_worker(runtime, options))
 
 
 @errands_cli.command()
 def scheduler() -> None:
     """Fire periodic jobs only (no job runs here); stop with SIGTERM/SIGINT."""
-    state = _state()
-    _configure_logging()
-    try:
-        from .scheduler import Scheduler
-    except ImportError:
-        _fail("this version has no scheduler")
     from .process import StopSignals
+    from .scheduler import Scheduler
 
+    runtime = _runtime()
+    _configure_logging()
     stop = StopSignals(on_second=lambda: None).install()
-    click.echo(f"flask-errands scheduler\n  backend: {hide_password(state.settings.url)}")
-    Scheduler(state).run(stop.requested)
+    click.echo(f"flask-errands scheduler\n  backend: {hide_password(runtime.settings.url)}")
+    Scheduler(runtime).run(stop.requested)
 
 
 @errands_cli.command()
 @click.option("-q", "--queues", help="Comma-separated queues to drain (default: all).")
 def drain(queues: str | None) -> None:
-    """Run every due job now in this process, then exit."""
-    state = _state()
+    """Run every due job now in this process, then exit (1 if an attempt failed)."""
+    admin = _admin()
     names = parse_queues(queues)
-    counts = state.backend.counts()
-    due = sum(
-        n
-        for (queue, status), n in counts.items()
-        if status in ("queued", "scheduled") and (names is None or queue in names)
-    )
-    failed = 0
-    with click.progressbar(length=due, label="Draining", file=sys.stderr) as bar:
+    failed = retrying = 0
+    with click.progressbar(length=admin.due(names), label="Draining", file=sys.stderr) as bar:
 
-        def progress(record: JobRecord) -> None:
-            nonlocal failed
-            after = state.backend.get(record.id)
-            failed += after is not None and after.status == "failed"
+        def progress(job: Job) -> None:
+            nonlocal failed, retrying
+            failed += job.status == JobStatus.FAILED
+            retrying += job.status == JobStatus.SCHEDULED
             bar.update(1)
 
-        ran = state.drain(state.backend, state.runner, names, on_job=progress)
-    click.echo(f"Ran {ran} job(s), {failed} failed.")
-    if failed:
+        ran = admin.drain(names, on_job=progress)
+    retries = f" ({retrying} will retry)" if retrying else ""
+    click.echo(f"Ran {ran} job(s), {failed + retrying} failed{retries}.")
+    if failed or retrying:
         sys.exit(1)
 
 
@@ -193,30 +229,28 @@ def drain(queues: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(as_json: bool) -> None:
     """Job counts per queue and state, and the live workers."""
-    state = _state()
-    counts = state.backend.counts()
-    workers = state.backend.list_workers(time.time())
+    admin = _admin()
+    counts = admin.counts()
+    workers = admin.workers()
     if as_json:
-        by_queue: dict[str, dict[str, int]] = {}
-        for (queue, job_status), n in sorted(counts.items()):
-            by_queue.setdefault(queue, {})[job_status] = n
-        _print_json({"queues": by_queue, "workers": workers})
+        by_queue = {
+            queue: {status.value: n for status, n in row.items() if n}
+            for queue, row in counts.items()
+        }
+        _print_json({"queues": by_queue, "workers": [w.to_dict() for w in workers]})
         return
-    click.echo(f"backend: {_clip(hide_password(state.settings.url), 71)}\n")
-    queues = sorted({queue for queue, _ in counts})
-    header = f"{'queue':<16}" + "".join(f"{s:>10}" for s in STATUSES)
-    click.echo(header)
-    for queue in queues or []:
-        row = "".join(f"{counts.get((queue, s), 0):>10}" for s in STATUSES)
-        click.echo(f"{_clip(queue, 16):<16}{row}")
-    if not queues:
+    click.echo(f"backend: {_clip(hide_password(_runtime().settings.url), 71)}\n")
+    click.echo(f"{'queue':<16}" + "".join(f"{s.value:>10}" for s in STATUSES))
+    for queue, row in counts.items():
+        click.echo(f"{_clip(queue, 16):<16}" + "".join(f"{row[s]:>10}" for s in STATUSES))
+    if not counts:
         click.echo("(no jobs)")
     click.echo(f"\n{len(workers)} live worker(s)")
     for info in workers:
         click.echo(
-            f"  {_clip(str(info['id']), 36):<36} {info.get('kind', ''):<8} "
-            f"{info.get('concurrency', '?')} thr  {info.get('jobs_done', 0)} done  "
-            f"{len(info.get('current_jobs') or [])} running"
+            f"  {_clip(info.id, 36):<36} {info.kind:<8} "
+            f"{info.concurrency or '?'} thr  {info.jobs_done} done  "
+            f"{len(info.current_jobs)} running"
         )
 
 
@@ -227,18 +261,17 @@ def status(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def jobs(status_: str | None, queue: str | None, limit: int, as_json: bool) -> None:
     """List jobs, newest first."""
-    state = _state()
-    records = state.backend.list_jobs(status=status_, queue=queue, limit=limit)
+    found = _admin().jobs(status_, queue, limit=limit)
     if as_json:
-        _print_json([Job(record, state.backend).to_dict() for record in records])
+        _print_json([job.to_dict() for job in found])
         return
-    if not records:
+    if not found:
         click.echo("(no jobs)")
         return
     click.echo(f"{'id':<32} {'status':<9} {'try':>3} {'task'}")
-    for record in records:
-        attempts = f"{record.attempts}/{record.max_attempts}"
-        click.echo(f"{record.id:<32} {record.status:<9} {attempts:>3} {_clip(record.task, 33)}")
+    for job in found:
+        attempts = f"{job.attempts}/{job.max_attempts}"
+        click.echo(f"{job.id:<32} {job.status.value:<9} {attempts:>3} {_clip(job.task, 33)}")
 
 
 @errands_cli.command()
@@ -246,52 +279,44 @@ def jobs(status_: str | None, queue: str | None, limit: int, as_json: bool) -> N
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def show(job_id: str, as_json: bool) -> None:
     """Everything about one job, traceback included."""
-    state = _state()
-    record = _find(state, job_id)
-    job = Job(record, state.backend)
+    job = _find(job_id)
+    data = job.to_dict()
+    args = serialization.to_plain(list(job.args))
+    kwargs = serialization.to_plain(job.kwargs)
     if as_json:
-        data = job.to_dict()
-        data.update(
-            args=serialization.to_plain(list(job.args)),
-            kwargs=serialization.to_plain(job.kwargs),
-            traceback=record.traceback,
-        )
+        data.update(args=args, kwargs=kwargs, traceback=job.traceback)
         _print_json(data)
         return
     lines = [
-        ("id", record.id),
-        ("task", record.task),
-        ("status", record.status + (" (cancel requested)" if record.cancel_requested else "")),
-        ("queue", f"{record.queue} (priority {record.priority})"),
-        ("attempts", f"{record.attempts} of {record.max_attempts}"),
-        ("args", json.dumps(serialization.to_plain(list(job.args)))),
-        ("kwargs", json.dumps(serialization.to_plain(job.kwargs))),
-        ("enqueued", _when(record.enqueued_at)),
-        ("due", _when(record.eta)),
-        ("started", _when(record.started_at)),
-        ("finished", _when(record.finished_at)),
+        ("id", job.id),
+        ("task", job.task),
+        ("status", job.status.value + (" (cancel requested)" if job.cancel_requested else "")),
+        ("queue", f"{job.queue} (priority {job.priority})"),
+        ("attempts", f"{job.attempts} of {job.max_attempts}"),
+        ("args", json.dumps(args)),
+        ("kwargs", json.dumps(kwargs)),
+        ("enqueued", _when(job.enqueued_at)),
+        ("due", _when(job.scheduled_for)),
+        ("started", _when(job.started_at)),
+        ("finished", _when(job.finished_at)),
     ]
-    if record.progress is not None:
-        lines.append(("progress", f"{record.progress:.0%} {record.progress_message or ''}"))
-    if record.result is not None:
-        lines.append(
-            ("result", json.dumps(serialization.to_plain(serialization.loads(record.result))))
-        )
-    if record.error:
-        lines.append(("error", record.error))
+    if job.progress is not None:
+        lines.append(("progress", f"{job.progress:.0%} {job.progress_message or ''}"))
+    if "result" in data:  # succeeded jobs only, as result() returns nothing else
+        lines.append(("result", json.dumps(data["result"])))
+    if job.error:
+        lines.append(("error", job.error))
     for name, value in lines:
         click.echo(f"{name + ':':<10} {value}")
-    if record.traceback:
-        click.echo("\n" + record.traceback.rstrip())
+    if job.traceback:
+        click.echo("\n" + job.traceback.rstrip())
 
 
 @errands_cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def schedules(as_json: bool) -> None:
     """Periodic jobs, with their next run (in their zone and UTC) and last outcome."""
-    from .scheduler import describe_schedules
-
-    infos = describe_schedules(_state())
+    infos = _admin().schedules()
     if as_json:
         _print_json([info.to_dict() for info in infos])
         return
@@ -317,39 +342,34 @@ def schedules(as_json: bool) -> None:
 @click.option("--queue", help="With --failed: only this queue.")
 def retry(job_id: str | None, all_failed: bool, queue: str | None) -> None:
     """Run a finished job again under the same id (or every failed job)."""
-    state = _state()
-    if all_failed == (job_id is not None):
+    if job_id is None and not all_failed:
+        raise click.UsageError(
+            "give the JOB_ID of a finished job, or --failed for all failed jobs"
+        )
+    if job_id is not None and all_failed:
         raise click.UsageError("give a JOB_ID or --failed, not both")
-    now = time.time()
-    if job_id is not None:
-        record = _find(state, job_id)
-        if record.status not in FINISHED:
-            _fail(f"job {job_id} is {record.status}; only finished jobs can be re-run")
-        state.backend.requeue(job_id, now)
-        click.echo(f"Job {job_id} queued again.")
+    admin = _admin()
+    if job_id is None:
+        click.echo(f"Queued {admin.retry_failed(queue)} failed job(s) again.")
         return
-    seen: set[str] = set()
-    while page := [
-        r
-        for r in state.backend.list_jobs(status="failed", queue=queue, limit=500)
-        if r.id not in seen
-    ]:
-        for record in page:
-            seen.add(record.id)
-            state.backend.requeue(record.id, now)
-    click.echo(f"Queued {len(seen)} failed job(s) again.")
+    try:
+        job = admin.retry(job_id)
+    except (JobNotFound, ValueError) as exc:
+        _fail(str(exc))
+    if job.status.finished:
+        _fail(f"job {job_id} stays {job.status}: a live job holds its unique key")
+    click.echo(f"Job {job_id} queued again.")
 
 
 @errands_cli.command()
 @click.argument("job_id")
 def cancel(job_id: str) -> None:
     """Cancel a job: a waiting one never starts, a running one is asked to stop."""
-    state = _state()
-    record = _find(state, job_id)
-    if record.status in FINISHED:
-        _fail(f"job {job_id} already {record.status}")
-    after = state.backend.cancel(job_id, time.time())
-    if after is not None and after.status == RUNNING:
+    try:
+        job = _admin().cancel(job_id)
+    except (JobNotFound, ValueError) as exc:
+        _fail(str(exc))
+    if job.status == JobStatus.RUNNING:
         click.echo(f"Job {job_id} is running; asked it to stop.")
     else:
         click.echo(f"Job {job_id} cancelled.")
@@ -359,23 +379,21 @@ def cancel(job_id: str) -> None:
 @click.option(
     "--state",
     "status_",
-    type=click.Choice([s for s in STATUSES if s != RUNNING]),
+    type=click.Choice([s.value for s in STATUSES if s != JobStatus.RUNNING]),
     help="Only jobs in this state (default: finished ones).",
 )
 @click.option("--queue", help="Only jobs in this queue.")
-@click.option("--older-than", type=parse_duration, help="Only jobs older than this (7d, 12h).")
+@click.option("--older-than", type=duration, help="Only jobs older than this (7d, 12h).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def purge(status_: str | None, queue: str | None, older_than: float | None, yes: bool) -> None:
     """Delete jobs (never running ones)."""
-    state = _state()
-    states = [status_] if status_ else list(FINISHED)
-    what = f"{'/'.join(states)} jobs" + (f" in queue {queue}" if queue else "")
+    states = [JobStatus(status_)] if status_ else list(FINISHED)
+    what = f"{'/'.join(s.value for s in states)} jobs" + (f" in queue {queue}" if queue else "")
     if older_than is not None:
         what += f" older than {_age(older_than)}"
     if not yes:
         click.confirm(f"Delete {what}?", abort=True)
-    before = None if older_than is None else time.time() - older_than
-    deleted = sum(state.backend.purge(status=s, queue=queue, before=before) for s in states)
+    deleted = _admin().purge(states, queue, older_than)
     click.echo(f"Deleted {deleted} job(s).")
 
 
@@ -384,7 +402,7 @@ def purge(status_: str | None, queue: str | None, older_than: float | None, yes:
 @click.argument("args_json", required=False)
 @click.option("--queue", help="Queue to use instead of the task's.")
 @click.option("--priority", type=int, help="Priority instead of the task's.")
-@click.option("--delay", type=parse_duration, help="Run after this long (30s, 5m).")
+@click.option("--delay", type=duration, help="Run after this long (30s, 5m).")
 def enqueue(
     task_name: str,
     args_json: str | None,
@@ -393,27 +411,24 @@ def enqueue(
     delay: float | None,
 ) -> None:
     """Enqueue a task by name; ARGS_JSON is a list of arguments or an object of keywords."""
-    state = _state()
-    task = state.errands.tasks.get(task_name)
-    if task is None:
-        known = sorted(state.errands.tasks)
-        close = [name for name in known if task_name.split(".")[-1] in name]
-        hint = f"; did you mean {', '.join(close[:3])}?" if close else ""
-        _fail(f"no task named {task_name!r}{hint}")
-    assert task is not None
     args, kwargs = _parse_arguments(args_json)
-    overrides: dict[str, Any] = {}
-    if queue is not None:
-        overrides["queue"] = queue
-    if priority is not None:
-        overrides["priority"] = priority
-    if delay is not None:
-        overrides["delay"] = delay
+    overrides = {
+        key: value
+        for key, value in (("queue", queue), ("priority", priority), ("delay", delay))
+        if value is not None
+    }
     try:
-        job = task.options(**overrides).delay(*args, **kwargs)
-    except (TypeError, ValueError) as exc:
+        job = _admin().enqueue(task_name, args, kwargs, **overrides)
+    except (UnknownTask, TypeError, ValueError) as exc:
         _fail(str(exc))
     click.echo(job.id)
+
+
+def _find(job_id: str) -> Job:
+    try:
+        return _admin().job(job_id)
+    except JobNotFound as exc:
+        _fail(str(exc))
 
 
 def _parse_arguments(text: str | None) -> tuple[list[Any], dict[str, Any]]:

@@ -43,8 +43,15 @@ class Settings:
     scheduler: bool
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], instance_path: str) -> Settings:
-        url = config["ERRANDS_URL"] or "sqlite:///" + os.path.join(instance_path, "errands.db")
+    def from_config(
+        cls, config: Mapping[str, Any], instance_path: str, *, url: str | None = None
+    ) -> Settings:
+        """Read and check every key; ``url`` names a store given as an object instead."""
+        url = (
+            url
+            or config["ERRANDS_URL"]
+            or "sqlite:///" + os.path.join(instance_path, "errands.db")
+        )
         embedded = config["ERRANDS_EMBEDDED_WORKER"]
         if embedded is None:
             embedded = url.split(":", 1)[0] in EMBEDDED_SCHEMES

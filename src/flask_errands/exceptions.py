@@ -8,6 +8,7 @@
     ├── BackendUnavailable
     │   └── EnqueueError
     ├── UnknownTask
+    ├── JobNotFound             (also LookupError)
     ├── JobFailed
     └── JobCancelled
 
@@ -41,7 +42,11 @@ class EnqueueError(BackendUnavailable):
 
 
 class UnknownTask(ErrandsError):
-    """A job names a task this process has not registered."""
+    """A task name that no task of this app is registered under (``Admin.enqueue``)."""
+
+
+class JobNotFound(ErrandsError, LookupError):
+    """No job has this id in the app's store (it never existed, or was pruned)."""
 
 
 class JobFailed(ErrandsError):

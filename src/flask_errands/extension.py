@@ -2,129 +2,22 @@
 
 from __future__ import annotations
 
-import atexit
 import datetime as dt
-import logging
-import os
-import threading
-import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, overload
 
-import click
 from flask import Flask, current_app
 
-from . import signals
+from .admin import Admin
 from .backends import Backend, JobRecord, backend_from_url
-from .backends.base import QUEUED
-from .backends.memory import MemoryBackend
+from .cli import errands_cli
 from .config import DEFAULTS, Settings, parse_queues
 from .exceptions import ConfigurationError, Retry
 from .jobs import Job
-from .runner import Runner, no_backoff
-from .scheduler import Scheduler
+from .runtime import EMBEDDED_GRACE, Runtime
 from .schedules import Schedule, check_call, schedules_from_config
-from .tasks import P, R, Task, TaskOptions, check_size
-from .worker import Worker, new_worker_id
-
-logger = logging.getLogger("flask_errands")
-
-#: How long the embedded worker lets running jobs finish when the process exits.
-EMBEDDED_GRACE = 25.0
-
-
-class AppState:
-    """What one app needs at run time: its settings, backend, runner and embedded worker."""
-
-    def __init__(self, errands: Errands, app: Flask, settings: Settings, backend: Backend) -> None:
-        self.errands = errands
-        self.app = app
-        self.settings = settings
-        self.backend = backend
-        self.runner = Runner(app, backend, errands.tasks)
-        self.worker: Worker | None = None
-        self._worker_pid: int | None = None
-        self._lock = threading.Lock()
-        self.eager_backend = MemoryBackend("memory://eager") if settings.eager else None
-        self.eager_runner = (
-            Runner(app, self.eager_backend, errands.tasks, retry_after=no_backoff)
-            if self.eager_backend is not None
-            else None
-        )
-        self.config_schedules: dict[str, Schedule] = {}
-        self.scheduler: Scheduler | None = None
-
-    @property
-    def schedules(self) -> dict[str, Schedule]:
-        """Every schedule of this app: those declared in code, then those of ERRANDS_SCHEDULE."""
-        merged = dict(self.errands.schedules)
-        for name, schedule in self.config_schedules.items():
-            if merged.setdefault(name, schedule) != schedule:
-                raise ConfigurationError(
-                    f"schedule {name!r} is declared both in code and in ERRANDS_SCHEDULE; "
-                    "rename one of them"
-                )
-        return merged
-
-    @property
-    def worker_started_here(self) -> bool:
-        """Whether this process (not a parent it was forked from) started the worker."""
-        return self._worker_pid == os.getpid()
-
-    def ensure_embedded_worker(self) -> None:
-        """Start the embedded worker once per process (again in a forked child)."""
-        if not self.worker_started_here:
-            self.start_worker()
-
-    def start_worker(self) -> Worker:
-        with self._lock:
-            if self.worker is not None and self._worker_pid == os.getpid() and self.worker.running:
-                return self.worker
-            settings = self.settings
-            self.worker = Worker(
-                self.runner,
-                queues=settings.queues,
-                concurrency=settings.concurrency,
-                lease_seconds=settings.lease_seconds,
-                result_ttl=settings.result_ttl,
-            ).start()
-            self._worker_pid = os.getpid()
-            _started.add(self)
-            if self.scheduler is not None:
-                self.scheduler.stop(wait=False)
-            self.scheduler = Scheduler(self).start() if settings.scheduler else None
-            return self.worker
-
-    def stop_worker(self, grace: float) -> None:
-        with self._lock:
-            worker, self.worker, self._worker_pid = self.worker, None, None
-            scheduler, self.scheduler = self.scheduler, None
-        if scheduler is not None:
-            scheduler.stop()
-        if worker is not None:
-            worker.stop(grace)
-
-    def drain(
-        self,
-        backend: Backend,
-        runner: Runner,
-        queues: Sequence[str] | None,
-        on_job: Callable[[JobRecord], None] | None = None,
-    ) -> int:
-        """Run every due job in the calling thread until none is left; return how many ran."""
-        worker_id = new_worker_id()
-        ran = 0
-        while True:
-            records = backend.reserve(
-                queues, 1, worker_id, self.settings.lease_seconds, runner.clock()
-            )
-            if not records:
-                return ran
-            runner.run(runner.start(records[0]))
-            ran += 1
-            if on_job is not None:
-                on_job(records[0])
+from .tasks import P, R, Task, TaskOptions
+from .worker import Worker
 
 
 class Errands:
@@ -137,33 +30,43 @@ class Errands:
     #: Raise ``errands.Retry(delay=...)`` inside a task to ask for another attempt.
     Retry = Retry
 
-    def __init__(self, app: Flask | None = None) -> None:
+    def __init__(self, app: Flask | None = None, *, backend: Backend | None = None) -> None:
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.schedules: dict[str, Schedule] = {}
+        self._backend = backend
         if app is not None:
             self.init_app(app)
 
-    def init_app(self, app: Flask) -> None:
-        """Register the extension on ``app``: read its config and open its backend."""
+    def init_app(self, app: Flask, *, backend: Backend | None = None) -> None:
+        """Register the extension on ``app``: read its config and open its store.
+
+        ``backend`` (here or on the constructor) is a store object to use
+        instead of the one ``ERRANDS_URL`` names; the caller closes it.
+        """
         if "errands" in app.extensions:
             raise RuntimeError("flask-errands is already registered on this app")
         for key, value in DEFAULTS.items():
             app.config.setdefault(key, value)
-        settings = Settings.from_config(app.config, app.instance_path)
-        config_schedules = schedules_from_config(settings.schedule, self)
-        options = {
-            "prefix": app.config["ERRANDS_REDIS_PREFIX"],
-            "result_ttl": settings.result_ttl,
-        }
-        backend = backend_from_url(settings.url, instance_path=app.instance_path, options=options)
-        state = AppState(self, app, settings, backend)
-        state.config_schedules = config_schedules
-        state.schedules  # noqa: B018 - a name declared twice fails here, not in the scheduler
-        app.extensions["errands"] = state
+        backend = backend or self._backend
+        url = backend.url if backend is not None else None
+        settings = Settings.from_config(app.config, app.instance_path, url=url)
+        config_schedules = {}
+        for entry in schedules_from_config(settings.schedule):
+            if entry.task is None or entry.task.errands is not self:
+                self.task(name=entry.schedule.task)(entry.func)
+            config_schedules[entry.schedule.name] = entry.schedule
+        if backend is None:
+            options = {
+                "prefix": app.config["ERRANDS_REDIS_PREFIX"],
+                "result_ttl": settings.result_ttl,
+            }
+            backend = backend_from_url(
+                settings.url, instance_path=app.instance_path, options=options
+            )
+        runtime = Runtime(app, settings, backend, self.tasks, self.schedules, config_schedules)
+        app.extensions["errands"] = runtime
         if settings.embedded_worker and not settings.eager:
-            app.before_request(state.ensure_embedded_worker)
-        from .cli import errands_cli
-
+            app.before_request(runtime.ensure_embedded_worker)
         app.cli.add_command(errands_cli)
 
     # -- declaring tasks -----------------------------------------------------
@@ -256,11 +159,11 @@ class Errands:
 
         return register
 
-    # -- using the current app's backend -------------------------------------
+    # -- using the current app's runtime -------------------------------------
 
     @property
-    def state(self) -> AppState:
-        """The current app's state; needs an app context."""
+    def runtime(self) -> Runtime:
+        """The current app's runtime; needs an app context."""
         try:
             app = current_app._get_current_object()  # type: ignore[attr-defined]
         except RuntimeError:
@@ -268,90 +171,47 @@ class Errands:
                 "flask-errands needs an app context: enqueue inside a request or CLI command, "
                 "or under `with app.app_context():`"
             ) from None
-        state = app.extensions.get("errands")
-        if not isinstance(state, AppState) or state.errands is not self:
+        runtime = app.extensions.get("errands")
+        if not isinstance(runtime, Runtime) or runtime.tasks is not self.tasks:
             raise RuntimeError(
                 "flask-errands is not registered on the current app; did you call "
                 "errands.init_app(app)?"
             )
-        return state
+        return runtime
 
     @property
     def settings(self) -> Settings:
-        return self.state.settings
+        return self.runtime.settings
 
     @property
     def backend(self) -> Backend:
-        return self.state.backend
+        return self.runtime.backend
 
-    def enqueue(self, task: Task[Any, Any], records: list[JobRecord]) -> list[Job]:
-        """Store new jobs of ``task`` and return their handles; used by ``delay()``."""
-        state = self.state
-        for record in records:
-            check_size(record, state.settings.max_payload)
-        if state.eager_backend is not None:
-            return self._run_eagerly(state, records)
-        stored = state.backend.enqueue(records)
-        jobs = [Job(record, state.backend) for record in stored]
-        if (
-            state.settings.embedded_worker
-            and not state.worker_started_here
-            and click.get_current_context(silent=True) is None  # never in `flask shell` & co
-        ):
-            state.start_worker()
-        if signals.job_enqueued.receivers:
-            for job in jobs:
-                signals.job_enqueued.send(state.app, job=job)
-        return jobs
+    @property
+    def admin(self) -> Admin:
+        """The admin API of the current app: re-run, cancel, purge, counts, workers, schedules."""
+        return Admin(self.runtime)
+
+    def enqueue(self, records: list[JobRecord]) -> list[Job]:
+        """Store new job records for the current app and return their jobs; ``delay()`` uses it."""
+        return self.runtime.enqueue(records)
 
     def job(self, job_id: str) -> Job | None:
         """Find any job by id, from any process sharing the backend; None if unknown."""
-        state = self.state
-        for backend in (state.eager_backend, state.backend):
-            record = backend.get(job_id) if backend is not None else None
-            if record is not None:
-                return Job(record, backend)  # type: ignore[arg-type]
-        return None
+        return self.runtime.job(job_id)
 
-    def drain(self, queues: Sequence[str] | str | None = None) -> int:
-        """Run every due job now, in this thread, against the real backend; return how many."""
-        state = self.state
-        return state.drain(state.backend, state.runner, parse_queues(queues))
+    def drain(self, queues: Sequence[str] | str | None = None, *, backoff: bool = True) -> int:
+        """Run every due job now, in this thread, against the real backend; return how many.
+
+        ``backoff=False`` runs a failed job's retries at once, in the same drain,
+        so a test of a retrying task needs no ``sleep()``.
+        """
+        return self.runtime.drain(parse_queues(queues), backoff=backoff)
 
     def start_worker(self) -> Worker:
         """Start this process's worker threads for the current app, whatever the config says."""
-        return self.state.start_worker()
+        return self.runtime.start_worker()
 
     def stop_worker(self, grace: float = EMBEDDED_GRACE) -> None:
         """Stop the current app's worker threads, letting running jobs finish for ``grace`` s."""
-        self.state.stop_worker(grace)
-
-    def _run_eagerly(self, state: AppState, records: list[JobRecord]) -> list[Job]:
-        eager, runner = state.eager_backend, state.eager_runner
-        assert eager is not None and runner is not None
-        now = time.time()
-        for record in records:
-            record.eta, record.status = min(record.eta, now), QUEUED
-        stored = eager.enqueue(records)
-        state.drain(eager, runner, None)
-        return [Job(eager.get(record.id) or record, eager) for record in stored]
-
-
-_started: weakref.WeakSet[AppState] = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_embedded_workers() -> None:
-    """At exit, stop schedulers at once and give running jobs ``EMBEDDED_GRACE`` to finish."""
-    states = [s for s in _started if s.worker is not None and s.worker.running]
-    busy = sum(len(s.worker.active_jobs()) for s in states if s.worker is not None)
-    if busy:
-        logger.info("waiting up to %gs for %d running job(s) to finish", EMBEDDED_GRACE, busy)
-    for state in states:
-        if state.scheduler is not None:
-            state.scheduler.stop(wait=False)
-        if state.worker is not None:
-            state.worker.stop(EMBEDDED_GRACE, wait=False)
-    for state in states:
-        if state.worker is not None:
-            state.worker.join()
+        self.runtime.stop_worker(grace)

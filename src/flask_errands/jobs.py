@@ -3,34 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
-import enum
 import time
 from typing import TYPE_CHECKING, Any
 
 from . import serialization
 from .backends.base import CANCELLED, FAILED, FINISHED, SUCCEEDED, JobRecord
 from .exceptions import ErrandsError, JobCancelled, JobFailed
+from .status import JobStatus
 
 if TYPE_CHECKING:
     from .backends.base import Backend
-
-
-class JobStatus(str, enum.Enum):
-    """Where a job is in its life."""
-
-    QUEUED = "queued"
-    SCHEDULED = "scheduled"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    def __str__(self) -> str:
-        return self.value
-
-    @property
-    def finished(self) -> bool:
-        return self.value in FINISHED
 
 
 def _datetime(timestamp: float | None) -> dt.datetime | None:
@@ -55,7 +37,7 @@ class Job:
 
     @property
     def status(self) -> JobStatus:
-        return JobStatus(self._record.status)
+        return self._record.status
 
     @property
     def queue(self) -> str:
@@ -167,7 +149,7 @@ class Job:
         data: dict[str, Any] = {
             "id": record.id,
             "task": record.task,
-            "status": record.status,
+            "status": record.status.value,
             "queue": record.queue,
             "priority": record.priority,
             "attempts": record.attempts,

@@ -19,12 +19,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import TYPE_CHECKING
 
-from .worker import Worker
-
-if TYPE_CHECKING:
-    from .extension import AppState
+from .runtime import Runtime
 
 logger = logging.getLogger("flask_errands")
 
@@ -68,62 +64,38 @@ class StopSignals:
         self.requested.set()
 
 
-def run_worker(state: AppState, options: WorkerOptions) -> int:
+def run_worker(runtime: Runtime, options: WorkerOptions) -> int:
     """Run a worker in the foreground until a stop signal; return the exit code."""
     if options.processes > 1:
-        return _supervise(state, options)
+        return _supervise(runtime, options)
     stop = StopSignals(on_second=lambda: None).install()
-    return _run_threads(state, options, stop.requested, run_scheduler=options.scheduler)
+    return _run_threads(runtime, options, stop.requested, run_scheduler=options.scheduler)
 
 
 def _run_threads(
-    state: AppState,
+    runtime: Runtime,
     options: WorkerOptions,
     stop: threading.Event,
     *,
     run_scheduler: bool,
     hard_timeouts: bool = False,
 ) -> int:
-    worker = Worker(
-        state.runner,
+    service = runtime.service(
         queues=options.queues,
         concurrency=options.concurrency,
-        lease_seconds=state.settings.lease_seconds,
-        result_ttl=state.settings.result_ttl,
+        scheduler=run_scheduler,
         kind="worker",
         hard_timeouts=hard_timeouts,
     ).start()
-    stop_scheduler = _start_scheduler(state) if run_scheduler else None
     limit = options.max_jobs_per_child
     while not stop.wait(0.2):
-        if not worker.running or (limit is not None and worker.jobs_done >= limit):
+        if not service.running or (limit is not None and service.jobs_done >= limit):
             break
-    busy = len(worker.active_jobs())
+    busy = len(service.active_jobs())
     if busy:
         logger.info("waiting up to %gs for %d running job(s)", options.grace, busy)
-    if stop_scheduler is not None:
-        stop_scheduler()
-    worker.stop(options.grace)
-    return EXIT_STUCK if worker.stuck else 0
-
-
-def _start_scheduler(state: AppState) -> Callable[[], None] | None:
-    """Start the periodic-job scheduler in a thread; return how to stop it."""
-    try:
-        from .scheduler import Scheduler
-    except ImportError:
-        return None
-    stopped = threading.Event()
-    thread = threading.Thread(
-        target=Scheduler(state).run, args=(stopped,), name="errands-scheduler", daemon=True
-    )
-    thread.start()
-
-    def stop() -> None:
-        stopped.set()
-        thread.join(timeout=5)
-
-    return stop
+    service.stop(options.grace)
+    return EXIT_STUCK if service.stuck else 0
 
 
 @dataclasses.dataclass
@@ -133,7 +105,7 @@ class _Child:
     started: float
 
 
-def _supervise(state: AppState, options: WorkerOptions) -> int:
+def _supervise(runtime: Runtime, options: WorkerOptions) -> int:
     """Fork ``options.processes`` children and keep that many alive until told to stop."""
     children: dict[int, _Child] = {}
     stop = StopSignals(on_second=lambda: _signal_all(children, signal.SIGKILL)).install()
@@ -145,7 +117,7 @@ def _supervise(state: AppState, options: WorkerOptions) -> int:
             try:
                 child_stop = StopSignals(on_second=lambda: None).install()
                 code = _run_threads(
-                    state,
+                    runtime,
                     options,
                     child_stop.requested,
                     run_scheduler=options.scheduler and slot == 0,

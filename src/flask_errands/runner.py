@@ -15,6 +15,7 @@ from .backends.base import CANCELLED, FAILED, SCHEDULED, SUCCEEDED, Backend, Job
 from .context import RunningJob, _current
 from .exceptions import BackendUnavailable, JobCancelled, Retry
 from .jobs import Job
+from .outcomes import Decision, Ending, decide
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -25,25 +26,12 @@ logger = logging.getLogger("flask_errands")
 
 T = TypeVar("T")
 
-#: The longest pause between two attempts, whatever the back-off says.
-MAX_BACKOFF = 3600.0
 #: How long a worker keeps trying to record an outcome while the backend is unreachable.
 OUTCOME_PATIENCE = 120.0
 
 
 class JobInterrupt(BaseException):
     """Raised inside a job's thread to stop it (timeout, or a worker giving up on it)."""
-
-
-def backoff(record: JobRecord) -> float:
-    """Exponential back-off with jitter after ``record.attempts`` failed attempts."""
-    base: float = min(record.retry_delay * 2.0 ** (record.attempts - 1), MAX_BACKOFF)
-    return base * random.uniform(0.5, 1.0)
-
-
-def no_backoff(record: JobRecord) -> float:
-    """Retry at once: what ``ERRANDS_EAGER`` and tests want."""
-    return 0.0
 
 
 class Execution(RunningJob):
@@ -102,7 +90,11 @@ class Execution(RunningJob):
 
 
 class Runner:
-    """Runs attempts for one app against one backend; shared by workers, drain and eager mode."""
+    """Runs attempts for one app against one backend; shared by workers, drain and eager mode.
+
+    ``backoff=False`` retries at once instead of after the back-off: eager mode
+    and ``drain(backoff=False)`` use it, so a test of a retrying task never sleeps.
+    """
 
     def __init__(
         self,
@@ -111,13 +103,13 @@ class Runner:
         tasks: Mapping[str, Task[Any, Any]],
         *,
         clock: Callable[[], float] = time.time,
-        retry_after: Callable[[JobRecord], float] = backoff,
+        backoff: bool = True,
     ) -> None:
         self.app = app
         self.backend = backend
         self.tasks = tasks
         self.clock = clock
-        self.retry_after = retry_after
+        self.backoff = backoff
 
     def start(self, record: JobRecord) -> Execution:
         return Execution(record, self.backend, self.clock())
@@ -129,19 +121,22 @@ class Runner:
         if not execution.begin(self.clock()):
             return  # released before a thread could take it
         if execution.cancel_requested:  # cancelled while reserved ahead, or re-delivered
-            self.settle(execution, CANCELLED)
-            _log_outcome(execution, time.perf_counter() - started)
-            return
-        task = self.tasks.get(record.task)
-        if task is None:
-            self.settle(
+            decision = self.conclude(execution, Ending.CANCELLED)
+        elif record.task not in self.tasks:
+            decision = self.conclude(
                 execution,
-                FAILED,
+                Ending.REFUSED,
                 error=f"UnknownTask: no task named {record.task!r} is registered in this app; "
                 "deploy the code that defines it, then re-run the job",
             )
-            _log_outcome(execution, time.perf_counter() - started)
-            return
+        else:
+            decision = self._call(execution, self.tasks[record.task])
+        if decision is not None:  # else a watchdog settled it and logs it
+            _log_outcome(execution, decision, time.perf_counter() - started)
+
+    def _call(self, execution: Execution, task: Task[Any, Any]) -> Decision | None:
+        """Call the task in the app context; return what was decided, or None if interrupted."""
+        record = execution.record
         with self.app.app_context():
             token = _current.set(execution)
             try:
@@ -151,76 +146,53 @@ class Runner:
                 value = task.func(*payload["args"], **payload["kwargs"])
                 result = serialization.dumps(value)
             except JobInterrupt:
-                return  # the watchdog that raised it has recorded the outcome
+                return None
             except Retry as retry:
-                delay = self.retry_after(record)
-                if retry.delay is not None and self.retry_after is not no_backoff:
-                    delay = retry.delay  # under no_backoff (eager mode) even this one is at once
-                self.settle(execution, SCHEDULED, error=_describe(retry), delay=delay)
+                return self.conclude(
+                    execution,
+                    Ending.RETRY_REQUESTED,
+                    error=_describe(retry),
+                    requested_delay=retry.delay,
+                )
             except JobCancelled:
-                self.settle(execution, CANCELLED)
+                return self.conclude(execution, Ending.CANCELLED)
             except BaseException as exc:  # SystemExit, CancelledError too: fail, keep the thread
-                self.fail(execution, exc)
+                trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                return self.conclude(execution, Ending.RAISED, error=_describe(exc), trace=trace)
             else:
-                status = CANCELLED if execution.cancel_requested else SUCCEEDED
-                self.settle(execution, status, result=result)
+                return self.conclude(execution, Ending.RETURNED, result=result)
             finally:
                 _current.reset(token)
                 execution.thread_id = None
-        _log_outcome(execution, time.perf_counter() - started)
 
-    def fail(self, execution: Execution, exc: BaseException) -> None:
-        """Record a failed attempt: retried later while attempts remain, else failed."""
-        record = execution.record
-        error = _describe(exc)
-        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        if execution.cancel_requested:
-            self.settle(execution, CANCELLED, error=error, trace=trace)
-        elif record.attempts < record.max_attempts:
-            self.settle(
-                execution, SCHEDULED, error=error, trace=trace, delay=self.retry_after(record)
-            )
-        else:
-            self.settle(execution, FAILED, error=error, trace=trace)
-
-    def settle(
+    def conclude(
         self,
         execution: Execution,
-        status: str,
+        ending: Ending,
         *,
         result: str | None = None,
         error: str | None = None,
         trace: str | None = None,
-        delay: float | None = None,
-    ) -> bool:
-        """Write the attempt's outcome if nobody else has; send the matching signal."""
-        if not execution.claim():
-            return False
-        return self.record_outcome(
-            execution, status, result=result, error=error, trace=trace, delay=delay
-        )
+        requested_delay: float | None = None,
+        claimed: bool = False,
+    ) -> Decision | None:
+        """Decide the attempt's outcome and write it; None if someone else settled it first.
 
-    def record_outcome(
-        self,
-        execution: Execution,
-        status: str,
-        *,
-        result: str | None = None,
-        error: str | None = None,
-        trace: str | None = None,
-        delay: float | None = None,
-    ) -> bool:
-        """Write the outcome of an attempt already claimed; send the matching signal."""
+        ``claimed`` says the caller (a watchdog) has already claimed the attempt.
+        """
         record = execution.record
-        if status == SCHEDULED and not execution.cancel_requested:
+        if not claimed and not execution.claim():
+            return None
+        decision = self.decide(execution, ending, requested_delay)
+        if decision.retrying:
             # A cancel may have come in since the last heartbeat: never retry past it.
             latest = _persist(lambda: self.backend.get(record.id), record)
             if latest is not None and latest.cancel_requested:
                 execution.request_cancel()
-        if status == SCHEDULED and execution.cancel_requested:
-            status, delay = CANCELLED, None
+                decision = self.decide(execution, ending, requested_delay)
         now = self.clock()
-        eta = None if delay is None else now + delay
+        status = decision.status
+        eta = None if decision.delay is None else now + decision.delay
         applied = _persist(
             lambda: self.backend.finish(
                 record.id,
@@ -241,7 +213,23 @@ class Runner:
                 job = Job(record, self.backend)
                 extra: dict[str, Any] = {"error": error} if error else {}
                 signal.send(self.app, job=job, **extra)
-        return applied
+        return decision
+
+    def decide(
+        self, execution: Execution, ending: Ending, requested_delay: float | None = None
+    ) -> Decision:
+        """The outcome rule (:func:`~flask_errands.outcomes.decide`) applied to this attempt."""
+        record = execution.record
+        return decide(
+            ending,
+            attempts=record.attempts,
+            max_attempts=record.max_attempts,
+            cancel_requested=execution.cancel_requested,
+            retry_delay=record.retry_delay,
+            requested_delay=requested_delay,
+            backoff=self.backoff,
+            jitter=random.uniform(0.5, 1.0),
+        )
 
 
 def _persist(write: Callable[[], T], record: JobRecord) -> T:
@@ -282,19 +270,22 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-def _log_outcome(execution: Execution, duration: float) -> None:
+def _log_outcome(execution: Execution, decision: Decision, duration: float) -> None:
     record = execution.record
-    level = logging.INFO if record.status in (SUCCEEDED, CANCELLED) else logging.WARNING
-    outcome = record.status if record.status != SCHEDULED else "failed, will retry"
+    status = decision.status
+    level = logging.INFO if status in (SUCCEEDED, CANCELLED) else logging.WARNING
+    if decision.retrying:
+        outcome = f"failed after {duration:.3f}s (attempt {record.attempts}), "
+        outcome += f"will retry in {decision.delay or 0.0:.1f}s"
+    else:
+        outcome = f"{status} after {duration:.3f}s (attempt {record.attempts})"
     detail = f": {record.error}" if record.error else ""
     logger.log(
         level,
-        "%s %s %s after %.3fs (attempt %d)%s",
+        "%s %s %s%s",
         record.task,
         record.id,
         outcome,
-        duration,
-        record.attempts,
         detail,
         extra={"job_id": record.id, "task": record.task},
     )

@@ -18,15 +18,13 @@ import inspect
 import math
 import zoneinfo
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from cronsim import CronSim, CronSimError
 
 from . import serialization
 from .exceptions import ConfigurationError
-
-if TYPE_CHECKING:
-    from .extension import Errands
+from .tasks import Task, TaskOptions
 
 UTC = dt.timezone.utc
 
@@ -242,14 +240,25 @@ def check_call(schedule: Schedule, func: Callable[..., Any]) -> None:
         schedule._invalid(f"args/kwargs cannot be encoded as JSON: {exc}")
 
 
-def schedules_from_config(entries: Sequence[Any], errands: Errands) -> dict[str, Schedule]:
-    """Validate ``ERRANDS_SCHEDULE``, import each entry's function and register it as a task.
+@dataclasses.dataclass(frozen=True)
+class ConfigSchedule:
+    """An ``ERRANDS_SCHEDULE`` entry, checked: its schedule and the function it runs.
+
+    ``task`` is the imported object when it is already a registered task,
+    else None: the caller registers ``func`` under ``schedule.task`` itself.
+    """
+
+    schedule: Schedule
+    func: Callable[..., Any]
+    task: Task[Any, Any] | None
+
+
+def schedules_from_config(entries: Sequence[Any]) -> list[ConfigSchedule]:
+    """Validate ``ERRANDS_SCHEDULE`` and import each entry's function; register nothing.
 
     Each problem raises :class:`ConfigurationError` naming the entry and what is wrong.
     """
-    from .tasks import Task, TaskOptions
-
-    found: dict[str, Schedule] = {}
+    found: dict[str, ConfigSchedule] = {}
     for position, entry in enumerate(entries):
         label = f"ERRANDS_SCHEDULE[{position}]"
         if not isinstance(entry, Mapping):
@@ -269,11 +278,11 @@ def schedules_from_config(entries: Sequence[Any], errands: Errands) -> dict[str,
                 f"{label}: 'task' must name a function as 'package.module:function'"
             )
         target = import_path(path, label)
-        if isinstance(target, Task) and target.errands is errands:
-            task: Task[Any, Any] | None = target
-            func, task_name = target.func, target.name
+        task = target if isinstance(target, Task) else None
+        if task is not None:
+            func, task_name = task.func, task.name
         elif callable(target):
-            task, func = None, getattr(target, "func", target)
+            func = getattr(target, "func", target)
             task_name = f"{func.__module__}.{func.__qualname__}"
         else:
             raise ConfigurationError(f"{label}: {path!r} is {target!r}, not a function")
@@ -297,10 +306,8 @@ def schedules_from_config(entries: Sequence[Any], errands: Errands) -> dict[str,
         check_call(schedule, func)
         if schedule.name in found:
             schedule._invalid("the name is used by another ERRANDS_SCHEDULE entry")
-        if task is None:
-            errands.task(func)
-        found[schedule.name] = schedule
-    return found
+        found[schedule.name] = ConfigSchedule(schedule, func, task)
+    return list(found.values())
 
 
 def import_path(path: str, label: str) -> Any:

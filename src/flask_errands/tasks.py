@@ -8,20 +8,27 @@ import inspect
 import os
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
 from . import serialization
 from .backends.base import QUEUED, SCHEDULED, JobRecord
 from .exceptions import PayloadTooLarge
 
 if TYPE_CHECKING:
-    from .extension import Errands
     from .jobs import Job
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 UniqueKey = str | Callable[..., str] | None
+
+
+class Enqueuer(Protocol):
+    """Where a task's calls go: the owner that stores them as jobs (``Errands``)."""
+
+    def enqueue(self, records: list[JobRecord]) -> list[Job]:
+        """Store new job records and return their jobs."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +74,9 @@ class Task(Generic[P, R]):
     """A function that runs in the background; calling it directly still runs it inline."""
 
     def __init__(
-        self, errands: Errands, func: Callable[P, R], name: str, options: TaskOptions
+        self, errands: Enqueuer, func: Callable[P, R], name: str, options: TaskOptions
     ) -> None:
+        #: The owner this task was registered on; its ``enqueue`` stores the calls.
         self.errands = errands
         self.func = func
         self.name = name
@@ -110,13 +118,13 @@ class BoundTask(Generic[P, R]):
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """Enqueue a call with these options and return its :class:`Job`."""
-        return self.task.errands.enqueue(self.task, [self.build(args, kwargs, time.time())])[0]
+        return self.task.errands.enqueue([self.build(args, kwargs, time.time())])[0]
 
     def delay_many(self, calls: Iterable[Any]) -> list[Job]:
         """Enqueue many calls in one transaction; see :meth:`Task.delay_many`."""
         now = time.time()
         records = [self.build(*_split_call(call), now) for call in calls]
-        return self.task.errands.enqueue(self.task, records) if records else []
+        return self.task.errands.enqueue(records) if records else []
 
     def build(self, args: tuple[Any, ...], kwargs: dict[str, Any], now: float) -> JobRecord:
         """Check and encode one call into a new job record; raise before anything is stored."""

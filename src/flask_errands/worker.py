@@ -19,8 +19,8 @@ import uuid
 from collections.abc import Sequence
 from functools import partial
 
-from .backends.base import CANCELLED, FAILED, SCHEDULED
 from .exceptions import BackendUnavailable
+from .outcomes import Ending
 from .runner import Execution, JobInterrupt, Runner, logger
 
 #: How often a reserved job's lease is extended and its cancellation checked, at most.
@@ -343,25 +343,21 @@ class Worker:
 
     def _time_out(self, execution: Execution) -> None:
         timeout = execution.record.timeout
-        error = f"TimeoutError: job exceeded its timeout of {timeout:g}s"
         record = execution.record
         if not execution.claim(lambda: self._interrupt(execution)):
             return
         self._timed_out[execution.lease_token] = time.monotonic()
         # Claimed: write the outcome here, since the interrupted thread will not.
-        if execution.cancel_requested:
-            status, delay = CANCELLED, None
-        elif record.attempts < record.max_attempts:
-            status, delay = SCHEDULED, self.runner.retry_after(record)
-        else:
-            status, delay = FAILED, None
-        self.runner.record_outcome(execution, status, error=error, delay=delay)
+        error = f"TimeoutError: job exceeded its timeout of {timeout:g}s"
+        decision = self.runner.conclude(execution, Ending.TIMED_OUT, error=error, claimed=True)
+        then = "" if decision is None or not decision.retrying else ", will retry"
         logger.warning(
-            "%s %s timed out after %gs (attempt %d)",
+            "%s %s timed out after %gs (attempt %d)%s",
             record.task,
             record.id,
             timeout,
             record.attempts,
+            then,
             extra={"job_id": record.id, "task": record.task},
         )
 
@@ -372,8 +368,14 @@ class Worker:
             raise_in_thread(execution.thread_id, JobInterrupt)
 
 
-def raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> None:
-    """Make ``exc_type`` be raised in another thread at its next Python instruction."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), ctypes.py_object(exc_type)
-    )
+def raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
+    """Make ``exc_type`` be raised in another thread at its next Python instruction.
+
+    Returns whether the thread was found; one that has already ended is not an error.
+    """
+    set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+    touched = set_async_exc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))
+    if touched > 1:  # never expected: undo rather than interrupt unrelated threads
+        set_async_exc(ctypes.c_ulong(thread_id), None)
+        raise SystemError(f"PyThreadState_SetAsyncExc touched {touched} threads; undone")
+    return bool(touched)

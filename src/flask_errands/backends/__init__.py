@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from ..exceptions import ConfigurationError
 from .base import Backend, JobRecord
+from .urls import hide_password
 
 __all__ = ["Backend", "JobRecord", "backend_from_url", "hide_password"]
 
@@ -58,15 +59,6 @@ def backend_from_url(
         f"ERRANDS_URL {hide_password(url)!r} names no known backend; use memory://, "
         "sqlite:///path, redis://host or postgresql://host/db"
     )
-
-
-def hide_password(url: str) -> str:
-    """Return ``url`` with its password replaced by ``***``, for banners and errors."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _missing(extra: str, exc: ImportError) -> ConfigurationError:

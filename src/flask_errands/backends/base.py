@@ -15,17 +15,30 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-QUEUED = "queued"
-SCHEDULED = "scheduled"
-RUNNING = "running"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-CANCELLED = "cancelled"
+from ..status import FINISHED, LIVE, STATUSES, WAITING, JobStatus
 
-STATUSES = (QUEUED, SCHEDULED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-WAITING = (QUEUED, SCHEDULED)
-LIVE = (QUEUED, SCHEDULED, RUNNING)
-FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+QUEUED = JobStatus.QUEUED
+SCHEDULED = JobStatus.SCHEDULED
+RUNNING = JobStatus.RUNNING
+SUCCEEDED = JobStatus.SUCCEEDED
+FAILED = JobStatus.FAILED
+CANCELLED = JobStatus.CANCELLED
+
+__all__ = [
+    "CANCELLED",
+    "FAILED",
+    "FINISHED",
+    "LIVE",
+    "QUEUED",
+    "RUNNING",
+    "SCHEDULED",
+    "STATUSES",
+    "SUCCEEDED",
+    "WAITING",
+    "Backend",
+    "JobRecord",
+    "JobStatus",
+]
 
 
 @dataclasses.dataclass
@@ -37,7 +50,7 @@ class JobRecord:
     payload: str
     queue: str = "default"
     priority: int = 0
-    status: str = QUEUED
+    status: JobStatus = QUEUED
     attempts: int = 0
     max_attempts: int = 1
     retry_delay: float = 1.0
@@ -60,7 +73,9 @@ class JobRecord:
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any]) -> JobRecord:
         """Build a record from a row or hash whose keys are field names."""
-        return cls(**{f.name: row[f.name] for f in FIELDS if f.name in row})
+        record = cls(**{f.name: row[f.name] for f in FIELDS if f.name in row})
+        record.status = JobStatus(record.status)
+        return record
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -23,6 +23,7 @@ from .base import (
     WAITING,
     Backend,
     JobRecord,
+    JobStatus,
 )
 
 _HeapEntry = tuple[int, float, int, str]
@@ -135,7 +136,7 @@ class MemoryBackend(Backend):
             if job is None:
                 return False
             self._running.discard(job_id)
-            job.status = status
+            job.status = JobStatus(status)
             job.result, job.error, job.traceback = result, error, traceback
             job.lease_expires_at = job.lease_token = None
             if status == SCHEDULED:

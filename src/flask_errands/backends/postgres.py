@@ -36,9 +36,9 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..exceptions import BackendUnavailable, ConfigurationError, EnqueueError
-from . import hide_password
 from .base import SCHEDULED, Backend, JobRecord
 from .queries import load_queries
+from .urls import hide_password
 
 logger = logging.getLogger("flask_errands")
 

@@ -38,9 +38,9 @@ except ImportError:  # pragma: no cover - each connection packs in Python then
     pack_command = None  # type: ignore[assignment]
 
 from ..exceptions import BackendUnavailable, EnqueueError
-from . import hide_password
-from .base import FAILED, RUNNING, SCHEDULED, STATUSES, Backend, JobRecord
+from .base import FAILED, RUNNING, SCHEDULED, STATUSES, Backend, JobRecord, JobStatus
 from .queries import load_queries
+from .urls import hide_password
 
 T = TypeVar("T")
 
@@ -110,6 +110,8 @@ def _convert(name: str) -> Callable[[bytes], Any]:
         return float
     if name == "cancel_requested":
         return lambda value: value == b"1"
+    if name == "status":
+        return lambda value: JobStatus(value.decode())
     return bytes.decode
 
 

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from ..exceptions import BackendUnavailable, ConfigurationError
-from .base import FIELD_NAMES, SCHEDULED, Backend, JobRecord
+from .base import FIELD_NAMES, SCHEDULED, Backend, JobRecord, JobStatus
 from .queries import load_queries
 from .wakeup import SocketWakeup
 
@@ -425,6 +425,7 @@ def _record(row: sqlite3.Row) -> JobRecord:
         record = JobRecord.from_mapping(dict(row))
     else:
         record = JobRecord(*[row[i] for i in positions])
+        record.status = JobStatus(record.status)
     record.cancel_requested = bool(record.cancel_requested)
     return record
 

@@ -1,0 +1,85 @@
+"""How an attempt ends: the one rule that turns what happened into the job's next state.
+
+The runner, the timeout watchdog and eager mode all ask :func:`decide`, so a
+change to the retry policy is a change here and nowhere else. A job whose
+worker died is the one ending decided in the store instead (``reserve``
+counts lost leases atomically, across hosts); :func:`decide` does not see it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from .status import JobStatus
+
+#: The longest pause between two attempts, whatever the back-off says.
+MAX_BACKOFF = 3600.0
+
+
+class Ending(enum.Enum):
+    """What happened to an attempt, before any policy is applied."""
+
+    #: The task returned a value.
+    RETURNED = "returned"
+    #: The task raised an exception.
+    RAISED = "raised"
+    #: The task raised ``Retry``: another attempt, whatever ``retries`` says.
+    RETRY_REQUESTED = "retry requested"
+    #: The task raised ``JobCancelled``.
+    CANCELLED = "cancelled"
+    #: The attempt ran past its timeout and was stopped.
+    TIMED_OUT = "timed out"
+    #: The job cannot run here at all (its task is unknown): failed, never retried.
+    REFUSED = "refused"
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """The job's next state; ``delay`` is the wait before the next attempt when scheduled."""
+
+    status: JobStatus
+    delay: float | None = None
+
+    @property
+    def retrying(self) -> bool:
+        return self.status is JobStatus.SCHEDULED
+
+
+def decide(
+    ending: Ending,
+    *,
+    attempts: int,
+    max_attempts: int,
+    cancel_requested: bool,
+    retry_delay: float,
+    requested_delay: float | None = None,
+    backoff: bool = True,
+    jitter: float = 1.0,
+) -> Decision:
+    """Decide what follows an attempt.
+
+    A cancel request wins over everything, so a cancelled job is never retried.
+    An explicit retry is always honoured, after ``requested_delay`` if given; a
+    failure or timeout is retried while ``attempts < max_attempts``, after an
+    exponential back-off from ``retry_delay`` scaled by ``jitter`` (0.5 to 1).
+    ``backoff=False`` (eager mode, tests) retries at once, whatever was asked.
+    """
+    if cancel_requested or ending is Ending.CANCELLED:
+        return Decision(JobStatus.CANCELLED)
+    if ending is Ending.RETURNED:
+        return Decision(JobStatus.SUCCEEDED)
+    if ending is Ending.REFUSED:
+        return Decision(JobStatus.FAILED)
+    if ending is not Ending.RETRY_REQUESTED and attempts >= max_attempts:
+        return Decision(JobStatus.FAILED)
+    if not backoff:
+        return Decision(JobStatus.SCHEDULED, 0.0)
+    if ending is Ending.RETRY_REQUESTED and requested_delay is not None:
+        return Decision(JobStatus.SCHEDULED, max(0.0, requested_delay))
+    return Decision(JobStatus.SCHEDULED, backoff_delay(attempts, retry_delay) * jitter)
+
+
+def backoff_delay(attempts: int, retry_delay: float) -> float:
+    """The pause after ``attempts`` failed attempts, before jitter: doubling, capped."""
+    return float(min(retry_delay * 2.0 ** min(max(attempts - 1, 0), 64), MAX_BACKOFF))

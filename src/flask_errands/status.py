@@ -1,0 +1,45 @@
+"""``JobStatus``: where a job is in its life, the one status type of stores, jobs and the CLI."""
+
+from __future__ import annotations
+
+import enum
+
+
+class JobStatus(str, enum.Enum):
+    """Where a job is in its life; members compare equal to their string values."""
+
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __hash__(self) -> int:
+        # As the plain string hashes, so a status and its value are one dict key.
+        return str.__hash__(self)
+
+    @property
+    def waiting(self) -> bool:
+        """Queued or scheduled: it has not started (or waits for another attempt)."""
+        return self in WAITING
+
+    @property
+    def live(self) -> bool:
+        """Waiting or running: it still holds its unique key."""
+        return self in LIVE
+
+    @property
+    def finished(self) -> bool:
+        """Succeeded, failed or cancelled: it will not run again unless re-run."""
+        return self in FINISHED
+
+
+#: Every status, in the order a job passes through them.
+STATUSES = tuple(JobStatus)
+WAITING = (JobStatus.QUEUED, JobStatus.SCHEDULED)
+LIVE = (*WAITING, JobStatus.RUNNING)
+FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
