@@ -103,3 +103,16 @@ def test_the_import_graph_has_no_loop() -> None:
     for name in graph:
         if name:
             visit(name, [])
+
+
+def test_the_cli_never_calls_the_store_directly() -> None:
+    """``flask errands`` goes through the admin API; only the URL is shown as it is."""
+    tree = ast.parse(MODULES["cli"].read_text())
+    touches = sorted(
+        {
+            node.lineno
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr in ("backend", "eager_backend")
+        }
+    )
+    assert touches == [], f"cli.py reaches the store at lines {touches}"
