@@ -87,6 +87,7 @@ class AppState:
                 queues=settings.queues,
                 concurrency=settings.concurrency,
                 lease_seconds=settings.lease_seconds,
+                max_lost_leases=settings.max_lost_leases,
                 result_ttl=settings.result_ttl,
             ).start()
             self._worker_pid = os.getpid()
@@ -117,7 +118,12 @@ class AppState:
         ran = 0
         while True:
             records = backend.reserve(
-                queues, 1, worker_id, self.settings.lease_seconds, runner.clock()
+                queues,
+                1,
+                worker_id,
+                self.settings.lease_seconds,
+                runner.clock(),
+                max_lost_leases=self.settings.max_lost_leases,
             )
             if not records:
                 return ran

@@ -89,6 +89,7 @@ def _run_threads(
         queues=options.queues,
         concurrency=options.concurrency,
         lease_seconds=state.settings.lease_seconds,
+        max_lost_leases=state.settings.max_lost_leases,
         result_ttl=state.settings.result_ttl,
         kind="worker",
         hard_timeouts=hard_timeouts,

@@ -39,7 +39,17 @@ except ImportError:  # pragma: no cover - each connection packs in Python then
 
 from ..exceptions import BackendUnavailable, EnqueueError
 from . import hide_password
-from .base import FAILED, RUNNING, SCHEDULED, STATUSES, Backend, JobRecord
+from .base import (
+    DEFAULT_MAX_LOST_LEASES,
+    FAILED,
+    RUNNING,
+    SCHEDULED,
+    STATUSES,
+    WORKER_LOST_ERROR,
+    Backend,
+    JobRecord,
+    claimed_only,
+)
 from .queries import load_queries
 
 T = TypeVar("T")
@@ -66,7 +76,7 @@ CLIENT_DEFAULTS: dict[str, Any] = {
 }
 
 _TRANSIENT = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "MISCONF")
-_INTS = {"priority", "attempts", "max_attempts"}
+_INTS = {"priority", "attempts", "max_attempts", "lost_leases"}
 _FLOATS = {
     "retry_delay",
     "eta",
@@ -93,6 +103,7 @@ _DEFAULTS: dict[str, Any] = {
     "max_attempts": 1,
     "retry_delay": 1.0,
     "cancel_requested": False,
+    "lost_leases": 0,
 }
 _NO_DEFAULT = object()
 _OPTIONAL = tuple(
@@ -274,11 +285,14 @@ class RedisBackend(Backend):
         worker_id: str,
         lease_seconds: float,
         now: float,
+        *,
+        max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
     ) -> list[JobRecord]:
         if limit <= 0 or (queues is not None and not queues):
             return []
         token = os.urandom(8).hex() + ":"
-        args = [now, now + lease_seconds, worker_id, limit, token, *(queues or ())]
+        args = [now, now + lease_seconds, worker_id, limit, token]
+        args += (max_lost_leases, self._expiry, WORKER_LOST_ERROR, *(queues or ()))
         reply = self._run("reserve", args)
         claimed = []
         for i in range(0, len(reply), 2):
@@ -286,7 +300,7 @@ class RedisBackend(Backend):
                 claimed.append(_strict(reply[i + 1]))
             except _Unreadable as exc:
                 self._fail_unreadable(reply[i].decode(errors="replace"), reply[i + 1], exc, now)
-        return claimed
+        return claimed_only(claimed)
 
     def _fail_unreadable(
         self, job_id: str, flat: list[bytes], exc: _Unreadable, now: float
