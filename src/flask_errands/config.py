@@ -16,6 +16,7 @@ DEFAULTS: dict[str, Any] = {
     "ERRANDS_CONCURRENCY": 4,
     "ERRANDS_QUEUES": None,  # all queues
     "ERRANDS_LEASE_SECONDS": 30,
+    "ERRANDS_MAX_LOST_LEASES": 3,  # a job whose worker died this many times in a row fails
     "ERRANDS_RESULT_TTL": dt.timedelta(days=7),
     "ERRANDS_MAX_PAYLOAD": 1024 * 1024,
     "ERRANDS_EAGER": False,
@@ -36,6 +37,7 @@ class Settings:
     concurrency: int
     queues: tuple[str, ...] | None
     lease_seconds: float
+    max_lost_leases: int
     result_ttl: float
     max_payload: int
     eager: bool
@@ -61,6 +63,7 @@ class Settings:
             concurrency=_positive_int(config, "ERRANDS_CONCURRENCY"),
             queues=parse_queues(config["ERRANDS_QUEUES"]),
             lease_seconds=seconds(config["ERRANDS_LEASE_SECONDS"], "ERRANDS_LEASE_SECONDS"),
+            max_lost_leases=_positive_int(config, "ERRANDS_MAX_LOST_LEASES"),
             result_ttl=seconds(config["ERRANDS_RESULT_TTL"], "ERRANDS_RESULT_TTL"),
             max_payload=_positive_int(config, "ERRANDS_MAX_PAYLOAD"),
             eager=bool(config["ERRANDS_EAGER"]),

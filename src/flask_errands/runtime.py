@@ -207,7 +207,12 @@ class Runtime:
         ran = 0
         while True:
             records = backend.reserve(
-                queues, 1, worker_id, self.settings.lease_seconds, runner.clock()
+                queues,
+                1,
+                worker_id,
+                self.settings.lease_seconds,
+                runner.clock(),
+                max_lost_leases=self.settings.max_lost_leases,
             )
             if not records:
                 return ran
@@ -233,6 +238,7 @@ class Runtime:
             queues=queues,
             concurrency=concurrency,
             lease_seconds=self.settings.lease_seconds,
+            max_lost_leases=self.settings.max_lost_leases,
             result_ttl=self.settings.result_ttl,
             kind=kind,
             hard_timeouts=hard_timeouts,

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Sequence
 from functools import partial
 
+from .backends.base import DEFAULT_MAX_LOST_LEASES
 from .exceptions import BackendUnavailable
 from .outcomes import Ending
 from .runner import Execution, JobInterrupt, Runner, logger
@@ -56,6 +57,7 @@ class Worker:
         queues: Sequence[str] | None = None,
         concurrency: int = 4,
         lease_seconds: float = 30.0,
+        max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
         result_ttl: float | None = None,
         name: str | None = None,
         kind: str = "embedded",
@@ -66,6 +68,7 @@ class Worker:
         self.queues = tuple(queues) if queues else None
         self.concurrency = concurrency
         self.lease_seconds = lease_seconds
+        self.max_lost_leases = max_lost_leases
         self.result_ttl = result_ttl
         self.id = name or new_worker_id()
         self.kind = kind
@@ -109,7 +112,12 @@ class Worker:
         if want <= 0:
             return 0
         records = self.backend.reserve(
-            self.queues, want, self.id, self.lease_seconds, self._clock()
+            self.queues,
+            want,
+            self.id,
+            self.lease_seconds,
+            self._clock(),
+            max_lost_leases=self.max_lost_leases,
         )
         self._drained = len(records) < want
         for record in records:

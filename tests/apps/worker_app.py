@@ -45,3 +45,11 @@ def boom(message: str = "boom") -> None:
 def stuck(seconds: float) -> None:
     """Sleep in C code, where a thread cannot be interrupted."""
     time.sleep(seconds)
+
+
+@errands.task(name="die", retries=2)
+def die(path: str) -> None:
+    """Write down this attempt, then end the worker process at once, as a segfault would."""
+    with open(path, "a") as runs:
+        runs.write(f"{current_job.attempt} {os.getpid()}\n")
+    os._exit(1)

@@ -382,3 +382,105 @@ def test_batch_enqueue_is_all_or_nothing(backend: Backend, batch: int) -> None:
     with pytest.raises(Exception):  # noqa: B017 - each store raises its own integrity error
         backend.enqueue([job(), duplicate_id])
     assert len(backend.list_jobs(limit=1000)) == batch
+
+
+# -- lost leases: a job whose worker dies under it is re-delivered, but not for ever ------
+
+LOST = (
+    "WorkerLost: worker {} died while running attempt {} (its lease expired); "
+    "the job lost {} leases in a row, so it is not run again"
+)
+
+
+def reclaim(backend: Backend, previous: JobRecord, worker: str, **limits: int) -> list[JobRecord]:
+    """Reserve once ``previous``'s lease has expired, as another worker would."""
+    now = (previous.lease_expires_at or T0) + 1
+    return backend.reserve(None, 1, worker, LEASE, now, **limits)
+
+
+def test_a_job_that_lost_three_leases_in_a_row_fails_and_frees_its_unique_key(
+    backend: Backend,
+) -> None:
+    [poison] = backend.enqueue([job(max_attempts=3, unique_key="poison")])
+    [got] = reserve(backend)
+    for attempt, worker in ((2, "worker-b"), (3, "worker-c")):
+        [got] = reclaim(backend, got, worker)
+        assert (got.id, got.attempts, got.lost_leases) == (poison.id, attempt, attempt - 1)
+    other = job()
+    backend.enqueue([other])
+    now = (got.lease_expires_at or 0) + 1
+    assert [j.id for j in backend.reserve(None, 2, "worker-d", LEASE, now)] == [other.id]
+    failed = backend.get(poison.id)
+    assert failed is not None
+    assert (failed.status, failed.attempts, failed.lost_leases) == ("failed", 3, 3)
+    assert failed.error == LOST.format("worker-c", 3, 3)
+    assert (failed.traceback, failed.lease_token, failed.finished_at) == (None, None, now)
+    assert not backend.finish(got.id, got.lease_token, "succeeded", now + 1)  # type: ignore[arg-type]
+    assert backend.get(poison.id).status == "failed"  # type: ignore[union-attr]
+    [fresh] = backend.enqueue([job(unique_key="poison")])
+    assert fresh.id != poison.id
+
+
+def test_max_lost_leases_is_the_callers_setting(backend: Backend) -> None:
+    [poison] = backend.enqueue([job()])
+    [got] = reserve(backend)
+    assert reclaim(backend, got, "worker-b", max_lost_leases=1) == []
+    failed = backend.get(poison.id)
+    assert failed is not None and failed.status == "failed"
+    assert failed.error == LOST.format("worker-a", 1, 1)
+
+
+def test_finish_or_release_between_lost_leases_starts_the_count_again(
+    backend: Backend,
+) -> None:
+    [poison] = backend.enqueue([job(max_attempts=20)])
+    [got] = reserve(backend)
+    [got] = reclaim(backend, got, "worker-b")
+    [got] = reclaim(backend, got, "worker-c")
+    assert got.lost_leases == 2
+    now = (got.lease_expires_at or 0) - 1
+    assert backend.finish(got.id, got.lease_token, "scheduled", now, error="E: x", eta=now)  # type: ignore[arg-type]
+    [got] = backend.reserve(None, 1, "worker-d", LEASE, now)
+    assert (got.attempts, got.lost_leases) == (4, 0)
+    [got] = reclaim(backend, got, "worker-e")
+    [got] = reclaim(backend, got, "worker-f")
+    now = (got.lease_expires_at or 0) - 1
+    assert backend.release(got.id, got.lease_token, now)  # type: ignore[arg-type]
+    assert backend.get(poison.id).lost_leases == 0  # type: ignore[union-attr]
+    [got] = backend.reserve(None, 1, "worker-g", LEASE, now)
+    [got] = reclaim(backend, got, "worker-h")
+    [got] = reclaim(backend, got, "worker-i")
+    assert (got.id, got.status, got.attempts, got.lost_leases) == (poison.id, "running", 8, 2)
+
+
+def test_a_lost_lease_redelivers_a_job_without_retries(backend: Backend) -> None:
+    [once] = backend.enqueue([job(max_attempts=1)])
+    [got] = reserve(backend)
+    [again] = reclaim(backend, got, "worker-b")
+    assert (again.id, again.status, again.attempts, again.lost_leases) == (
+        once.id,
+        "running",
+        2,
+        1,
+    )
+    assert backend.finish(again.id, again.lease_token, "succeeded", T0 + LEASE + 2)  # type: ignore[arg-type]
+    done = backend.get(once.id)
+    assert done is not None and (done.status, done.error, done.lost_leases) == (
+        "succeeded",
+        None,
+        0,
+    )
+
+
+def test_requeue_of_a_job_failed_for_lost_leases_starts_the_count_again(
+    backend: Backend,
+) -> None:
+    [poison] = backend.enqueue([job()])
+    [got] = reserve(backend)
+    assert reclaim(backend, got, "worker-b", max_lost_leases=1) == []
+    requeued = backend.requeue(poison.id, T0 + 100)
+    assert requeued is not None
+    assert (requeued.status, requeued.attempts, requeued.lost_leases) == ("queued", 0, 0)
+    [got] = backend.reserve(None, 1, "worker-c", LEASE, T0 + 100)
+    [again] = reclaim(backend, got, "worker-d", max_lost_leases=2)
+    assert (again.id, again.attempts, again.lost_leases) == (poison.id, 2, 1)

@@ -10,6 +10,7 @@ and are passed in by the caller, so tests can drive a backend with any clock.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +41,16 @@ __all__ = [
     "JobStatus",
 ]
 
+#: How many leases in a row a job may lose (its worker died running it) before it fails.
+DEFAULT_MAX_LOST_LEASES = 3
+#: The error of a job that failed so: each store fills in the fields as it fails the job.
+WORKER_LOST_ERROR = (
+    "WorkerLost: worker {worker} died while running attempt {attempt} (its lease expired); "
+    "the job lost {lost} leases in a row, so it is not run again"
+)
+
+logger = logging.getLogger("flask_errands")
+
 
 @dataclasses.dataclass
 class JobRecord:
@@ -69,6 +80,8 @@ class JobRecord:
     lease_expires_at: float | None = None
     lease_token: str | None = None
     worker_id: str | None = None
+    #: Leases lost in a row: reserve counts a claim of an expired lease; finish and release reset.
+    lost_leases: int = 0
 
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any]) -> JobRecord:
@@ -83,6 +96,30 @@ class JobRecord:
 
 FIELDS = dataclasses.fields(JobRecord)
 FIELD_NAMES = tuple(f.name for f in FIELDS)
+
+
+def worker_lost_error(worker: str | None, attempt: int, lost: int) -> str:
+    """:data:`WORKER_LOST_ERROR` for a job whose ``lost``-th lease in a row just expired."""
+    return WORKER_LOST_ERROR.format(worker=worker or "?", attempt=attempt, lost=lost)
+
+
+def claimed_only(records: Sequence[JobRecord]) -> list[JobRecord]:
+    """The jobs a reserve claimed, without those it failed for lost leases, which it logs."""
+    claimed = []
+    for record in records:
+        if record.status == FAILED:
+            logger.warning(
+                "%s %s failed (attempt %d): %s",
+                record.task,
+                record.id,
+                record.attempts,
+                record.error,
+                extra={"job_id": record.id, "task": record.task},
+            )
+        else:
+            claimed.append(record)
+    return claimed
+
 
 WakeCallback = Callable[[], None]
 
@@ -117,6 +154,8 @@ class Backend(ABC):
         worker_id: str,
         lease_seconds: float,
         now: float,
+        *,
+        max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
     ) -> list[JobRecord]:
         """Atomically claim up to ``limit`` due jobs for ``worker_id`` and return them.
 
@@ -125,6 +164,12 @@ class Backend(ABC):
         ``eta``, then enqueue order. Each claimed job becomes running with
         ``attempts`` incremented, a fresh ``lease_token`` and
         ``lease_expires_at = now + lease_seconds``. ``queues=None`` means all.
+
+        Claiming an expired lease adds one to the job's ``lost_leases``. A job
+        that reaches ``max_lost_leases`` that way is not claimed but failed, in
+        the same atomic step, with :data:`WORKER_LOST_ERROR` and no traceback:
+        a task that kills its worker each time must not loop for ever. It is
+        not returned, and may count against ``limit``.
         """
 
     @abstractmethod
@@ -158,6 +203,7 @@ class Backend(ABC):
         Applies only while the job is running under ``lease_token``; returns
         whether it applied (False when the lease was lost and the job handed
         to another worker). Clears the unique key's claim unless rescheduled.
+        Resets ``lost_leases``: the attempt ended with its worker alive.
         """
 
     @abstractmethod
@@ -165,7 +211,7 @@ class Backend(ABC):
         """Give a running job back to its queue as if this attempt never started.
 
         Used on a graceful stop for jobs that could not finish in time: the
-        job is queued again with its attempt count restored.
+        job is queued again with its attempt count restored and ``lost_leases`` reset.
         """
 
     @abstractmethod
@@ -180,7 +226,7 @@ class Backend(ABC):
     def requeue(self, job_id: str, now: float) -> JobRecord | None:
         """Run a finished (failed, cancelled or succeeded) job again under the same id.
 
-        The job is queued with its attempts, result and error cleared. Returns
+        The job is queued with its attempts, lost leases, result and error cleared. Returns
         the job afterwards (unchanged if it is still live), or None if unknown.
         """
 

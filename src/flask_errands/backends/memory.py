@@ -15,6 +15,8 @@ from typing import Any
 
 from .base import (
     CANCELLED,
+    DEFAULT_MAX_LOST_LEASES,
+    FAILED,
     FINISHED,
     LIVE,
     QUEUED,
@@ -24,6 +26,8 @@ from .base import (
     Backend,
     JobRecord,
     JobStatus,
+    claimed_only,
+    worker_lost_error,
 )
 
 _HeapEntry = tuple[int, float, int, str]
@@ -70,17 +74,23 @@ class MemoryBackend(Backend):
         worker_id: str,
         lease_seconds: float,
         now: float,
+        *,
+        max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
     ) -> list[JobRecord]:
         claimed: list[JobRecord] = []
+        given_up: list[JobRecord] = []
         with self._lock:
             for job_id in self._running:
                 job = self._jobs[job_id]
                 if (
-                    len(claimed) < limit
+                    len(claimed) + len(given_up) < limit
                     and (job.lease_expires_at or 0) <= now
                     and (queues is None or job.queue in queues)
                 ):
-                    claimed.append(job)
+                    job.lost_leases += 1
+                    (given_up if job.lost_leases >= max_lost_leases else claimed).append(job)
+            for job in given_up:
+                self._give_up(job, now)
             heaps = [
                 self._waiting[q]
                 for q in (self._waiting if queues is None else queues)
@@ -99,7 +109,7 @@ class MemoryBackend(Backend):
                 job.lease_token = uuid.uuid4().hex
                 job.worker_id = worker_id
                 self._running.add(job.id)
-            return [_copy(job) for job in claimed]
+            return claimed_only([_copy(job) for job in given_up + claimed])
 
     def heartbeat(self, leases: Mapping[str, str], lease_seconds: float, now: float) -> set[str]:
         cancelled = set()
@@ -139,6 +149,7 @@ class MemoryBackend(Backend):
             job.status = JobStatus(status)
             job.result, job.error, job.traceback = result, error, traceback
             job.lease_expires_at = job.lease_token = None
+            job.lost_leases = 0
             if status == SCHEDULED:
                 job.eta = now if eta is None else eta
                 self._push(job)
@@ -157,6 +168,7 @@ class MemoryBackend(Backend):
             self._running.discard(job_id)
             job.status = QUEUED
             job.attempts -= 1
+            job.lost_leases = 0
             job.started_at = job.lease_expires_at = job.lease_token = job.worker_id = None
             self._push(job)
         self._notify()
@@ -186,6 +198,7 @@ class MemoryBackend(Backend):
                 job.result = job.error = job.traceback = job.progress_message = None
                 job.progress = job.started_at = job.finished_at = job.worker_id = None
                 job.status, job.attempts, job.eta, job.cancel_requested = QUEUED, 0, now, False
+                job.lost_leases = 0
                 if job.unique_key is not None:
                     self._unique[job.unique_key] = job.id
                 self._push(job)
@@ -344,6 +357,14 @@ class MemoryBackend(Backend):
             and job.eta == entry[1]
             and self._seq[job.id] == entry[2]
         )
+
+    def _give_up(self, job: JobRecord, now: float) -> None:
+        """Fail a running job whose workers kept dying under it, as reserve does."""
+        self._running.discard(job.id)
+        job.status, job.finished_at = FAILED, now
+        job.error = worker_lost_error(job.worker_id, job.attempts, job.lost_leases)
+        job.traceback = job.lease_expires_at = job.lease_token = None
+        self._forget_unique(job)
 
     def _owned(self, job_id: str, lease_token: str) -> JobRecord | None:
         job = self._jobs.get(job_id)

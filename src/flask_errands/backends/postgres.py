@@ -36,7 +36,14 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..exceptions import BackendUnavailable, ConfigurationError, EnqueueError
-from .base import SCHEDULED, Backend, JobRecord
+from .base import (
+    DEFAULT_MAX_LOST_LEASES,
+    SCHEDULED,
+    WORKER_LOST_ERROR,
+    Backend,
+    JobRecord,
+    claimed_only,
+)
 from .queries import load_queries
 from .urls import hide_password
 
@@ -45,9 +52,12 @@ logger = logging.getLogger("flask_errands")
 Connection = psycopg.Connection[DictRow]
 
 QUERIES = load_queries("postgres.sql")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: The statements that bring a schema from the version before to each version.
-MIGRATIONS = {1: tuple(QUERIES[name] for name in QUERIES if name.startswith("create_"))}
+MIGRATIONS = {
+    1: tuple(QUERIES[name] for name in QUERIES if name.startswith("create_")),
+    2: (QUERIES["migrate_2_lost_leases"],),
+}
 
 #: Pool settings read from (and removed from) the URL's query, with their defaults.
 POOL_OPTIONS = {"pool_max_size": 10.0, "pool_timeout": 5.0}
@@ -192,14 +202,17 @@ class PostgresBackend(Backend):
         worker_id: str,
         lease_seconds: float,
         now: float,
+        *,
+        max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
     ) -> list[JobRecord]:
         queue_filter, params = _queue_filter(queues)
         params.update(now=now, expires=now + lease_seconds, worker=worker_id, limit=limit)
+        params.update(max_lost=max_lost_leases, lost_error=WORKER_LOST_ERROR)
         query = QUERIES["reserve"].format(queue_filter=queue_filter)
         with self._connection() as conn:
             rows = conn.execute(query, params).fetchall()
         rows.sort(key=lambda row: (-row["priority"], row["eta"], row["seq"]))
-        return [_record(row) for row in rows]
+        return claimed_only([_record(row) for row in rows])
 
     def heartbeat(self, leases: Mapping[str, str], lease_seconds: float, now: float) -> set[str]:
         if not leases:

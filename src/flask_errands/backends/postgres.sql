@@ -93,6 +93,9 @@ CREATE TABLE IF NOT EXISTS errands_workers (
     expires_at double precision NOT NULL
 )
 
+-- name: migrate_2_lost_leases
+ALTER TABLE errands_jobs ADD COLUMN IF NOT EXISTS lost_leases integer NOT NULL DEFAULT 0
+
 -- name: insert_job
 WITH inserted AS (
     INSERT INTO errands_jobs (
@@ -114,8 +117,10 @@ SELECT * FROM errands_jobs
 WHERE unique_key = %s AND status IN ('queued', 'scheduled', 'running')
 
 -- name: reserve
+-- An expired job that has now lost max_lost leases in a row is failed instead of claimed
+-- (the caller drops it); braces are doubled, as {queue_filter} is filled in by str.format.
 WITH expired AS (
-    SELECT seq FROM errands_jobs
+    SELECT seq, lost_leases + 1 >= %(max_lost)s AS give_up FROM errands_jobs
     WHERE status = 'running' AND lease_expires_at <= %(now)s {queue_filter}
     ORDER BY lease_expires_at
     LIMIT %(limit)s
@@ -127,12 +132,25 @@ WITH expired AS (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
-    (SELECT seq FROM expired) UNION ALL (SELECT seq FROM due) LIMIT %(limit)s
+    (SELECT seq, true AS expired, give_up FROM expired)
+    UNION ALL (SELECT seq, false, false FROM due)
+    LIMIT %(limit)s
 )
 UPDATE errands_jobs AS j
-SET status = 'running', attempts = j.attempts + 1, started_at = %(now)s,
-    lease_expires_at = %(expires)s, lease_token = replace(gen_random_uuid()::text, '-', ''),
-    worker_id = %(worker)s
+SET status = CASE WHEN claimed.give_up THEN 'failed' ELSE 'running' END,
+    attempts = j.attempts + CASE WHEN claimed.give_up THEN 0 ELSE 1 END,
+    lost_leases = j.lost_leases + CASE WHEN claimed.expired THEN 1 ELSE 0 END,
+    started_at = CASE WHEN claimed.give_up THEN j.started_at ELSE %(now)s END,
+    finished_at = CASE WHEN claimed.give_up THEN %(now)s ELSE j.finished_at END,
+    lease_expires_at = CASE WHEN claimed.give_up THEN NULL ELSE %(expires)s END,
+    lease_token = CASE WHEN claimed.give_up THEN NULL
+        ELSE replace(gen_random_uuid()::text, '-', '') END,
+    worker_id = CASE WHEN claimed.give_up THEN j.worker_id ELSE %(worker)s END,
+    error = CASE WHEN claimed.give_up THEN replace(replace(replace(
+        %(lost_error)s, '{{worker}}', coalesce(j.worker_id, '?')),
+        '{{attempt}}', j.attempts::text), '{{lost}}', (j.lost_leases + 1)::text)
+        ELSE j.error END,
+    traceback = CASE WHEN claimed.give_up THEN NULL ELSE j.traceback END
 FROM claimed
 WHERE j.seq = claimed.seq
 RETURNING j.*
@@ -153,7 +171,7 @@ WITH finished AS (
     SET status = %(status)s, result = %(result)s, error = %(error)s, traceback = %(traceback)s,
         eta = coalesce(%(eta)s, eta),
         finished_at = CASE WHEN %(status)s = 'scheduled' THEN NULL ELSE %(now)s END,
-        lease_expires_at = NULL, lease_token = NULL
+        lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
     WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s
     RETURNING status
 )
@@ -163,7 +181,7 @@ SELECT CASE WHEN status = 'scheduled' THEN pg_notify(%(channel)s, '') END FROM f
 WITH released AS (
     UPDATE errands_jobs
     SET status = 'queued', attempts = attempts - 1, started_at = NULL, lease_expires_at = NULL,
-        lease_token = NULL, worker_id = NULL
+        lease_token = NULL, worker_id = NULL, lost_leases = 0
     WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s
     RETURNING id
 )
@@ -182,7 +200,7 @@ WITH requeued AS (
     UPDATE errands_jobs
     SET status = 'queued', attempts = 0, eta = %(now)s, result = NULL, error = NULL,
         traceback = NULL, progress = NULL, progress_message = NULL, started_at = NULL,
-        finished_at = NULL, worker_id = NULL, cancel_requested = false
+        finished_at = NULL, worker_id = NULL, cancel_requested = false, lost_leases = 0
     WHERE id = %(id)s AND status IN ('succeeded', 'failed', 'cancelled')
     RETURNING id
 )

@@ -206,11 +206,13 @@ if #jobs > 0 then wake(jobs[1].queue) end
 return out
 
 -- name: reserve
--- ARGV: prefix, now, lease expiry, worker id, limit, token prefix, queues (none: all).
--- Returns id, record pairs: expired leases first, then due jobs in priority, eta, seq order.
+-- ARGV: prefix, now, lease expiry, worker id, limit, token prefix, max lost leases, ttl,
+-- worker-lost error template, queues (none: all). Returns id, record pairs: expired leases
+-- first, then due jobs in priority, eta, seq order, then the expired jobs that have now lost
+-- max lost leases in a row, failed here instead of claimed.
 local now, expires, worker, token = ARGV[2], ARGV[3], ARGV[4], ARGV[6]
-local limit = tonumber(ARGV[5])
-local claimed = {}
+local limit, max_lost, ttl = tonumber(ARGV[5]), tonumber(ARGV[7]), ARGV[8]
+local claimed, given_up = {}, {}
 
 -- A call retried after its reply was lost gets what the first run claimed, not more.
 local replay_key = P .. 'reserved:' .. token
@@ -227,7 +229,7 @@ if #earlier > 0 then
   return out
 end
 
-local queues = queues_from(7)
+local queues = queues_from(10)
 
 local function claim(id, attempts, status_fields)
   redis.call('HSET', job_key(id), 'attempts', (tonumber(attempts) or 0) + 1, 'started_at', now,
@@ -236,17 +238,32 @@ local function claim(id, attempts, status_fields)
   claimed[#claimed + 1] = id
 end
 
+-- Fail a job whose workers died under it ``lost`` times in a row: its task kills them.
+local function give_up(id, attempts, lost, dead_worker)
+  local fill = {worker = dead_worker or '?', attempt = attempts or '0', lost = tostring(lost)}
+  local error = (string.gsub(ARGV[9], '{(%a+)}', fill))
+  local job = state(id)
+  redis.call('ZREM', lease_key(job.queue), id)
+  redis.call('HDEL', job_key(id), 'lease_expires_at', 'lease_token', 'traceback')
+  redis.call('HSET', job_key(id), 'lost_leases', lost, 'error', error)
+  end_job(job, 'failed', now, ttl)
+  given_up[#given_up + 1] = id
+end
+
 for _, queue in ipairs(queues) do
   if #claimed >= limit then break end
   local ids = redis.call('ZRANGEBYSCORE', lease_key(queue), '-inf', now,
                          'LIMIT', 0, limit - #claimed)
   for _, id in ipairs(ids) do
-    local v = redis.call('HMGET', job_key(id), 'status', 'attempts')
-    if v[1] == 'running' then
-      redis.call('ZADD', lease_key(queue), expires, id)
-      claim(id, v[2], {})
-    else
+    local v = redis.call('HMGET', job_key(id), 'status', 'attempts', 'lost_leases', 'worker_id')
+    local lost = (tonumber(v[3]) or 0) + 1
+    if v[1] ~= 'running' then
       redis.call('ZREM', lease_key(queue), id)
+    elseif lost >= max_lost then
+      give_up(id, v[2], lost, v[4])
+    else
+      redis.call('ZADD', lease_key(queue), expires, id)
+      claim(id, v[2], {'lost_leases', lost})
     end
   end
 end
@@ -301,9 +318,11 @@ if #claimed > 0 then
   redis.call('EXPIRE', replay_key, 60)
 end
 local out = {}
-for _, id in ipairs(claimed) do
-  out[#out + 1] = id
-  out[#out + 1] = redis.call('HGETALL', job_key(id))
+for _, ids in ipairs({claimed, given_up}) do
+  for _, id in ipairs(ids) do
+    out[#out + 1] = id
+    out[#out + 1] = redis.call('HGETALL', job_key(id))
+  end
 end
 return out
 
@@ -337,7 +356,7 @@ local job = state(ARGV[2])
 if not job or job.status ~= 'running' or job.token ~= ARGV[3] then return 0 end
 local status, key = ARGV[4], job_key(job.id)
 local sets, deletes = field_block(8)
-redis.call('HDEL', key, 'lease_expires_at', 'lease_token', unpack(deletes))
+redis.call('HDEL', key, 'lease_expires_at', 'lease_token', 'lost_leases', unpack(deletes))
 redis.call('ZREM', lease_key(job.queue), job.id)
 index(job, status)
 if status == 'scheduled' then
@@ -359,7 +378,8 @@ if not job or job.status ~= 'running' or job.token ~= ARGV[3] then return 0 end
 local key = job_key(job.id)
 local attempts = tonumber(redis.call('HGET', key, 'attempts')) or 1
 redis.call('ZREM', lease_key(job.queue), job.id)
-redis.call('HDEL', key, 'started_at', 'lease_expires_at', 'lease_token', 'worker_id')
+redis.call('HDEL', key, 'started_at', 'lease_expires_at', 'lease_token', 'worker_id',
+           'lost_leases')
 redis.call('HSET', key, 'status', 'queued', 'attempts', attempts - 1)
 index(job, 'queued')
 add_waiting(job, job.eta)
@@ -385,7 +405,7 @@ if not job then return false end
 local key = job_key(job.id)
 if FINISHED[job.status] and not (job.unique and live_holder(job.unique)) then
   redis.call('HDEL', key, 'result', 'error', 'traceback', 'progress', 'progress_message',
-             'started_at', 'finished_at', 'worker_id')
+             'started_at', 'finished_at', 'worker_id', 'lost_leases')
   redis.call('HSET', key, 'status', 'queued', 'attempts', 0, 'eta', ARGV[3],
              'cancel_requested', '0')
   redis.call('PERSIST', key)

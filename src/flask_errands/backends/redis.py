@@ -38,7 +38,18 @@ except ImportError:  # pragma: no cover - each connection packs in Python then
     pack_command = None  # type: ignore[assignment]
 
 from ..exceptions import BackendUnavailable, EnqueueError
-from .base import FAILED, RUNNING, SCHEDULED, STATUSES, Backend, JobRecord, JobStatus
+from .base import (
+    DEFAULT_MAX_LOST_LEASES,
+    FAILED,
+    RUNNING,
+    SCHEDULED,
+    STATUSES,
+    WORKER_LOST_ERROR,
+    Backend,
+    JobRecord,
+    JobStatus,
+    claimed_only,
+)
 from .queries import load_queries
 from .urls import hide_password
 
@@ -66,7 +77,7 @@ CLIENT_DEFAULTS: dict[str, Any] = {
 }
 
 _TRANSIENT = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "MISCONF")
-_INTS = {"priority", "attempts", "max_attempts"}
+_INTS = {"priority", "attempts", "max_attempts", "lost_leases"}
 _FLOATS = {
     "retry_delay",
     "eta",
@@ -93,6 +104,7 @@ _DEFAULTS: dict[str, Any] = {
     "max_attempts": 1,
     "retry_delay": 1.0,
     "cancel_requested": False,
+    "lost_leases": 0,
 }
 _NO_DEFAULT = object()
 _OPTIONAL = tuple(
@@ -276,11 +288,14 @@ class RedisBackend(Backend):
         worker_id: str,
         lease_seconds: float,
         now: float,
+        *,
+        max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
     ) -> list[JobRecord]:
         if limit <= 0 or (queues is not None and not queues):
             return []
         token = os.urandom(8).hex() + ":"
-        args = [now, now + lease_seconds, worker_id, limit, token, *(queues or ())]
+        args = [now, now + lease_seconds, worker_id, limit, token]
+        args += (max_lost_leases, self._expiry, WORKER_LOST_ERROR, *(queues or ()))
         reply = self._run("reserve", args)
         claimed = []
         for i in range(0, len(reply), 2):
@@ -288,7 +303,7 @@ class RedisBackend(Backend):
                 claimed.append(_strict(reply[i + 1]))
             except _Unreadable as exc:
                 self._fail_unreadable(reply[i].decode(errors="replace"), reply[i + 1], exc, now)
-        return claimed
+        return claimed_only(claimed)
 
     def _fail_unreadable(
         self, job_id: str, flat: list[bytes], exc: _Unreadable, now: float

@@ -24,7 +24,16 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from ..exceptions import BackendUnavailable, ConfigurationError
-from .base import FIELD_NAMES, SCHEDULED, Backend, JobRecord, JobStatus
+from .base import (
+    DEFAULT_MAX_LOST_LEASES,
+    FIELD_NAMES,
+    SCHEDULED,
+    WORKER_LOST_ERROR,
+    Backend,
+    JobRecord,
+    JobStatus,
+    claimed_only,
+)
 from .queries import load_queries
 from .wakeup import SocketWakeup
 
@@ -32,7 +41,10 @@ T = TypeVar("T")
 
 QUERIES = load_queries("sqlite.sql")
 SCHEMA = tuple(QUERIES[name] for name in QUERIES if name.startswith("create_"))
-SCHEMA_VERSION = 1
+#: The schema's version, kept in ``PRAGMA user_version`` (0 in files made before it was).
+SCHEMA_VERSION = 2
+#: The statements that bring the tables from the version before to each version.
+MIGRATIONS = {2: (QUERIES["migrate_2_lost_leases"],)}
 
 #: How long one operation keeps retrying a locked database before it gives up.
 LOCK_PATIENCE = 30.0
@@ -58,12 +70,35 @@ class SQLiteBackend(Backend):
             directory = os.path.dirname(path)
             if directory:
                 os.makedirs(directory, exist_ok=True)
-            self._transaction(lambda db: [db.execute(sql) for sql in SCHEMA])
+            self._transaction(self._create_schema)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigurationError(
                 f"cannot open the SQLite job database at {path!r} ({exc}); "
                 "set ERRANDS_URL to a writable location, e.g. sqlite:////var/lib/myapp/errands.db"
             ) from exc
+
+    def _create_schema(self, db: sqlite3.Connection) -> None:
+        """Create the tables, or bring those of an older flask-errands up to this version.
+
+        Runs in one ``BEGIN IMMEDIATE`` transaction, so processes opening the
+        file at once migrate it once. Tables made before versions were kept
+        are version 1.
+        """
+        for statement in SCHEMA:
+            db.execute(statement)
+        stored = db.execute("PRAGMA user_version").fetchone()[0]
+        if stored == SCHEMA_VERSION:
+            return
+        version = max(stored, 1)
+        if version > SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"the job database {self.path} is at schema version {version}, newer than "
+                f"this flask-errands knows ({SCHEMA_VERSION}); upgrade flask-errands"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[target]:
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
 
     # -- connection and transactions -----------------------------------------
 
@@ -161,14 +196,22 @@ class SQLiteBackend(Backend):
         worker_id: str,
         lease_seconds: float,
         now: float,
+        *,
+        max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
     ) -> list[JobRecord]:
-        queue_filter, queue_params = _queue_filter(queues)
-        params = {"now": now, "expires": now + lease_seconds, "worker": worker_id, "limit": limit}
-        params.update(queue_params)
+        queue_filter, params = _queue_filter(queues)
+        params.update(
+            now=now,
+            expires=now + lease_seconds,
+            worker=worker_id,
+            limit=limit,
+            max_lost=max_lost_leases,
+            lost_error=WORKER_LOST_ERROR,
+        )
         claim = QUERIES["claim"].format(queue_filter=queue_filter)
         rows = self._statement(lambda db: db.execute(claim, params).fetchall())
         return sorted(
-            (_record(row) for row in rows),
+            claimed_only([_record(row) for row in rows]),
             key=lambda job: (-job.priority, job.eta, job.enqueued_at),
         )
 
@@ -434,7 +477,7 @@ def _optional_record(row: sqlite3.Row | None) -> JobRecord | None:
     return None if row is None else _record(row)
 
 
-def _queue_filter(queues: Sequence[str] | None) -> tuple[str, dict[str, str]]:
+def _queue_filter(queues: Sequence[str] | None) -> tuple[str, dict[str, Any]]:
     if queues is None:
         return "", {}
     params = {f"q{i}": queue for i, queue in enumerate(queues)}

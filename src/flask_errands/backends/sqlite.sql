@@ -67,6 +67,9 @@ CREATE TABLE IF NOT EXISTS errands_workers (
     expires_at REAL NOT NULL
 )
 
+-- name: migrate_2_lost_leases
+ALTER TABLE errands_jobs ADD COLUMN lost_leases INTEGER NOT NULL DEFAULT 0
+
 -- name: insert_job
 INSERT INTO errands_jobs (
     id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay, timeout,
@@ -85,25 +88,40 @@ WHERE unique_key = ? AND status IN ('queued', 'scheduled', 'running')
 
 -- name: claim
 -- Jobs whose lease expired (their worker died) first, then due jobs by priority, eta and
--- enqueue order; one statement, so it is its own transaction. INDEXED BY keeps the planner
--- off the listing index, which would sort every waiting job on each claim.
+-- enqueue order; one statement, so it is its own transaction. An expired job that has now
+-- lost :max_lost leases in a row is failed instead of claimed (the caller drops it); braces
+-- are doubled, as {queue_filter} is filled in by str.format. INDEXED BY keeps the planner off
+-- the listing index, which would sort every waiting job on each claim.
 UPDATE errands_jobs
-SET status = 'running', attempts = attempts + 1, started_at = :now, lease_expires_at = :expires,
-    lease_token = lower(hex(randomblob(16))), worker_id = :worker
-WHERE seq IN (
-    SELECT seq FROM (
-        SELECT seq FROM errands_jobs INDEXED BY errands_jobs_leases
+SET status = CASE WHEN claimed.give_up THEN 'failed' ELSE 'running' END,
+    attempts = attempts + CASE WHEN claimed.give_up THEN 0 ELSE 1 END,
+    lost_leases = lost_leases + claimed.expired,
+    started_at = CASE WHEN claimed.give_up THEN started_at ELSE :now END,
+    finished_at = CASE WHEN claimed.give_up THEN :now ELSE finished_at END,
+    lease_expires_at = CASE WHEN claimed.give_up THEN NULL ELSE :expires END,
+    lease_token = CASE WHEN claimed.give_up THEN NULL ELSE lower(hex(randomblob(16))) END,
+    worker_id = CASE WHEN claimed.give_up THEN worker_id ELSE :worker END,
+    error = CASE WHEN claimed.give_up THEN replace(replace(replace(
+        :lost_error, '{{worker}}', coalesce(worker_id, '?')), '{{attempt}}', attempts),
+        '{{lost}}', lost_leases + 1) ELSE error END,
+    traceback = CASE WHEN claimed.give_up THEN NULL ELSE traceback END
+FROM (
+    SELECT * FROM (
+        SELECT seq, 1 AS expired, lost_leases + 1 >= :max_lost AS give_up
+        FROM errands_jobs INDEXED BY errands_jobs_leases
         WHERE status = 'running' AND lease_expires_at <= :now {queue_filter}
         ORDER BY lease_expires_at LIMIT :limit
     )
     UNION ALL
-    SELECT seq FROM (
-        SELECT seq FROM errands_jobs INDEXED BY errands_jobs_waiting
+    SELECT * FROM (
+        SELECT seq, 0 AS expired, 0 AS give_up
+        FROM errands_jobs INDEXED BY errands_jobs_waiting
         WHERE status IN ('queued', 'scheduled') AND eta <= :now {queue_filter}
         ORDER BY priority DESC, eta, seq LIMIT :limit
     )
     LIMIT :limit
-)
+) AS claimed
+WHERE errands_jobs.seq = claimed.seq
 RETURNING *
 
 -- name: extend_lease
@@ -119,13 +137,13 @@ WHERE id = :id AND status = 'running'
 UPDATE errands_jobs
 SET status = :status, result = :result, error = :error, traceback = :traceback,
     eta = coalesce(:eta, eta), finished_at = CASE WHEN :status = 'scheduled' THEN NULL ELSE :now END,
-    lease_expires_at = NULL, lease_token = NULL
+    lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
 WHERE id = :id AND status = 'running' AND lease_token = :token
 
 -- name: release
 UPDATE errands_jobs
 SET status = 'queued', attempts = attempts - 1, started_at = NULL, lease_expires_at = NULL,
-    lease_token = NULL, worker_id = NULL
+    lease_token = NULL, worker_id = NULL, lost_leases = 0
 WHERE id = :id AND status = 'running' AND lease_token = :token
 
 -- name: cancel_waiting
@@ -139,7 +157,7 @@ UPDATE errands_jobs SET cancel_requested = 1 WHERE id = :id AND status = 'runnin
 UPDATE errands_jobs
 SET status = 'queued', attempts = 0, eta = :now, result = NULL, error = NULL, traceback = NULL,
     progress = NULL, progress_message = NULL, started_at = NULL, finished_at = NULL,
-    worker_id = NULL, cancel_requested = 0
+    worker_id = NULL, cancel_requested = 0, lost_leases = 0
 WHERE id = :id AND status IN ('succeeded', 'failed', 'cancelled')
 
 -- name: get
