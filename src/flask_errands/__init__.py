@@ -6,6 +6,7 @@ from .context import RunningJob, current_job
 from .exceptions import (
     BackendUnavailable,
     ConfigurationError,
+    DuplicateJob,
     EnqueueError,
     ErrandsError,
     JobCancelled,
@@ -24,6 +25,7 @@ __all__ = [
     "BackendUnavailable",
     "BoundTask",
     "ConfigurationError",
+    "DuplicateJob",
     "EnqueueError",
     "Errands",
     "ErrandsError",

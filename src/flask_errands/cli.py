@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import re
 import sys
 import time
 from typing import Any
@@ -19,7 +18,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from . import serialization
+from . import durations, serialization
 from .backends import hide_password
 from .backends.base import FINISHED, RUNNING, STATUSES, JobRecord
 from .config import parse_queues
@@ -29,8 +28,6 @@ from .process import WorkerOptions, queues_label, run_worker
 
 errands_cli = AppGroup("errands", help="Run background workers and look after job queues.")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _STATE = click.Choice(STATUSES)
 
 
@@ -70,10 +67,10 @@ def _find(state: AppState, job_id: str) -> JobRecord:
 
 def parse_duration(text: str) -> float:
     """Seconds in ``30``, ``45s``, ``15m``, ``12h``, ``7d`` or ``2w``."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise click.BadParameter(f"{text!r} is not a duration like 30s, 15m, 12h or 7d")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    try:
+        return durations.parse_duration(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 # -- running ------------------------------------------------------------------

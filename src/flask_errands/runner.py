@@ -174,6 +174,7 @@ class Runner:
         record = execution.record
         error = _describe(exc)
         trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        trace = serialization.storable_text(trace)
         if execution.cancel_requested:
             self.settle(execution, CANCELLED, error=error, trace=trace)
         elif record.attempts < record.max_attempts:
@@ -278,7 +279,7 @@ _SIGNALS = {
 
 
 def _describe(exc: BaseException) -> str:
-    message = str(exc)
+    message = serialization.storable_text(str(exc))
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 

@@ -37,7 +37,7 @@ try:
 except ImportError:  # pragma: no cover - each connection packs in Python then
     pack_command = None  # type: ignore[assignment]
 
-from ..exceptions import BackendUnavailable, EnqueueError
+from ..exceptions import BackendUnavailable, DuplicateJob, EnqueueError
 from . import hide_password
 from .base import FAILED, RUNNING, SCHEDULED, STATUSES, Backend, JobRecord
 from .queries import load_queries
@@ -237,7 +237,7 @@ class RedisBackend(Backend):
                 return call()
             except redis.RedisError as exc:
                 if str(exc).startswith("ERRANDS job id already stored: "):
-                    raise ValueError(str(exc).removeprefix("ERRANDS ")) from None
+                    raise DuplicateJob(str(exc).removeprefix("ERRANDS ")) from None
                 left = deadline - time.monotonic()
                 if not _transient(exc) or left <= 0 or self._closed.is_set():
                     raise BackendUnavailable(
