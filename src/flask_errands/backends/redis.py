@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.retry import Retry
 
 try:
@@ -64,6 +65,18 @@ CLIENT_DEFAULTS: dict[str, Any] = {
     "socket_timeout": 10.0,
     "socket_keepalive": True,
 }
+
+#: Query parameters a redis:// URL may carry: ours, and the connection settings of redis-py.
+URL_OPTIONS = frozenset(
+    {
+        "prefix",
+        "timeout",
+        *URL_QUERY_ARGUMENT_PARSERS,
+        *("client_name", "username", "password"),
+        *("ssl_ca_certs", "ssl_ca_path", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile"),
+        *("ssl_ciphers", "ssl_password"),
+    }
+)
 
 _TRANSIENT = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "MISCONF")
 _INTS = {"priority", "attempts", "max_attempts"}
