@@ -166,8 +166,12 @@ def test_a_cron_by_the_minute_keeps_firing_through_the_repeated_hour() -> None:
 # -- what is refused -------------------------------------------------------------
 
 BAD_SCHEDULES: list[tuple[dict[str, Any], str]] = [
-    ({"cron": "61 * * * *"}, "Bad minute"),
-    ({"cron": "*/0 * * * *"}, "Bad minute"),
+    ({"cron": "61 * * * *"}, "minute must be 0-59, got 61"),
+    ({"cron": "*/0 * * * *"}, "minute must be 0-59, got */0"),
+    ({"cron": "0 25 * * *"}, "hour must be 0-23, got 25"),
+    ({"cron": "0 0 32 * *"}, "day-of-month must be 1-31, got 32"),
+    ({"cron": "0 0 * 13 *"}, "month must be 1-12 or jan-dec, got 13"),
+    ({"cron": "0 0 * * 8"}, "day-of-week must be 0-7 or sun-sat (0 and 7 are Sunday), got 8"),
     ({"cron": "* * *"}, "five"),
     ({"cron": "* * * * * *"}, "five"),
     ({"cron": ""}, "empty"),
@@ -318,7 +322,10 @@ BAD_ENTRIES: list[tuple[Any, str]] = [
     ({"name": "x", "task": "cleanup", "every": 60}, "'package.module:function'"),
     ({"name": "x", "task": "tests.test_schedules:not_a_function", "every": 60}, "not a function"),
     ({"name": "x", "every": 60}, "'task' must name a function"),
-    ({"name": "x", "task": "tests.test_schedules:cleanup", "cron": "61 * * * *"}, "Bad minute"),
+    (
+        {"name": "x", "task": "tests.test_schedules:cleanup", "cron": "61 * * * *"},
+        "minute must be 0-59, got 61",
+    ),
     ({"name": "x", "task": "tests.test_schedules:cleanup"}, "exactly one of every"),
     ({"name": "x", "task": "tests.test_schedules:cleanup", "every": 0}, "positive"),
     (

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from flask_errands import Errands, PayloadTooLarge
+from flask_errands import Errands, PayloadTooLarge, serialization
 
 AppFactory = Callable[..., tuple[Flask, Errands]]
 
@@ -136,6 +136,19 @@ class Unencodable:
         return "<Unencodable>"
 
 
+def self_referencing() -> list[Any]:
+    value: list[Any] = []
+    value.append(value)
+    return value
+
+
+def nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize(
     ("call", "argument"),
     [
@@ -144,6 +157,10 @@ class Unencodable:
         (lambda task: task.delay(1, 2, c=threading.Lock()), "c"),
         (lambda task: task.delay(1, {1, 2}), "b"),
         (lambda task: task.delay(dt.time(12, 0), 2), "a"),
+        (lambda task: task.delay(1, self_referencing()), "b"),
+        (lambda task: task.delay(nested(5000), 2), "a"),
+        (lambda task: task.delay(1, 2, c={"k": ["ok", "lone \ud800 surrogate"]}), "c"),
+        (lambda task: task.delay(1, {"\udcff": 1}), "b"),
     ],
 )
 def test_an_unencodable_argument_fails_at_delay_naming_task_and_argument(
@@ -214,6 +231,71 @@ def test_an_unencodable_result_fails_the_job_with_a_clear_error(
     assert job.error is not None
     assert job.error.startswith("TypeError:")
     assert "lock" in job.error
+
+
+def test_arguments_nested_up_to_the_limit_round_trip(app_errands: tuple[Flask, Errands]) -> None:
+    app, errands = app_errands
+
+    @errands.task
+    def echo(value: Any) -> Any:
+        return value
+
+    deep = nested(serialization.MAX_DEPTH - 2)  # inside {"args": [...]}: two levels more
+    with app.app_context():
+        job = echo.delay(deep)
+        errands.drain()
+        assert job.result() == deep
+        with pytest.raises(TypeError, match="nested more than 100 levels deep"):
+            echo.delay(nested(serialization.MAX_DEPTH + 1))
+
+
+@pytest.mark.parametrize(
+    ("returns", "error"),
+    [
+        (self_referencing, "TypeError: value nested more than 100 levels deep"),
+        (lambda: "lone \ud800", "TypeError: a string holding the lone surrogate '\\ud800'"),
+        (lambda: nested(500), "TypeError: value nested more than 100 levels deep"),
+    ],
+)
+def test_a_result_that_cannot_be_stored_fails_its_job_and_the_worker_carries_on(
+    app_errands: tuple[Flask, Errands], returns: Callable[[], Any], error: str
+) -> None:
+    app, errands = app_errands
+
+    @errands.task
+    def produce() -> Any:
+        return returns()
+
+    @errands.task
+    def after() -> str:
+        return "ran"
+
+    with app.app_context():
+        bad, good = produce.delay(), after.delay()
+        errands.drain()
+        assert bad.refresh().status == "failed"
+        assert good.result() == "ran"
+    assert bad.error is not None and bad.error.startswith(error)
+
+
+@pytest.mark.parametrize("message", ["NUL \x00 inside", "lone \ud800 surrogate"])
+def test_an_error_message_no_store_can_keep_is_stored_escaped(
+    app_errands: tuple[Flask, Errands], message: str
+) -> None:
+    app, errands = app_errands
+
+    @errands.task
+    def explode() -> None:
+        raise ValueError(message)
+
+    with app.app_context():
+        job = explode.delay()
+        errands.drain()
+        job.refresh()
+    assert job.status == "failed"
+    escaped = message.replace("\x00", "\\x00").replace("\ud800", "\\ud800")
+    assert job.error == f"ValueError: {escaped}"
+    assert job.traceback is not None and escaped in job.traceback
 
 
 def test_a_payload_over_the_limit_raises_payload_too_large_and_stores_nothing(

@@ -116,20 +116,52 @@ def test_two_functions_cannot_share_a_name(drained: tuple[Flask, Errands]) -> No
             pass
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"queue": ""},
-        {"priority": "high"},
-        {"retries": -1},
-        {"timeout": 0},
-        {"at": dt.datetime(2030, 1, 1)},  # naive: which instant?
-        {"at": dt.datetime(2030, 1, 1, tzinfo=UTC), "delay": 5},
-        {"colour": "red"},
-    ],
-)
+BAD_OPTIONS: list[tuple[dict[str, Any], type[Exception], str]] = [
+    ({"queue": ""}, ValueError, "queue must be 1 to 200 characters long"),
+    ({"queue": "q" * 201}, ValueError, "queue must be 1 to 200 characters long, not 201"),
+    ({"queue": "a\x00b"}, ValueError, "queue must not contain control characters or NUL"),
+    ({"queue": "line\nbreak"}, ValueError, "queue must not contain control characters"),
+    ({"queue": "\ud800"}, ValueError, "queue must be valid Unicode"),
+    ({"queue": 5}, TypeError, "queue must be a string"),
+    ({"priority": "high"}, TypeError, "priority must be an int from -2147483648 to 2147483647"),
+    ({"priority": 2**31}, ValueError, "priority must be from -2147483648 to 2147483647"),
+    ({"priority": -(2**31) - 1}, ValueError, "priority must be from -2147483648 to 2147483647"),
+    ({"priority": 10**30}, ValueError, "priority must be from -2147483648"),
+    ({"retries": -1}, ValueError, "retries must be from 0 to 1000"),
+    ({"retries": 10**6}, ValueError, "retries must be from 0 to 1000"),
+    ({"retry_delay": float("nan")}, ValueError, "retry_delay must be finite"),
+    ({"retry_delay": float("inf")}, ValueError, "retry_delay must be finite"),
+    ({"retry_delay": -1}, ValueError, "retry_delay must be finite, at least 0"),
+    ({"timeout": 0}, ValueError, "timeout must be positive"),
+    ({"timeout": float("inf")}, ValueError, "at most 31,536,000 seconds"),
+    ({"timeout": float("nan")}, ValueError, "timeout must be finite"),
+    ({"unique_key": "k\x00"}, ValueError, "unique_key must not contain NUL"),
+    ({"unique_key": "k" * 501}, ValueError, "unique_key must be at most 500 characters"),
+    ({"delay": float("nan")}, ValueError, "delay= must be a finite number of seconds"),
+    ({"delay": float("inf")}, ValueError, "delay= must be a finite number of seconds"),
+    ({"delay": -float("inf")}, ValueError, "delay= must be a finite number of seconds"),
+    ({"delay": 1e300}, ValueError, "is after 9999-12-31"),
+    ({"delay": "soon"}, ValueError, "'soon' is not a duration like 30s"),
+    ({"delay": [30]}, TypeError, "delay= must be a number of seconds or a duration such as"),
+    ({"at": dt.datetime(2030, 1, 1)}, ValueError, "at= needs an aware datetime"),
+    ({"at": 1_900_000_000}, TypeError, "at= must be an aware datetime"),
+    ({"at": dt.datetime.max.replace(tzinfo=UTC)}, ValueError, "is after 9999-12-31"),
+    (
+        {"at": dt.datetime.max.replace(tzinfo=dt.timezone(dt.timedelta(hours=-5)))},
+        ValueError,
+        "is after 9999-12-31",
+    ),
+    ({"at": dt.datetime(2030, 1, 1, tzinfo=UTC), "delay": 5}, ValueError, "not both"),
+    ({"colour": "red"}, TypeError, "unknown task option(s) 'colour'; valid options are at, "),
+]
+
+
+@pytest.mark.parametrize(("options", "error", "message"), BAD_OPTIONS)
 def test_bad_options_are_refused_before_anything_is_stored(
-    drained: tuple[Flask, Errands], options: dict[str, Any]
+    drained: tuple[Flask, Errands],
+    options: dict[str, Any],
+    error: type[Exception],
+    message: str,
 ) -> None:
     app, errands = drained
 
@@ -138,9 +170,90 @@ def test_bad_options_are_refused_before_anything_is_stored(
         pass
 
     with app.app_context():
-        with pytest.raises((ValueError, TypeError)):
+        with pytest.raises(error) as caught:
             noop.options(**options).delay()
+        assert type(caught.value) is error
+        assert message in str(caught.value)
         assert errands.backend.counts() == {}
+
+
+def test_options_at_the_edge_of_their_range_are_stored_and_run(
+    drained: tuple[Flask, Errands],
+) -> None:
+    app, errands = drained
+
+    @errands.task
+    def echo(value: str) -> str:
+        return value
+
+    edge = {"queue": "é" * 200, "priority": 2**31 - 1, "unique_key": "k" * 500}
+    with app.app_context():
+        top = echo.options(**edge).delay("top")
+        bottom = echo.options(queue="é" * 200, priority=-(2**31)).delay("bottom")
+        late = echo.options(at=dt.datetime(9999, 12, 30, tzinfo=UTC)).delay("late")
+        assert errands.drain(queues=["é" * 200]) == 2
+        assert (top.result(), bottom.result()) == ("top", "bottom")
+        assert late.refresh().status == "scheduled"
+        assert late.scheduled_for == dt.datetime(9999, 12, 30, tzinfo=UTC)
+
+
+def test_an_unknown_option_on_the_decorator_lists_the_valid_names(
+    drained: tuple[Flask, Errands],
+) -> None:
+    _, errands = drained
+    with pytest.raises(TypeError) as caught:
+
+        @errands.task(retires=3)
+        def typo() -> None:
+            pass
+
+    assert str(caught.value) == (
+        "unknown task option(s) 'retires'; valid options are at, delay, priority, queue, "
+        "retries, retry_delay, timeout, unique_key"
+    )
+
+
+def test_a_negative_delay_or_a_past_at_means_now(drained: tuple[Flask, Errands]) -> None:
+    app, errands = drained
+
+    @errands.task
+    def noop() -> None:
+        pass
+
+    with app.app_context():
+        before = time.time()
+        early = noop.delay()
+        jobs = [
+            noop.options(delay=-3600).delay(),
+            noop.options(delay=dt.timedelta(days=-1)).delay(),
+            noop.options(at=dt.datetime(1, 1, 1, tzinfo=UTC)).delay(),
+        ]
+        for job in jobs:
+            job.refresh()
+            assert job.status == "queued"
+            assert job.scheduled_for.timestamp() >= before  # now, so it does not jump the queue
+        reserved = errands.backend.reserve(None, 1, "w", 30, time.time())
+        assert [record.id for record in reserved] == [early.id]
+
+
+@pytest.mark.parametrize(
+    ("delay", "seconds"), [("30", 30), ("45s", 45), ("15m", 900), ("12h", 43200), ("2w", 1209600)]
+)
+def test_delay_accepts_the_cli_duration_strings(
+    drained: tuple[Flask, Errands], delay: str, seconds: float
+) -> None:
+    app, errands = drained
+
+    @errands.task
+    def noop() -> None:
+        pass
+
+    with app.app_context():
+        before = time.time()
+        job = noop.options(delay=delay).delay().refresh()
+        after = time.time()
+    assert job.status == "scheduled"
+    assert before + seconds <= job.scheduled_for.timestamp() <= after + seconds
 
 
 def test_per_call_options_override_the_decorator_for_that_call_only(

@@ -7,6 +7,7 @@ from .context import RunningJob, current_job
 from .exceptions import (
     BackendUnavailable,
     ConfigurationError,
+    DuplicateJob,
     EnqueueError,
     ErrandsError,
     JobCancelled,
@@ -28,6 +29,7 @@ __all__ = [
     "BackendUnavailable",
     "BoundTask",
     "ConfigurationError",
+    "DuplicateJob",
     "EnqueueError",
     "Errands",
     "ErrandsError",

@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 import sys
 from typing import Any, NoReturn
 
@@ -19,7 +18,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from . import serialization
+from . import durations, serialization
 from .admin import Admin
 from .backends import hide_password
 from .config import parse_queues
@@ -29,8 +28,6 @@ from .process import WorkerOptions, queues_label, run_worker
 from .runtime import Runtime
 from .status import FINISHED, STATUSES, JobStatus
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _STATE = click.Choice([s.value for s in STATUSES])
 
 
@@ -107,17 +104,9 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def parse_duration(text: str) -> float:
-    """Seconds in ``30``, ``45s``, ``15m``, ``12h``, ``7d`` or ``2w``."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise ValueError(f"{text!r} is not a duration like 30s, 15m, 12h or 7d")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
 def duration(value: str | float) -> float:
     """Click's converter for duration options; its name is the metavar help shows."""
-    return float(value) if isinstance(value, int | float) else parse_duration(value)
+    return float(value) if isinstance(value, int | float) else durations.parse_duration(value)
 
 
 # -- running ------------------------------------------------------------------

@@ -1,13 +1,23 @@
-"""Every ``ERRANDS_*`` key with its default, and the typed settings read from them."""
+"""Every ``ERRANDS_*`` key with its default, and the typed settings read from them.
+
+Values may come from code (real booleans and numbers) or from environment
+variables, as text: boolean keys take ``true/false``, ``1/0``, ``yes/no`` and
+``on/off`` in any case, number keys take digit strings, and keys in seconds
+take durations such as ``"30s"`` or ``"7d"``. Anything else raises
+:class:`ConfigurationError` naming the key.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .durations import parse_duration
 from .exceptions import ConfigurationError
 
 DEFAULTS: dict[str, Any] = {
@@ -26,6 +36,9 @@ DEFAULTS: dict[str, Any] = {
 }
 
 EMBEDDED_SCHEMES = ("memory", "sqlite")
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,25 +72,45 @@ class Settings:
             embedded = url.split(":", 1)[0] in EMBEDDED_SCHEMES
         return cls(
             url=url,
-            embedded_worker=bool(embedded),
+            embedded_worker=boolean(embedded, "ERRANDS_EMBEDDED_WORKER"),
             concurrency=_positive_int(config, "ERRANDS_CONCURRENCY"),
             queues=parse_queues(config["ERRANDS_QUEUES"]),
             lease_seconds=seconds(config["ERRANDS_LEASE_SECONDS"], "ERRANDS_LEASE_SECONDS"),
             max_lost_leases=_positive_int(config, "ERRANDS_MAX_LOST_LEASES"),
             result_ttl=seconds(config["ERRANDS_RESULT_TTL"], "ERRANDS_RESULT_TTL"),
             max_payload=_positive_int(config, "ERRANDS_MAX_PAYLOAD"),
-            eager=bool(config["ERRANDS_EAGER"]),
+            eager=boolean(config["ERRANDS_EAGER"], "ERRANDS_EAGER"),
             schedule=tuple(config["ERRANDS_SCHEDULE"] or ()),
-            scheduler=bool(config["ERRANDS_SCHEDULER"]),
+            scheduler=boolean(config["ERRANDS_SCHEDULER"], "ERRANDS_SCHEDULER"),
         )
 
 
+def boolean(value: Any, name: str) -> bool:
+    """Return ``value`` (a bool, 0/1, or a word such as ``"off"``) as a bool."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigurationError(
+        f"{name} must be True or False (or one of 'true/false', '1/0', 'yes/no', "
+        f"'on/off'), not {value!r}"
+    )
+
+
 def seconds(value: Any, name: str) -> float:
-    """Return ``value`` (seconds or a timedelta) as a positive float of seconds."""
+    """Return ``value`` (seconds, a timedelta or a duration like ``"7d"``) as positive seconds."""
     if isinstance(value, dt.timedelta):
         value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigurationError(f"{name} must be a positive number of seconds or a timedelta")
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):  # the message below says what is accepted
+            value = parse_duration(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ConfigurationError(
+            f"{name} must be a positive, finite number of seconds, a timedelta or a duration "
+            f"such as '30s', '15m', '12h' or '7d'; not {value!r}"
+        )
     return float(value)
 
 
@@ -92,6 +125,8 @@ def parse_queues(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
 
 def _positive_int(config: Mapping[str, Any], name: str) -> int:
     value = config[name]
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{name} must be a whole number of at least 1, not {value!r}")
     return value

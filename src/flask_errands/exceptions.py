@@ -5,6 +5,7 @@
     ErrandsError
     ├── ConfigurationError      (also ValueError)
     ├── PayloadTooLarge         (also ValueError)
+    ├── DuplicateJob            (also ValueError)
     ├── BackendUnavailable
     │   └── EnqueueError
     ├── UnknownTask
@@ -14,8 +15,12 @@
 
     Retry                        (raised by a task to ask for another attempt)
 
-An argument that JSON cannot carry raises the built-in ``TypeError`` at
-``.delay()``, as Python does for any call with a wrong argument.
+An argument that JSON cannot carry (an unsupported type, a value nested
+deeper than 100 levels or containing itself, a string with a lone surrogate)
+raises the built-in ``TypeError`` at ``.delay()`` naming the task and the
+argument, as Python does for any call with a wrong argument. An option out of
+its range (a NaN delay, a priority beyond 32 bits, an empty queue name) raises
+``ValueError`` naming the limit, and an unknown option name ``TypeError``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ class ConfigurationError(ErrandsError, ValueError):
 
 class PayloadTooLarge(ErrandsError, ValueError):
     """Encoded arguments are larger than ``ERRANDS_MAX_PAYLOAD``."""
+
+
+class DuplicateJob(ErrandsError, ValueError):
+    """A job with this id is already stored; nothing was stored by the call that raised."""
 
 
 class BackendUnavailable(ErrandsError):

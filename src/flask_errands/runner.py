@@ -158,6 +158,7 @@ class Runner:
                 return self.conclude(execution, Ending.CANCELLED)
             except BaseException as exc:  # SystemExit, CancelledError too: fail, keep the thread
                 trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                trace = serialization.storable_text(trace)
                 return self.conclude(execution, Ending.RAISED, error=_describe(exc), trace=trace)
             else:
                 return self.conclude(execution, Ending.RETURNED, result=result)
@@ -266,7 +267,7 @@ _SIGNALS = {
 
 
 def _describe(exc: BaseException) -> str:
-    message = str(exc)
+    message = serialization.storable_text(str(exc))
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 

@@ -58,6 +58,15 @@ CONFIG_KEYS = frozenset(
 
 _SECOND = dt.timedelta(seconds=1)
 
+#: Each cron field by position, and the values it takes, for error messages.
+CRON_FIELDS = (
+    ("minute", "0-59"),
+    ("hour", "0-23"),
+    ("day-of-month", "1-31"),
+    ("month", "1-12 or jan-dec"),
+    ("day-of-week", "0-7 or sun-sat (0 and 7 are Sunday)"),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
@@ -209,14 +218,22 @@ class Schedule:
 
 
 def _explain(fields: list[str], exc: CronSimError) -> str:
-    """cronsim's reason, reworded when every field is valid on its own but they never meet."""
-    if "day-of-month" in str(exc):
+    """Which field is wrong and the values it takes (``hour must be 0-23, got 25``).
+
+    A day-of-month that is valid on its own but never meets its month says so.
+    """
+    reason = str(exc)
+    if "day-of-month" in reason:
         try:
             CronSim(f"0 0 {fields[2]} * *", dt.datetime(2000, 1, 1, tzinfo=UTC))
         except CronSimError:
-            return str(exc)
-        return f"day {fields[2]} never occurs in month {fields[3]}, so it can never fire"
-    return str(exc)
+            pass
+        else:
+            return f"day {fields[2]} never occurs in month {fields[3]}, so it can never fire"
+    for position, (name, valid) in enumerate(CRON_FIELDS):
+        if reason == f"Bad {name}":
+            return f"{name} must be {valid}, got {fields[position]}"
+    return reason
 
 
 def _timestamp(moment: dt.datetime) -> float:

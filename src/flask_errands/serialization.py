@@ -3,6 +3,11 @@
 Everything crosses a process boundary, so values are JSON; datetime, date,
 UUID, Decimal, bytes, tuples and dicts with non-string keys are tagged so they
 come back as the same type. Pickle is never used.
+
+What cannot travel raises ``TypeError`` here, before anything is stored: a
+type outside that list, a value nested more than :data:`MAX_DEPTH` levels deep
+(a list that contains itself is one), and a string holding a lone surrogate
+(``"\\ud800"``), which no store can keep as UTF-8.
 """
 
 from __future__ import annotations
@@ -21,20 +26,31 @@ _loads = json.JSONDecoder(object_hook=lambda obj: _untag(obj) if TAG in obj else
 
 _PLAIN = (str, int, float, bool, type(None))
 
+#: How deeply lists, dicts and tuples may nest in one value (a recursive value never ends).
+MAX_DEPTH = 100
 
-def to_json_value(value: Any) -> Any:
+
+def to_json_value(value: Any, depth: int = 0) -> Any:
     """Return ``value`` as plain JSON data, tagging the extra types; raise TypeError otherwise."""
     kind = type(value)
     if kind in _PLAIN:
         return value
+    if kind is list or kind is dict or kind is tuple:
+        if depth >= MAX_DEPTH:
+            raise TypeError(
+                f"value nested more than {MAX_DEPTH} levels deep (or containing itself) "
+                "cannot be encoded as JSON"
+            )
+        depth += 1
     if kind is list:
-        return [to_json_value(item) for item in value]
+        return [to_json_value(item, depth) for item in value]
     if kind is dict:
         if all(type(key) is str for key in value) and TAG not in value:
-            return {key: to_json_value(item) for key, item in value.items()}
-        return {TAG: "dict", "v": [[to_json_value(k), to_json_value(v)] for k, v in value.items()]}
+            return {key: to_json_value(item, depth) for key, item in value.items()}
+        pairs = [[to_json_value(k, depth), to_json_value(v, depth)] for k, v in value.items()]
+        return {TAG: "dict", "v": pairs}
     if kind is tuple:
-        return {TAG: "tuple", "v": [to_json_value(item) for item in value]}
+        return {TAG: "tuple", "v": [to_json_value(item, depth) for item in value]}
     if isinstance(value, dt.datetime):
         return {TAG: "datetime", "v": value.isoformat()}
     if isinstance(value, dt.date):
@@ -93,8 +109,27 @@ def to_plain(value: Any) -> Any:
 
 
 def dumps(value: Any) -> str:
-    """Encode ``value`` to a JSON string; raise TypeError naming the first type that cannot go."""
-    return _dumps(to_json_value(value))
+    """Encode ``value`` to a JSON string; raise TypeError naming the first thing that cannot go."""
+    text: str = _dumps(to_json_value(value))
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:
+            raise TypeError(
+                f"a string holding the lone surrogate {text[exc.start]!r} cannot be stored "
+                "as UTF-8; decode bytes with errors='replace' or pass them as bytes"
+            ) from None
+    return text
+
+
+def storable_text(text: str) -> str:
+    """``text`` as every store can keep it: NUL and lone surrogates written as escapes.
+
+    For text that is not JSON, such as an error message or a traceback.
+    """
+    if text.isascii() and "\x00" not in text:
+        return text
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
 
 
 def loads(text: str) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import inspect
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
 from . import serialization
 from .backends.base import QUEUED, SCHEDULED, JobRecord
+from .durations import FORMS, parse_duration
 from .exceptions import PayloadTooLarge
 
 if TYPE_CHECKING:
@@ -21,6 +23,19 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 UniqueKey = str | Callable[..., str] | None
+
+#: The priorities every store can hold (a signed 32-bit integer); higher runs first.
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
+#: The longest queue name, in characters.
+MAX_QUEUE_LENGTH = 200
+#: The longest unique key, in characters (PostgreSQL indexes keys of up to about 2,700 bytes).
+MAX_UNIQUE_KEY_LENGTH = 500
+#: The most retries a task may ask for (an explicit ``Retry`` is not counted against it).
+MAX_RETRIES = 1000
+#: The longest ``timeout``: a year, in seconds.
+MAX_TIMEOUT = 365 * 86400.0
+#: The latest instant a job may be due: the start of 31 December 9999, UTC.
+MAX_ETA = dt.datetime(9999, 12, 31, tzinfo=dt.timezone.utc).timestamp()
 
 
 class Enqueuer(Protocol):
@@ -33,7 +48,14 @@ class Enqueuer(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class TaskOptions:
-    """How a task's jobs are queued and retried; set on the decorator, overridden per call."""
+    """How a task's jobs are queued and retried; set on the decorator, overridden per call.
+
+    Every value is checked here, once, whatever the store: a wrong type raises
+    ``TypeError``, a value out of its range ``ValueError`` naming the range,
+    and an unknown option name ``TypeError`` listing the valid ones. ``delay``
+    is seconds, a timedelta or a duration string (``"30s"``, ``"15m"``); a
+    negative ``delay`` or a past ``at`` means now.
+    """
 
     queue: str = "default"
     priority: int = 0
@@ -41,33 +63,138 @@ class TaskOptions:
     retry_delay: float = 1.0
     timeout: float | None = None
     unique_key: UniqueKey = None
-    delay: float | dt.timedelta | None = None
+    delay: float | dt.timedelta | str | None = None
     at: dt.datetime | None = None
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> TaskOptions:
+        unknown = sorted(set(kwargs) - set(OPTION_NAMES))
+        if unknown:
+            raise TypeError(
+                f"unknown task option(s) {', '.join(map(repr, unknown))}; "
+                f"valid options are {', '.join(OPTION_NAMES)}"
+            )
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
-        if not isinstance(self.queue, str) or not self.queue:
-            raise ValueError(f"queue must be a non-empty string, not {self.queue!r}")
-        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
-            raise ValueError(f"priority must be an int, not {self.priority!r}")
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
-            raise ValueError(f"retries must be a whole number >= 0, not {self.retries!r}")
-        if self.retry_delay < 0:
-            raise ValueError(f"retry_delay must be >= 0, not {self.retry_delay!r}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ValueError(f"timeout must be positive seconds, not {self.timeout!r}")
-        if self.at is not None and self.at.tzinfo is None:
-            raise ValueError("at= needs an aware datetime (with tzinfo), so its instant is known")
-        if self.at is not None and self.delay is not None:
-            raise ValueError("give delay= or at=, not both")
+        check_queue(self.queue)
+        low, high = PRIORITY_RANGE
+        _check_int("priority", self.priority, low, high)
+        _check_int("retries", self.retries, 0, MAX_RETRIES)
+        _check_seconds("retry_delay", self.retry_delay, 0.0, math.inf)
+        if self.timeout is not None:
+            _check_seconds("timeout", self.timeout, 0.0, MAX_TIMEOUT)
+            if self.timeout == 0:
+                raise ValueError(f"timeout must be positive seconds, not {self.timeout!r}")
+        if self.unique_key is not None and not callable(self.unique_key):
+            check_unique_key(self.unique_key)
+        if self.delay is not None:
+            _delay_seconds(self.delay)
+        if self.at is not None:
+            _at_timestamp(self.at)
+            if self.delay is not None:
+                raise ValueError("give delay= or at=, not both")
 
     def eta(self, now: float) -> float:
-        """When a job enqueued ``now`` with these options is due."""
+        """When a job enqueued ``now`` with these options is due: never before ``now``.
+
+        Raises ``ValueError`` when that instant is past :data:`MAX_ETA`.
+        """
         if self.at is not None:
-            return self.at.timestamp()
-        delay = self.delay
-        if isinstance(delay, dt.timedelta):
-            delay = delay.total_seconds()
-        return now + (delay or 0.0)
+            eta = _at_timestamp(self.at)
+        elif self.delay is not None:
+            eta = now + _delay_seconds(self.delay)
+        else:
+            return now
+        if not eta <= MAX_ETA:
+            given = f"at={self.at!r}" if self.at is not None else f"delay={self.delay!r}"
+            raise ValueError(f"{given} is after 9999-12-31, the latest time a job can be due")
+        return max(eta, now)
+
+
+OPTION_NAMES = tuple(sorted(field.name for field in dataclasses.fields(TaskOptions)))
+
+
+def check_queue(queue: object) -> None:
+    """Refuse a queue name no store can hold: empty, too long, or with control characters."""
+    if not isinstance(queue, str):
+        raise TypeError(f"queue must be a string, not {queue!r}")
+    if not 1 <= len(queue) <= MAX_QUEUE_LENGTH:
+        raise ValueError(
+            f"queue must be 1 to {MAX_QUEUE_LENGTH} characters long, not {len(queue)}"
+        )
+    _check_text("queue", queue)
+
+
+def check_unique_key(key: object) -> None:
+    """Refuse a unique key no store can index: not a string, too long, or holding NUL."""
+    if not isinstance(key, str):
+        raise TypeError(f"unique_key must be a string or a function returning one, not {key!r}")
+    if len(key) > MAX_UNIQUE_KEY_LENGTH:
+        raise ValueError(
+            f"unique_key must be at most {MAX_UNIQUE_KEY_LENGTH} characters long, not {len(key)}"
+        )
+    _check_text("unique_key", key, controls=True)
+
+
+def _check_text(name: str, text: str, *, controls: bool = False) -> None:
+    """Refuse NUL and lone surrogates, and other control characters unless ``controls``."""
+    if "\x00" in text or (
+        not controls
+        and not text.isprintable()
+        and any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
+    ):
+        what = "NUL" if controls else "control characters or NUL"
+        raise ValueError(f"{name} must not contain {what}, not {text!r}")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"{name} must be valid Unicode (no lone surrogate), not {text!r}"
+            ) from None
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int from {low} to {high}, not {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be from {low} to {high}, not {value!r}")
+
+
+def _check_seconds(name: str, value: object, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, not {value!r}")
+    limit = "" if high == math.inf else f" and at most {high:,.0f}"
+    if not low <= value <= high or not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, at least {low:g}{limit} seconds, not {value!r}")
+    return float(value)
+
+
+def _delay_seconds(delay: object) -> float:
+    """``delay=`` as seconds: a number, a timedelta or a duration string; finite, or ValueError."""
+    if isinstance(delay, dt.timedelta):
+        seconds = delay.total_seconds()
+    elif isinstance(delay, str):
+        seconds = parse_duration(delay)
+    elif isinstance(delay, int | float) and not isinstance(delay, bool):
+        seconds = float(delay)
+    else:
+        raise TypeError(f"delay= must be {FORMS}, or a timedelta; not {delay!r}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"delay= must be a finite number of seconds, not {delay!r}")
+    return seconds
+
+
+def _at_timestamp(at: object) -> float:
+    """``at=`` as a timestamp, or an error saying why it names no possible instant."""
+    if not isinstance(at, dt.datetime):
+        raise TypeError(f"at= must be an aware datetime, not {at!r}")
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError("at= needs an aware datetime (with tzinfo), so its instant is known")
+    try:
+        return at.timestamp()
+    except (OverflowError, ValueError):
+        raise ValueError(f"at={at!r} is not an instant that can be stored") from None
 
 
 class Task(Generic[P, R]):
@@ -137,6 +264,7 @@ class BoundTask(Generic[P, R]):
         unique_key = opts.unique_key
         if callable(unique_key):
             unique_key = unique_key(*args, **kwargs)
+            check_unique_key(unique_key)
         eta = opts.eta(now)
         return JobRecord(
             id=os.urandom(16).hex(),
@@ -168,7 +296,7 @@ def encode_call(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, A
     """Encode arguments as JSON; a TypeError names the task and the argument that cannot go."""
     try:
         return serialization.dumps({"args": list(args), "kwargs": kwargs})
-    except TypeError:
+    except TypeError as whole:
         for name, value in _named_arguments(task, args, kwargs):
             try:
                 serialization.dumps(value)
@@ -178,7 +306,8 @@ def encode_call(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, A
                     "pass plain values (str, int, float, bool, None, list, dict, tuple, "
                     "datetime, date, UUID, Decimal, bytes)"
                 ) from None
-        raise
+        # Each argument alone fits; together they nest one level too deep.
+        raise TypeError(f"the arguments of task {task.name}: {whole}") from None
 
 
 def _named_arguments(

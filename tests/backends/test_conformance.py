@@ -13,7 +13,9 @@ import uuid
 
 import pytest
 
+from flask_errands import DuplicateJob
 from flask_errands.backends import Backend, JobRecord
+from flask_errands.tasks import MAX_ETA, PRIORITY_RANGE
 
 T0 = 1_800_000_000.0
 LEASE = 30.0
@@ -321,6 +323,54 @@ def test_watchers_are_told_about_new_work(backend: Backend) -> None:
     assert woken
 
 
+# -- errors and limits: the same on every store ------------------------------------
+
+
+def test_a_duplicate_id_raises_duplicate_job_and_stores_nothing(backend: Backend) -> None:
+    stored = job()
+    backend.enqueue([stored])
+    with pytest.raises(DuplicateJob, match=stored.id):
+        backend.enqueue([job(id=stored.id, task="tests.other")])
+    with pytest.raises(DuplicateJob):
+        backend.enqueue([job(id=stored.id, unique_key="k")])
+    twin = job()
+    with pytest.raises(DuplicateJob):
+        backend.enqueue([twin, job(id=twin.id)])
+    with pytest.raises(DuplicateJob, match=stored.id):
+        backend.fire_tick("nightly", T0, job(id=stored.id), T0)
+    assert [j.id for j in backend.list_jobs()] == [stored.id]
+    assert backend.get(stored.id).task == "tests.noop"  # type: ignore[union-attr]
+    assert backend.last_ticks() == {}
+    assert backend.fire_tick("nightly", T0, job(), T0)  # the failed tick was not recorded
+
+
+def test_values_at_the_documented_limits_are_kept_exactly(backend: Backend) -> None:
+    low, high = PRIORITY_RANGE
+    queue = "é\u2603" * 100  # 200 characters, 500 bytes in UTF-8
+    first = job(queue=queue, priority=high, unique_key="ü" * 500, eta=T0, max_attempts=1001)
+    last = job(queue=queue, priority=low, eta=T0)
+    distant = job(queue="distant", eta=MAX_ETA, status="scheduled")
+    backend.enqueue([last, first, distant])
+    assert backend.get(first.id) == first
+    assert backend.get(distant.id) == distant
+    claimed = backend.reserve(None, 5, "worker-a", LEASE, T0)
+    assert [record.id for record in claimed] == [first.id, last.id]
+    assert backend.next_eta(["distant"]) == MAX_ETA
+
+
+def test_prune_deletes_old_jobs_old_ticks_and_expired_workers(backend: Backend) -> None:
+    backend.register_worker("gone", {"pid": 1}, 10, T0)
+    backend.register_worker("alive", {"pid": 2}, 1000, T0)
+    backend.fire_tick("a", T0, job(), T0)
+    backend.fire_tick("a", T0 + 60, job(), T0 + 60)
+    backend.fire_tick("a", T0 + 120, job(), T0 + 120)
+    backend.prune(T0 + 100)
+    # Read with a clock at which both registrations would still hold: only pruning removed one.
+    assert [w["id"] for w in backend.list_workers(T0)] == ["alive"]
+    assert backend.fire_tick("a", T0, job(), T0 + 200)  # fired before the cut-off: deleted
+    assert not backend.fire_tick("a", T0 + 120, job(), T0 + 200)  # the latest is kept
+
+
 CONCURRENT_CLAIMS = """
 import sys, time
 from flask_errands.backends import backend_from_url
@@ -379,7 +429,7 @@ def test_batch_enqueue_is_all_or_nothing(backend: Backend, batch: int) -> None:
     good = [job() for _ in range(batch)]
     backend.enqueue(good)
     duplicate_id = job(id=good[0].id)
-    with pytest.raises(Exception):  # noqa: B017 - each store raises its own integrity error
+    with pytest.raises(DuplicateJob, match=f"job id already stored: .*{good[0].id}|one of"):
         backend.enqueue([job(), duplicate_id])
     assert len(backend.list_jobs(limit=1000)) == batch
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from ..exceptions import ConfigurationError
 from .base import Backend, JobRecord
@@ -20,17 +20,21 @@ def backend_from_url(
     """Build the backend ``url`` names; relative SQLite paths are inside ``instance_path``.
 
     ``options`` carries settings from the app's config that some backends use
-    (``prefix`` and ``result_ttl`` for Redis); the others ignore them.
+    (``prefix`` and ``result_ttl`` for Redis); the others ignore them. A query
+    parameter the chosen backend does not know raises :class:`ConfigurationError`
+    listing those it does, so a typo (``?prefx=``) is not silently ignored.
     """
     options = options or {}
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         from .memory import MemoryBackend
 
+        check_query(url, ())
         return MemoryBackend(url)
     if scheme == "sqlite":
         from .sqlite import SQLiteBackend
 
+        check_query(url, ())
         path = url[len("sqlite://") :]
         if path in ("", "/", "/:memory:"):
             raise ConfigurationError(
@@ -41,9 +45,13 @@ def backend_from_url(
         return SQLiteBackend(path if os.path.isabs(path) else os.path.join(instance_path, path))
     if scheme in ("redis", "rediss", "unix"):
         try:
+            from .redis import (  # type: ignore[import-not-found,unused-ignore]
+                URL_OPTIONS as REDIS_OPTIONS,
+            )
             from .redis import RedisBackend  # type: ignore[import-not-found,unused-ignore]
         except ImportError as exc:
             raise _missing("redis", exc) from exc
+        check_query(url, REDIS_OPTIONS)
         backend: Backend = RedisBackend(
             url, prefix=options.get("prefix"), result_ttl=options.get("result_ttl")
         )
@@ -53,12 +61,39 @@ def backend_from_url(
             from .postgres import PostgresBackend  # type: ignore[import-not-found,unused-ignore]
         except ImportError as exc:
             raise _missing("postgres", exc) from exc
+        check_query(url, _postgres_options())
         backend = PostgresBackend(url)
         return backend
     raise ConfigurationError(
         f"ERRANDS_URL {hide_password(url)!r} names no known backend; use memory://, "
         "sqlite:///path, redis://host or postgresql://host/db"
     )
+
+
+def check_query(url: str, known: Collection[str]) -> None:
+    """Raise :class:`ConfigurationError` for a query parameter of ``url`` not in ``known``."""
+    query = urlsplit(url).query
+    if not query:
+        return
+    unknown = sorted({key for key, _ in parse_qsl(query, keep_blank_values=True)} - set(known))
+    if not unknown:
+        return
+    scheme = urlsplit(url).scheme
+    accepted = f"accepts {', '.join(sorted(known))}" if known else "takes no query parameters"
+    raise ConfigurationError(
+        f"ERRANDS_URL has unknown query parameter(s) {', '.join(map(repr, unknown))}; "
+        f"a {scheme}:// URL {accepted}"
+    )
+
+
+def _postgres_options() -> frozenset[str]:
+    """The pool's own settings, ``timeout``, and every parameter this libpq knows."""
+    from psycopg import pq
+
+    from .postgres import POOL_OPTIONS
+
+    libpq = {option.keyword.decode() for option in pq.Conninfo.get_defaults()}
+    return frozenset({*POOL_OPTIONS, "timeout", *libpq})
 
 
 def _missing(extra: str, exc: ImportError) -> ConfigurationError:

@@ -5,6 +5,15 @@ a lease, heartbeated, finished (succeeded, failed, retried later, cancelled),
 released on a graceful stop, looked up and pruned. Every method that changes a
 job is atomic in its store. Times are seconds since the epoch (``time.time()``)
 and are passed in by the caller, so tests can drive a backend with any clock.
+
+Errors are the same on every store. A method raises
+:class:`~flask_errands.exceptions.BackendUnavailable` when its store cannot be
+reached or refuses the operation, and nothing else, unless its docstring says
+more: :meth:`Backend.enqueue` raises ``EnqueueError`` and ``DuplicateJob``,
+:meth:`Backend.fire_tick` ``DuplicateJob``. Values are checked above this layer
+(``TaskOptions``, ``serialization``): a store never raises ``ValueError`` or a
+driver's own exception for a queue name, priority, eta or payload that passed
+those checks.
 """
 
 from __future__ import annotations
@@ -144,6 +153,11 @@ class Backend(ABC):
         A job whose ``unique_key`` belongs to a live (queued, scheduled or
         running) job is not stored; the live job's record takes its place in
         the result. Either every job is stored or none is, and the call raises.
+
+        Raises :class:`~flask_errands.exceptions.DuplicateJob` when a job's id
+        is already stored (or given twice in ``jobs``), and
+        :class:`~flask_errands.exceptions.EnqueueError` (a ``BackendUnavailable``)
+        when the store could not be reached; in both cases nothing was stored.
         """
 
     @abstractmethod
@@ -265,6 +279,11 @@ class Backend(ABC):
         schedulers run. The job is enqueued as by :meth:`enqueue` (a live job
         holding its ``unique_key`` means no new job), in the same atomic step,
         so a tick is never recorded without its job.
+
+        Raises :class:`~flask_errands.exceptions.DuplicateJob` when the job's id
+        is already stored, and ``BackendUnavailable`` when the store could not
+        be reached; either way the tick is not recorded, unless only the reply
+        was lost, in which case calling again for the same tick returns False.
         """
 
     @abstractmethod
@@ -273,9 +292,14 @@ class Backend(ABC):
 
     @abstractmethod
     def prune(self, finished_before: float) -> int:
-        """Delete jobs that finished before this time and older ticks; return how many jobs.
+        """Delete what is older than ``finished_before``; return how many jobs were deleted.
 
-        The latest tick of each schedule is kept, so missed ticks can be found.
+        Deletes: jobs that finished (succeeded, failed or cancelled) before
+        ``finished_before``; schedule ticks fired before it, except the latest
+        tick of each schedule, which is kept so missed ticks can be found; and
+        worker registrations that expired at or before it. Waiting and running
+        jobs are never deleted. Redis also expires finished records by
+        themselves, a day after the result TTL; those count as deleted here.
         """
 
     @abstractmethod

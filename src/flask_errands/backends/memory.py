@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..exceptions import DuplicateJob
 from .base import (
     CANCELLED,
     DEFAULT_MAX_LOST_LEASES,
@@ -276,6 +277,11 @@ class MemoryBackend(Backend):
             self._delete(old)
         latest = {(name, at) for name, (at, _) in self.last_ticks().items()}
         with self._lock:
+            self._workers = {
+                worker_id: entry
+                for worker_id, entry in self._workers.items()
+                if entry[0] > finished_before
+            }
             self._ticks = {
                 key: value
                 for key, value in self._ticks.items()
@@ -317,7 +323,7 @@ class MemoryBackend(Backend):
     def _insert(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
         taken = [job.id for job in jobs if job.id in self._jobs]
         if taken or len({job.id for job in jobs}) < len(jobs):
-            raise ValueError(f"job id already stored: {(taken or [jobs[-1].id])[0]}")
+            raise DuplicateJob(f"job id already stored: {(taken or [jobs[-1].id])[0]}")
         stored = []
         for job in jobs:
             existing = self._live_unique(job.unique_key)

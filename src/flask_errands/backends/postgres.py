@@ -35,7 +35,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..exceptions import BackendUnavailable, ConfigurationError, EnqueueError
+from ..exceptions import BackendUnavailable, ConfigurationError, DuplicateJob, EnqueueError
 from .base import (
     DEFAULT_MAX_LOST_LEASES,
     SCHEDULED,
@@ -392,7 +392,7 @@ class PostgresBackend(Backend):
         except UniqueViolation as exc:
             if exc.diag.constraint_name != "errands_jobs_id_key":
                 raise
-            raise ValueError(f"job id already stored: {exc.diag.message_detail}") from exc
+            raise DuplicateJob(f"job id already stored: {exc.diag.message_detail}") from exc
 
     def _insert_unique(self, conn: Connection, job: JobRecord, row: dict[str, Any]) -> JobRecord:
         for _ in range(UNIQUE_RACE_RETRIES):

@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.retry import Retry
 
 try:
@@ -37,7 +38,7 @@ try:
 except ImportError:  # pragma: no cover - each connection packs in Python then
     pack_command = None  # type: ignore[assignment]
 
-from ..exceptions import BackendUnavailable, EnqueueError
+from ..exceptions import BackendUnavailable, DuplicateJob, EnqueueError
 from .base import (
     DEFAULT_MAX_LOST_LEASES,
     FAILED,
@@ -75,6 +76,18 @@ CLIENT_DEFAULTS: dict[str, Any] = {
     "socket_timeout": 10.0,
     "socket_keepalive": True,
 }
+
+#: Query parameters a redis:// URL may carry: ours, and the connection settings of redis-py.
+URL_OPTIONS = frozenset(
+    {
+        "prefix",
+        "timeout",
+        *URL_QUERY_ARGUMENT_PARSERS,
+        *("client_name", "username", "password"),
+        *("ssl_ca_certs", "ssl_ca_path", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile"),
+        *("ssl_ciphers", "ssl_password"),
+    }
+)
 
 _TRANSIENT = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "MISCONF")
 _INTS = {"priority", "attempts", "max_attempts", "lost_leases"}
@@ -251,7 +264,7 @@ class RedisBackend(Backend):
                 return call()
             except redis.RedisError as exc:
                 if str(exc).startswith("ERRANDS job id already stored: "):
-                    raise ValueError(str(exc).removeprefix("ERRANDS ")) from None
+                    raise DuplicateJob(str(exc).removeprefix("ERRANDS ")) from None
                 left = deadline - time.monotonic()
                 if not _transient(exc) or left <= 0 or self._closed.is_set():
                     raise BackendUnavailable(

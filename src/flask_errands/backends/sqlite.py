@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from ..exceptions import BackendUnavailable, ConfigurationError
+from ..exceptions import BackendUnavailable, ConfigurationError, DuplicateJob, EnqueueError
 from .base import (
     DEFAULT_MAX_LOST_LEASES,
     FIELD_NAMES,
@@ -180,12 +180,18 @@ class SQLiteBackend(Backend):
     # -- life of a job -------------------------------------------------------
 
     def enqueue(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
-        if len(jobs) == 1 and jobs[0].unique_key is None:
-            row = jobs[0].to_dict()  # the common .delay(): one INSERT is its own transaction
-            self._statement(lambda db: db.execute(QUERIES["insert_job"], row))
-            stored = list(jobs)
-        else:
-            stored = self._transaction(lambda db: _insert(db, jobs))
+        try:
+            if len(jobs) == 1 and jobs[0].unique_key is None:
+                row = jobs[0].to_dict()  # the common .delay(): one INSERT is its own transaction
+                self._statement(lambda db: db.execute(QUERIES["insert_job"], row))
+                stored = list(jobs)
+            else:
+                stored = self._transaction(lambda db: _insert(db, jobs))
+        except sqlite3.IntegrityError as exc:
+            _raise_duplicate(exc, jobs)
+            raise
+        except BackendUnavailable as exc:
+            raise EnqueueError(f"job not enqueued: {exc}") from exc.__cause__
         self._notify()
         return stored
 
@@ -323,7 +329,11 @@ class SQLiteBackend(Backend):
             db.execute(QUERIES["set_tick_job"], (stored.id, schedule, fire_time))
             return True
 
-        fired = self._transaction(fire)
+        try:
+            fired = self._transaction(fire)
+        except sqlite3.IntegrityError as exc:
+            _raise_duplicate(exc, [job])
+            raise
         if fired:
             self._notify()
         return fired
@@ -427,6 +437,14 @@ def _hold_lock_across_fork(backend: SQLiteBackend) -> None:
     os.register_at_fork(
         before=before, after_in_parent=after_in_parent, after_in_child=after_in_child
     )
+
+
+def _raise_duplicate(exc: sqlite3.IntegrityError, jobs: Sequence[JobRecord]) -> None:
+    """Raise :class:`DuplicateJob` when ``exc`` says a job id was already taken."""
+    if "errands_jobs.id" not in str(exc):
+        return
+    what = jobs[0].id if len(jobs) == 1 else f"one of these {len(jobs)} (or one given twice)"
+    raise DuplicateJob(f"job id already stored: {what}") from exc
 
 
 def _insert(db: sqlite3.Connection, jobs: Sequence[JobRecord]) -> list[JobRecord]:
