@@ -137,9 +137,8 @@ def test_retry_failed_requeues_every_failed_job_of_a_queue(
     drain(app)
     result = cli("retry", "--failed", "--queue", "a")
     assert result.exit_code == 0 and "Queued 3 failed job(s) again." in result.output
-    with app.app_context():
-        assert {worker_app.errands.job(i).status for i in ids} == {"queued"}  # type: ignore[union-attr]
-        assert worker_app.errands.job(other).status == "failed"  # type: ignore[union-attr]
+    assert {job_of(app, i).status for i in ids} == {"queued"}
+    assert job_of(app, other).status == "failed"
 
 
 def test_cancel_a_queued_job(app: Flask, cli: Callable[..., Any]) -> None:
