@@ -16,7 +16,7 @@ import pytest
 from flask import Flask
 
 from tests.apps import worker_app
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, require, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -397,7 +397,7 @@ def test_live_workers_are_listed_by_status(
 
 
 def test_a_worker_started_while_redis_is_down_waits_and_then_works(tmp_path: Path) -> None:
-    pytest.importorskip("flask_errands.backends.redis")
+    require("redis")
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     worker = WorkerProcess(url, tmp_path)
@@ -484,7 +484,7 @@ def test_schedules_shows_next_run_in_zone_and_utc_and_last_outcome(tmp_path: Pat
 def test_the_example_app_runs_its_jobs_in_a_worker_process(tmp_path: Path, store: str) -> None:
     """`flask --app examples.app errands worker`, as the README says, on SQLite and Redis."""
     if store == "redis":
-        pytest.importorskip("flask_errands.backends.redis")
+        require("redis")
         url = f"redis://127.0.0.1:6379/0?prefix=example-{time.monotonic_ns()}:"
     else:
         url = f"sqlite:///{tmp_path}/example.db"

@@ -25,11 +25,12 @@ from typing import Any, TypeVar
 
 import pytest
 
-psycopg = pytest.importorskip("psycopg")
+from tests.helpers import MakeApp, app_command, create_database, free_port, require, wait_until
+
+psycopg = require("psycopg")
 
 from flask_errands import BackendUnavailable, ConfigurationError, EnqueueError  # noqa: E402
 from flask_errands.backends import JobRecord, backend_from_url  # noqa: E402
-from tests.helpers import MakeApp, app_command, free_port, wait_until  # noqa: E402
 
 T = TypeVar("T")
 
@@ -99,6 +100,22 @@ def test_an_app_starts_while_the_server_is_down_and_says_why_jobs_fail(
         assert "refused" in message.lower()
     assert str(enqueue.value).startswith("job not enqueued")
     assert not isinstance(lookup.value, EnqueueError)
+
+
+@ON_POSTGRES
+def test_the_suite_creates_the_database_its_url_names(backend_url: str) -> None:
+    """What lets the suite run on a fresh server with nothing created by hand."""
+    server = backend_url.split("?")[0]
+    name = f"errands_created_{uuid.uuid4().hex[:8]}"
+    url = psycopg.conninfo.make_conninfo(server, dbname=name)
+    try:
+        assert create_database(url) is True
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == (name,)
+        assert create_database(url) is False
+    finally:
+        with psycopg.connect(server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
 # -- schemas -------------------------------------------------------------------

@@ -19,12 +19,13 @@ from typing import Any, TypeVar
 
 import pytest
 
-redis = pytest.importorskip("redis")
+from tests.helpers import MakeApp, app_command, free_port, require, unavailable, wait_until
+
+redis = require("redis")
 
 from flask_errands import EnqueueError, Errands, Job, current_job  # noqa: E402
 from flask_errands.backends import JobRecord, backend_from_url  # noqa: E402
 from flask_errands.backends.redis import RedisBackend  # noqa: E402
-from tests.helpers import MakeApp, app_command, free_port, wait_until  # noqa: E402
 
 T = TypeVar("T")
 
@@ -95,7 +96,7 @@ class RedisServer:
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+        unavailable("redis-server is not installed")
     server = RedisServer(tmp_path)
     server.start()
     yield server
