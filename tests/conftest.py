@@ -1,12 +1,15 @@
 """Fixtures shared by the suite: apps, and one backend URL per real store.
 
 ``backend_url`` is parametrised over every backend. A backend whose server
-is not running is skipped on a developer machine and fails under CI (CI=true),
-so a green CI run always means every backend was tested for real.
+or driver is missing is skipped on a developer machine and fails under CI
+(CI=true), so a green CI run always means every backend was tested for real.
+The PostgreSQL database that the test URL names is created if it is missing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,15 +19,10 @@ from flask import Flask
 
 from flask_errands import Errands
 from flask_errands.backends import Backend, backend_from_url
+from tests.helpers import create_database, require, unavailable
 
 REDIS_URL = os.environ.get("ERRANDS_TEST_REDIS", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("ERRANDS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must test every backend: {reason}")
-    pytest.skip(reason)
 
 
 def _memory(tmp_path: str) -> Iterator[str]:
@@ -36,16 +34,13 @@ def _sqlite(tmp_path: str) -> Iterator[str]:
 
 
 def _redis(tmp_path: str) -> Iterator[str]:
-    try:
-        import redis
-    except ImportError:
-        _unavailable("redis-py is not installed")
+    redis = require("redis")
     prefix = f"errands-test-{uuid.uuid4().hex[:8]}:"
     client = redis.Redis.from_url(REDIS_URL)
     try:
         client.ping()
     except redis.RedisError as exc:
-        _unavailable(f"no Redis server at {REDIS_URL}: {exc}")
+        unavailable(f"no Redis server at {REDIS_URL}: {exc}")
     yield f"{REDIS_URL}?prefix={prefix}"
     keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
     if keys:
@@ -53,16 +48,22 @@ def _redis(tmp_path: str) -> Iterator[str]:
     client.close()
 
 
+@functools.cache
+def _create_postgres_database() -> None:
+    """Create the test URL's database once a session; if that fails, connecting says why."""
+    psycopg = require("psycopg")
+    with contextlib.suppress(psycopg.Error):
+        create_database(POSTGRES_URL)
+
+
 def _postgres(tmp_path: str) -> Iterator[str]:
-    try:
-        import psycopg
-    except ImportError:
-        _unavailable("psycopg is not installed")
+    psycopg = require("psycopg")
+    _create_postgres_database()
     schema = f"errands_test_{uuid.uuid4().hex[:8]}"
     try:
         admin = psycopg.connect(POSTGRES_URL, autocommit=True)
     except psycopg.Error as exc:
-        _unavailable(f"no PostgreSQL server at {POSTGRES_URL}: {exc}")
+        unavailable(f"no PostgreSQL server at {POSTGRES_URL}: {exc}")
     admin.execute(f"CREATE SCHEMA {schema}")
     yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
     admin.execute(f"DROP SCHEMA {schema} CASCADE")
@@ -73,26 +74,12 @@ def _postgres(tmp_path: str) -> Iterator[str]:
 BACKENDS: dict[str, Callable[[str], Iterator[str]]] = {
     "memory": _memory,
     "sqlite": _sqlite,
+    "redis": _redis,
+    "postgres": _postgres,
 }
 
 #: Backends whose store outlives a process, for the crash and multi-process tests.
 SHARED_BACKENDS = [name for name in BACKENDS if name != "memory"]
-
-
-def _implemented(name: str) -> bool:
-    try:
-        __import__(f"flask_errands.backends.{name}")
-    except ImportError:
-        return False
-    return True
-
-
-if _implemented("redis"):
-    BACKENDS["redis"] = _redis
-    SHARED_BACKENDS.append("redis")
-if _implemented("postgres"):
-    BACKENDS["postgres"] = _postgres
-    SHARED_BACKENDS.append("postgres")
 
 
 def _url_fixture(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[str]:

@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import socket
+import sys
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from types import ModuleType
+from typing import NoReturn, TypeVar
 
 import pytest
+from flask import Flask
+
+from flask_errands import Errands
 
 T = TypeVar("T")
 
+#: The type of the ``make_app`` fixture: keyword config in, an app and its extension out.
+MakeApp = Callable[..., tuple[Flask, Errands]]
 
-def wait_until(predicate: Callable[[], T], what: str, timeout: float = 30.0) -> T:
+#: Apps and scripts that tests run in processes of their own.
+APPS = Path(__file__).resolve().parent / "apps"
+
+
+def wait_until(predicate: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
     """Poll ``predicate`` until it returns something true, and return that.
 
     Fails the test, saying what never happened, after ``timeout`` seconds:
-    generous, because it only bounds a wait that should end far sooner.
+    generous, because it only bounds a wait that should end far sooner. A
+    predicate whose answer may be false but wanted (0, an empty list) wraps
+    it, as in ``lambda: (n := count()) is not None and (n,)``.
     """
     deadline = time.monotonic() + timeout
     while not (value := predicate()):
@@ -33,12 +49,46 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def eventually(attempt: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
-    """Call ``attempt`` until it returns something other than None (0 and [] count), and
-    return that; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while (value := attempt()) is None:
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout:g}s waiting for {what}")
-        time.sleep(0.02)
-    return value
+def app_command(name: str, *args: str) -> list[str]:
+    """The command that runs ``tests/apps/NAME.py`` with ``args`` in a process of its own."""
+    return [sys.executable, str(APPS / f"{name}.py"), *args]
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip for want of a server, driver or tool; fail instead under CI (``CI`` set).
+
+    So a green CI run means every backend and every outage was tested for real.
+    """
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run every test: {reason}")
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require(module: str) -> ModuleType:
+    """Import a driver the tests need, or skip (fail under CI) without it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        unavailable(f"{module} is not installed ({exc})")
+
+
+def create_database(url: str) -> bool:
+    """Create the PostgreSQL database that ``url`` names, if it is missing; True if created.
+
+    It connects to the server's ``postgres`` maintenance database with the same
+    user and host, so a fresh server needs nothing done by hand before the suite.
+    """
+    import psycopg
+    from psycopg import errors, sql
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    name = str(conninfo_to_dict(url).get("dbname") or "postgres")
+    maintenance = make_conninfo(url, dbname="postgres", connect_timeout=10)
+    with psycopg.connect(maintenance, autocommit=True) as admin:
+        if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            return False
+        try:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        except errors.DuplicateDatabase:
+            return False  # another test session created it a moment ago
+    return True

@@ -17,7 +17,7 @@ from flask import Flask
 
 from flask_errands import BackendUnavailable
 from tests.apps import worker_app
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, require, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,9 +138,8 @@ def test_retry_failed_requeues_every_failed_job_of_a_queue(
     drain(app)
     result = cli("retry", "--failed", "--queue", "a")
     assert result.exit_code == 0 and "Queued 3 failed job(s) again." in result.output
-    with app.app_context():
-        assert {worker_app.errands.job(i).status for i in ids} == {"queued"}  # type: ignore[union-attr]
-        assert worker_app.errands.job(other).status == "failed"  # type: ignore[union-attr]
+    assert {job_of(app, i).status for i in ids} == {"queued"}
+    assert job_of(app, other).status == "failed"
 
 
 def test_cancel_a_queued_job(app: Flask, cli: Callable[..., Any]) -> None:
@@ -443,7 +442,7 @@ def test_live_workers_are_listed_by_status(
 
 
 def test_a_worker_started_while_redis_is_down_waits_and_then_works(tmp_path: Path) -> None:
-    pytest.importorskip("flask_errands.backends.redis")
+    require("redis")
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     worker = WorkerProcess(url, tmp_path)
@@ -530,7 +529,7 @@ def test_schedules_shows_next_run_in_zone_and_utc_and_last_outcome(tmp_path: Pat
 def test_the_example_app_runs_its_jobs_in_a_worker_process(tmp_path: Path, store: str) -> None:
     """`flask --app examples.app errands worker`, as the README says, on SQLite and Redis."""
     if store == "redis":
-        pytest.importorskip("flask_errands.backends.redis")
+        require("redis")
         url = f"redis://127.0.0.1:6379/0?prefix=example-{time.monotonic_ns()}:"
     else:
         url = f"sqlite:///{tmp_path}/example.db"

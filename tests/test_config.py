@@ -59,7 +59,7 @@ def test_embedded_worker_false_as_text_keeps_the_worker_off(tmp_path: object) ->
     assert app.test_client().get("/").text == "ok"
     with app.app_context():
         assert errands.settings.embedded_worker is False
-        assert errands.state.worker is None
+        assert errands.runtime.worker is None
         errands.backend.close()
 
 

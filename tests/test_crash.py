@@ -1,6 +1,6 @@
 """Real processes sharing one SQLite file, killed with real signals.
 
-Each process runs ``WEB_PROCESS``: a Flask app with flask-errands on a SQLite
+Each process runs ``tests/apps/crash_web.py``: a Flask app with flask-errands on a SQLite
 file and its embedded worker started, as a web process would have it. The
 task appends the number it was given to a file of its own process, so the
 test can count how many times each job really ran.
@@ -13,8 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,39 +21,9 @@ from flask import Flask
 
 import flask_errands
 from flask_errands import Errands, JobStatus
-from tests.helpers import wait_until
+from tests.helpers import app_command, wait_until
 
 AppFactory = Callable[..., tuple[Flask, Errands]]
-
-WEB_PROCESS = textwrap.dedent(
-    """
-    import os, signal, sys, time
-    from flask import Flask
-    from flask_errands import Errands
-
-    db, runs, lease = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    app = Flask("crash_app", instance_path=os.path.dirname(db))
-    app.config.update(
-        ERRANDS_URL="sqlite:///" + db, ERRANDS_LEASE_SECONDS=lease, ERRANDS_CONCURRENCY=4
-    )
-    errands = Errands(app)
-
-    @errands.task(name="crash.record")
-    def record(n, seconds):
-        with open(os.path.join(runs, "runs-%d.txt" % os.getpid()), "a") as out:
-            out.write("%d\\n" % n)
-        time.sleep(seconds)
-        return n
-
-    # What a server does on SIGTERM: leave through sys.exit, so atexit hooks run.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with app.app_context():
-        errands.start_worker()
-    open(os.path.join(runs, "ready-%d" % os.getpid()), "w").close()
-    while True:
-        time.sleep(0.05)
-    """
-)
 
 
 class Processes:
@@ -65,8 +33,6 @@ class Processes:
         self.db = tmp_path / "errands.db"
         self.runs = tmp_path / "runs"
         self.runs.mkdir()
-        self.script = tmp_path / "web_process.py"
-        self.script.write_text(WEB_PROCESS)
         self.logs = tmp_path / "logs"
         self.logs.mkdir()
         self.started: list[subprocess.Popen[bytes]] = []
@@ -79,7 +45,7 @@ class Processes:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         log = open(self.logs / f"{len(self.started)}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
-            [sys.executable, str(self.script), str(self.db), str(self.runs), str(lease_seconds)],
+            app_command("crash_web", str(self.db), str(self.runs), str(lease_seconds)),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import flask_errands
 
@@ -27,9 +30,19 @@ def test_ruff_format_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_mypy_is_green_on_the_package() -> None:
-    result = run("mypy")
+def test_mypy_is_green_on_the_package_and_the_tests() -> None:
+    result = run("mypy", "src/flask_errands", "tests")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_checks_run_the_ruff_and_mypy_that_the_dev_extra_pins() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = dict(spec.split("==") for spec in dev["dev"] if "==" in spec)
+    assert set(pins) == {"ruff", "mypy"}
+    for tool, pinned in pins.items():
+        installed = importlib.metadata.version(tool)
+        assert installed == pinned, f"{tool} {installed} installed: pip install -e '.[dev]'"
 
 
 def test_every_public_name_is_exported_and_sorted() -> None:

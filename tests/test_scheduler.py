@@ -11,8 +11,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 import zoneinfo
@@ -28,6 +26,7 @@ from flask_errands import Errands, Job
 from flask_errands.admin import Admin
 from flask_errands.runtime import Runtime
 from flask_errands.scheduler import Scheduler
+from tests.helpers import app_command, wait_until
 
 UTC = dt.timezone.utc
 PARIS = zoneinfo.ZoneInfo("Europe/Paris")
@@ -310,15 +309,6 @@ def test_admin_schedules_show_next_run_and_last_outcome(
 # -- in a real worker ------------------------------------------------------------
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
 def test_the_worker_fires_periodic_jobs_and_stops_with_them(
     make_app: MakeApp, tmp_path: Path
 ) -> None:
@@ -330,7 +320,10 @@ def test_the_worker_fires_periodic_jobs_and_stops_with_them(
 
     with app.app_context():
         errands.start_worker()
-        assert wait_for(lambda: sum(j.status == "succeeded" for j in jobs_of(app, heartbeat)) >= 2)
+        wait_until(
+            lambda: sum(j.status == "succeeded" for j in jobs_of(app, heartbeat)) >= 2,
+            "two heartbeats to succeed",
+        )
         errands.stop_worker(grace=5)
     assert state_of(app).scheduler is None
     assert all(
@@ -361,39 +354,9 @@ def test_errands_scheduler_false_keeps_the_worker_from_firing_ticks(
     assert state_of(app).backend.last_ticks() == {}
 
 
-CHILD = textwrap.dedent(
-    """
-    import json, sys, time
-    from flask import Flask
-    from flask_errands import Errands
-
-    app = Flask("ticker", instance_path=sys.argv[2])
-    app.config.update(ERRANDS_URL=sys.argv[1], ERRANDS_EMBEDDED_WORKER=False)
-    errands = Errands(app)
-
-    @errands.periodic(every=1, name="ticker")
-    def tick():
-        return time.time()
-
-    print("ready", flush=True)
-    begin, end = map(float, sys.stdin.readline().split())
-    time.sleep(max(0.0, begin - time.time()))
-    with app.app_context():
-        errands.start_worker()
-        scheduler = app.extensions["errands"].scheduler
-        time.sleep(max(0.0, end - time.time()))
-        running = scheduler.running
-        errands.stop_worker(grace=10)
-    print(json.dumps({"won": scheduler.ticks_fired, "running": running}), flush=True)
-    """
-)
-
-
 def test_three_worker_processes_fire_each_tick_once(
     shared_backend_url: str, tmp_path: Path
 ) -> None:
-    script = tmp_path / "ticker.py"
-    script.write_text(CHILD)
     package_root = str(Path(flask_errands.__file__).resolve().parent.parent)
     env = {
         **os.environ,
@@ -401,7 +364,7 @@ def test_three_worker_processes_fire_each_tick_once(
     }
     children = [
         subprocess.Popen(
-            [sys.executable, str(script), shared_backend_url, str(tmp_path)],
+            app_command("ticker", shared_backend_url, str(tmp_path)),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -55,7 +55,8 @@ def test_every_fires_on_whole_multiples_of_its_interval() -> None:
 
 
 def test_every_accepts_a_timedelta_and_any_zone_for_after() -> None:
-    schedule = Schedule("hourly", "t", every=dt.timedelta(hours=1))
+    # every= is typed float; __post_init__ also takes a timedelta (periodic(), config).
+    schedule = Schedule("hourly", "t", every=dt.timedelta(hours=1))  # type: ignore[arg-type]
     assert schedule.every == 3600.0
     after = dt.datetime(2026, 1, 10, 9, 15, tzinfo=PARIS)  # 08:15 UTC
     assert schedule.next_run(after) == dt.datetime(2026, 1, 10, 9, 0, tzinfo=UTC)

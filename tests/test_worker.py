@@ -183,7 +183,8 @@ def test_finished_jobs_are_pruned_after_the_result_ttl(
         job.result(timeout=30)
         waiting = noop.options(delay=3600).delay()
         assert errands.job(job.id) is not None
-        ttl_passed = job.finished_at.timestamp() + 0.2  # type: ignore[union-attr]
+        assert job.finished_at is not None
+        ttl_passed = job.finished_at.timestamp() + 0.2
         wait_until(lambda: time.time() > ttl_passed, "the result TTL to pass")
         errands.stop_worker()
         errands.start_worker()  # a worker prunes when it starts, then every minute
@@ -351,8 +352,10 @@ def test_jobs_reserved_ahead_go_to_an_idle_worker_instead_of_waiting_behind_a_lo
             [report.options().build((), {}, now), urgent.options().build((), {}, now)]
         )
         try:
-            assert errands.job(long_job.id).result(timeout=60) is True  # type: ignore[union-attr]
-            assert errands.job(urgent_job.id).status == JobStatus.SUCCEEDED  # type: ignore[union-attr]
+            long = errands.job(long_job.id)
+            assert long is not None and long.result(timeout=60) is True
+            urgent_now = errands.job(urgent_job.id)
+            assert urgent_now is not None and urgent_now.status == JobStatus.SUCCEEDED
         finally:
             busy.stop(5)
             idle.stop(5)

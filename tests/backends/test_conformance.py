@@ -7,22 +7,22 @@ they say exactly what storage must do, independent of the worker threads.
 from __future__ import annotations
 
 import subprocess
-import sys
-import textwrap
 import uuid
+from typing import Any
 
 import pytest
 
 from flask_errands import DuplicateJob
 from flask_errands.backends import Backend, JobRecord
 from flask_errands.tasks import MAX_ETA, PRIORITY_RANGE
+from tests.helpers import app_command
 
 T0 = 1_800_000_000.0
 LEASE = 30.0
 
 
-def job(**fields: object) -> JobRecord:
-    defaults: dict[str, object] = {
+def job(**fields: Any) -> JobRecord:
+    defaults: dict[str, Any] = {
         "id": uuid.uuid4().hex,
         "task": "tests.noop",
         "payload": '{"args":[],"kwargs":{}}',
@@ -30,11 +30,26 @@ def job(**fields: object) -> JobRecord:
         "enqueued_at": T0,
     }
     defaults.update(fields)
-    return JobRecord(**defaults)  # type: ignore[arg-type]
+    return JobRecord(**defaults)
 
 
-def reserve(backend: Backend, limit: int = 1, now: float = T0, queues=None) -> list[JobRecord]:
+def reserve(
+    backend: Backend, limit: int = 1, now: float = T0, queues: list[str] | None = None
+) -> list[JobRecord]:
     return backend.reserve(queues, limit, "worker-a", LEASE, now)
+
+
+def token(record: JobRecord) -> str:
+    """The lease token of a job that ``reserve`` returned."""
+    assert record.lease_token is not None, f"job {record.id} was reserved without a lease token"
+    return record.lease_token
+
+
+def stored(backend: Backend, job_id: str) -> JobRecord:
+    """The job as the store has it now."""
+    record = backend.get(job_id)
+    assert record is not None, f"job {job_id} is not in the store"
+    return record
 
 
 def test_enqueue_then_get_returns_every_field(backend: Backend) -> None:
@@ -78,7 +93,7 @@ def test_reserved_job_is_running_under_a_lease(backend: Backend) -> None:
     assert got.worker_id == "worker-a"
     assert got.started_at == T0 + 1
     assert got.lease_expires_at == T0 + 1 + LEASE
-    assert backend.get(got.id).status == "running"  # type: ignore[union-attr]
+    assert stored(backend, got.id).status == "running"
 
 
 def test_delayed_job_is_not_reserved_before_its_time(backend: Backend) -> None:
@@ -108,17 +123,17 @@ def test_expired_lease_is_redelivered_and_the_old_lease_is_void(backend: Backend
     assert second.attempts == 2
     assert second.worker_id == "worker-b"
     assert second.lease_token != first.lease_token
-    assert not backend.finish(first.id, first.lease_token, "succeeded", T0 + 40)  # type: ignore[arg-type]
-    assert backend.finish(second.id, second.lease_token, "succeeded", T0 + 41)  # type: ignore[arg-type]
-    assert backend.get(first.id).status == "succeeded"  # type: ignore[union-attr]
+    assert not backend.finish(first.id, token(first), "succeeded", T0 + 40)
+    assert backend.finish(second.id, token(second), "succeeded", T0 + 41)
+    assert stored(backend, first.id).status == "succeeded"
 
 
 def test_heartbeat_keeps_the_lease_alive(backend: Backend) -> None:
     backend.enqueue([job()])
     [got] = reserve(backend)
-    assert backend.heartbeat({got.id: got.lease_token}, LEASE, T0 + 20) == set()  # type: ignore[dict-item]
+    assert backend.heartbeat({got.id: token(got)}, LEASE, T0 + 20) == set()
     assert reserve(backend, now=T0 + LEASE + 1) == []
-    assert backend.get(got.id).lease_expires_at == T0 + 20 + LEASE  # type: ignore[union-attr]
+    assert stored(backend, got.id).lease_expires_at == T0 + 20 + LEASE
     assert len(reserve(backend, now=T0 + 20 + LEASE + 1)) == 1
 
 
@@ -126,13 +141,13 @@ def test_heartbeat_with_a_stale_token_does_nothing(backend: Backend) -> None:
     backend.enqueue([job()])
     [got] = reserve(backend)
     assert backend.heartbeat({got.id: "stale"}, LEASE, T0 + 20) == set()
-    assert backend.get(got.id).lease_expires_at == T0 + LEASE  # type: ignore[union-attr]
+    assert stored(backend, got.id).lease_expires_at == T0 + LEASE
 
 
 def test_finish_records_success_and_result(backend: Backend) -> None:
     backend.enqueue([job(unique_key="once")])
     [got] = reserve(backend)
-    assert backend.finish(got.id, got.lease_token, "succeeded", T0 + 2, result="42")  # type: ignore[arg-type]
+    assert backend.finish(got.id, token(got), "succeeded", T0 + 2, result="42")
     done = backend.get(got.id)
     assert done is not None
     assert (done.status, done.result, done.finished_at) == ("succeeded", "42", T0 + 2)
@@ -145,9 +160,9 @@ def test_finish_records_failure_with_traceback(backend: Backend) -> None:
     [got] = reserve(backend)
     backend.finish(
         got.id,
-        got.lease_token,
+        token(got),
         "failed",
-        T0 + 1,  # type: ignore[arg-type]
+        T0 + 1,
         error="ValueError: bad",
         traceback="Traceback ...",
     )
@@ -163,7 +178,7 @@ def test_finish_records_failure_with_traceback(backend: Backend) -> None:
 def test_retry_later_makes_the_job_due_at_its_eta(backend: Backend) -> None:
     backend.enqueue([job()])
     [got] = reserve(backend)
-    backend.finish(got.id, got.lease_token, "scheduled", T0 + 1, error="E: x", eta=T0 + 10)  # type: ignore[arg-type]
+    backend.finish(got.id, token(got), "scheduled", T0 + 1, error="E: x", eta=T0 + 10)
     waiting = backend.get(got.id)
     assert waiting is not None
     assert (waiting.status, waiting.eta, waiting.error) == ("scheduled", T0 + 10, "E: x")
@@ -175,7 +190,7 @@ def test_retry_later_makes_the_job_due_at_its_eta(backend: Backend) -> None:
 def test_release_puts_the_job_back_without_counting_the_attempt(backend: Backend) -> None:
     backend.enqueue([job()])
     [got] = reserve(backend)
-    assert backend.release(got.id, got.lease_token, T0 + 1)  # type: ignore[arg-type]
+    assert backend.release(got.id, token(got), T0 + 1)
     back = backend.get(got.id)
     assert back is not None
     assert (back.status, back.attempts, back.lease_token) == ("queued", 0, None)
@@ -191,7 +206,7 @@ def test_unique_key_returns_the_live_job(backend: Backend) -> None:
     [got] = reserve(backend)
     [while_running] = backend.enqueue([job(unique_key="report-7")])
     assert while_running.id == first.id
-    backend.finish(got.id, got.lease_token, "succeeded", T0 + 1)  # type: ignore[arg-type]
+    backend.finish(got.id, token(got), "succeeded", T0 + 1)
     fresh = job(unique_key="report-7")
     [after] = backend.enqueue([fresh])
     assert after.id == fresh.id
@@ -220,13 +235,13 @@ def test_cancel_running_job_is_seen_through_heartbeat(backend: Backend) -> None:
     after = backend.cancel(got.id, T0 + 1)
     assert after is not None
     assert (after.status, after.cancel_requested) == ("running", True)
-    assert backend.heartbeat({got.id: got.lease_token}, LEASE, T0 + 2) == {got.id}  # type: ignore[dict-item]
+    assert backend.heartbeat({got.id: token(got)}, LEASE, T0 + 2) == {got.id}
 
 
 def test_requeue_runs_a_failed_job_again_under_its_id(backend: Backend) -> None:
     backend.enqueue([job()])
     [got] = reserve(backend)
-    backend.finish(got.id, got.lease_token, "failed", T0 + 1, error="E: x", traceback="tb")  # type: ignore[arg-type]
+    backend.finish(got.id, token(got), "failed", T0 + 1, error="E: x", traceback="tb")
     again = backend.requeue(got.id, T0 + 5)
     assert again is not None
     assert (again.id, again.status, again.attempts, again.error) == (got.id, "queued", 0, None)
@@ -285,7 +300,7 @@ def test_purge_deletes_matching_jobs_but_never_running_ones(backend: Backend) ->
     backend.enqueue([a, b, c, d])
     [running] = reserve(backend, queues=["q2"])
     [done] = reserve(backend, queues=["q1"])
-    backend.finish(done.id, done.lease_token, "failed", T0 + 100)  # type: ignore[arg-type]
+    backend.finish(done.id, token(done), "failed", T0 + 100)
     assert backend.purge(status="failed", before=T0 + 50) == 0
     assert backend.purge(status="failed") == 1
     assert backend.purge(queue="q2") == 0
@@ -309,7 +324,7 @@ def test_prune_deletes_only_old_finished_jobs(backend: Backend) -> None:
     old, recent, waiting = job(), job(), job()
     backend.enqueue([old, recent, waiting])
     for record, at in zip(reserve(backend, limit=2), (T0 + 1, T0 + 100), strict=True):
-        backend.finish(record.id, record.lease_token, "succeeded", at)  # type: ignore[arg-type]
+        backend.finish(record.id, token(record), "succeeded", at)
     assert backend.prune(T0 + 50) == 1
     assert backend.get(old.id) is None
     assert backend.get(recent.id) is not None
@@ -327,19 +342,19 @@ def test_watchers_are_told_about_new_work(backend: Backend) -> None:
 
 
 def test_a_duplicate_id_raises_duplicate_job_and_stores_nothing(backend: Backend) -> None:
-    stored = job()
-    backend.enqueue([stored])
-    with pytest.raises(DuplicateJob, match=stored.id):
-        backend.enqueue([job(id=stored.id, task="tests.other")])
+    first = job()
+    backend.enqueue([first])
+    with pytest.raises(DuplicateJob, match=first.id):
+        backend.enqueue([job(id=first.id, task="tests.other")])
     with pytest.raises(DuplicateJob):
-        backend.enqueue([job(id=stored.id, unique_key="k")])
+        backend.enqueue([job(id=first.id, unique_key="k")])
     twin = job()
     with pytest.raises(DuplicateJob):
         backend.enqueue([twin, job(id=twin.id)])
-    with pytest.raises(DuplicateJob, match=stored.id):
-        backend.fire_tick("nightly", T0, job(id=stored.id), T0)
-    assert [j.id for j in backend.list_jobs()] == [stored.id]
-    assert backend.get(stored.id).task == "tests.noop"  # type: ignore[union-attr]
+    with pytest.raises(DuplicateJob, match=first.id):
+        backend.fire_tick("nightly", T0, job(id=first.id), T0)
+    assert [j.id for j in backend.list_jobs()] == [first.id]
+    assert stored(backend, first.id).task == "tests.noop"
     assert backend.last_ticks() == {}
     assert backend.fire_tick("nightly", T0, job(), T0)  # the failed tick was not recorded
 
@@ -371,25 +386,6 @@ def test_prune_deletes_old_jobs_old_ticks_and_expired_workers(backend: Backend) 
     assert not backend.fire_tick("a", T0 + 120, job(), T0 + 200)  # the latest is kept
 
 
-CONCURRENT_CLAIMS = """
-import sys, time
-from flask_errands.backends import backend_from_url
-backend = backend_from_url(sys.argv[1], instance_path=sys.argv[2])
-backend.counts()  # connected and warmed up before the start line
-print("ready", flush=True)
-sys.stdin.readline()
-claimed = []
-while True:
-    got = backend.reserve(None, 5, sys.argv[3], 30, time.time())
-    if not got:
-        break
-    for record in got:
-        backend.finish(record.id, record.lease_token, "succeeded", time.time())
-        claimed.append(record.id)
-print("\\n".join(claimed))
-"""
-
-
 def test_processes_sharing_a_store_never_claim_a_job_twice(
     shared_backend_url: str, tmp_path: object
 ) -> None:
@@ -399,10 +395,9 @@ def test_processes_sharing_a_store_never_claim_a_job_twice(
     jobs = [job(eta=0.0) for _ in range(2000)]
     for start in range(0, len(jobs), 500):
         backend.enqueue(jobs[start : start + 500])
-    script = textwrap.dedent(CONCURRENT_CLAIMS)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", script, shared_backend_url, str(tmp_path), f"w{n}"],
+            app_command("claimer", shared_backend_url, str(tmp_path), f"w{n}"),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -465,8 +460,8 @@ def test_a_job_that_lost_three_leases_in_a_row_fails_and_frees_its_unique_key(
     assert (failed.status, failed.attempts, failed.lost_leases) == ("failed", 3, 3)
     assert failed.error == LOST.format("worker-c", 3, 3)
     assert (failed.traceback, failed.lease_token, failed.finished_at) == (None, None, now)
-    assert not backend.finish(got.id, got.lease_token, "succeeded", now + 1)  # type: ignore[arg-type]
-    assert backend.get(poison.id).status == "failed"  # type: ignore[union-attr]
+    assert not backend.finish(got.id, token(got), "succeeded", now + 1)
+    assert stored(backend, poison.id).status == "failed"
     [fresh] = backend.enqueue([job(unique_key="poison")])
     assert fresh.id != poison.id
 
@@ -489,14 +484,14 @@ def test_finish_or_release_between_lost_leases_starts_the_count_again(
     [got] = reclaim(backend, got, "worker-c")
     assert got.lost_leases == 2
     now = (got.lease_expires_at or 0) - 1
-    assert backend.finish(got.id, got.lease_token, "scheduled", now, error="E: x", eta=now)  # type: ignore[arg-type]
+    assert backend.finish(got.id, token(got), "scheduled", now, error="E: x", eta=now)
     [got] = backend.reserve(None, 1, "worker-d", LEASE, now)
     assert (got.attempts, got.lost_leases) == (4, 0)
     [got] = reclaim(backend, got, "worker-e")
     [got] = reclaim(backend, got, "worker-f")
     now = (got.lease_expires_at or 0) - 1
-    assert backend.release(got.id, got.lease_token, now)  # type: ignore[arg-type]
-    assert backend.get(poison.id).lost_leases == 0  # type: ignore[union-attr]
+    assert backend.release(got.id, token(got), now)
+    assert stored(backend, poison.id).lost_leases == 0
     [got] = backend.reserve(None, 1, "worker-g", LEASE, now)
     [got] = reclaim(backend, got, "worker-h")
     [got] = reclaim(backend, got, "worker-i")
@@ -513,7 +508,7 @@ def test_a_lost_lease_redelivers_a_job_without_retries(backend: Backend) -> None
         2,
         1,
     )
-    assert backend.finish(again.id, again.lease_token, "succeeded", T0 + LEASE + 2)  # type: ignore[arg-type]
+    assert backend.finish(again.id, token(again), "succeeded", T0 + LEASE + 2)
     done = backend.get(once.id)
     assert done is not None and (done.status, done.error, done.lost_leases) == (
         "succeeded",

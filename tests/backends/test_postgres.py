@@ -14,24 +14,23 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import textwrap
 import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-psycopg = pytest.importorskip("psycopg")
+from tests.helpers import MakeApp, app_command, create_database, free_port, require, wait_until
+
+psycopg = require("psycopg")
 
 from flask_errands import BackendUnavailable, ConfigurationError, EnqueueError  # noqa: E402
 from flask_errands.backends import JobRecord, backend_from_url  # noqa: E402
-from tests.helpers import eventually, free_port  # noqa: E402
 
 T = TypeVar("T")
 
@@ -80,7 +79,7 @@ def test_pool_options_in_the_url_are_not_passed_to_the_server(backend_url: str) 
 
 
 def test_an_app_starts_while_the_server_is_down_and_says_why_jobs_fail(
-    make_app: Callable[..., Any],
+    make_app: MakeApp,
 ) -> None:
     port = free_port()
     url = f"postgresql://ada:s3cret@127.0.0.1:{port}/db?pool_timeout=1"
@@ -103,17 +102,23 @@ def test_an_app_starts_while_the_server_is_down_and_says_why_jobs_fail(
     assert not isinstance(lookup.value, EnqueueError)
 
 
-# -- schemas -------------------------------------------------------------------
+@ON_POSTGRES
+def test_the_suite_creates_the_database_its_url_names(backend_url: str) -> None:
+    """What lets the suite run on a fresh server with nothing created by hand."""
+    server = backend_url.split("?")[0]
+    name = f"errands_created_{uuid.uuid4().hex[:8]}"
+    url = psycopg.conninfo.make_conninfo(server, dbname=name)
+    try:
+        assert create_database(url) is True
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == (name,)
+        assert create_database(url) is False
+    finally:
+        with psycopg.connect(server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
-CREATE_SCHEMA = """
-import sys, time
-from flask_errands.backends import backend_from_url
-backend = backend_from_url(sys.argv[1], instance_path="")
-start = float(sys.argv[2])
-time.sleep(max(0.0, start - time.time()))
-print(backend.counts())
-backend.close()
-"""
+
+# -- schemas -------------------------------------------------------------------
 
 
 @ON_POSTGRES
@@ -121,7 +126,7 @@ def test_processes_starting_together_create_the_tables_once(backend_url: str) ->
     start = time.time() + 1.5
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(CREATE_SCHEMA), backend_url, str(start)],
+            app_command("create_tables", backend_url, str(start)),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -238,44 +243,14 @@ def test_a_forked_child_uses_connections_of_its_own(backend_url: str) -> None:
     assert stored == 400
 
 
-WORKER = """
-import signal, sys, threading
-from flask import Flask
-from flask_errands import Errands, current_job
-
-app = Flask("errands_pg_worker", instance_path=sys.argv[3])
-app.config.update(ERRANDS_URL=sys.argv[1], ERRANDS_CONCURRENCY=4)
-errands = Errands(app)
-lock = threading.Lock()
-ran = open(sys.argv[2], "a")
-
-@errands.task(name="tests.pg.record")
-def record(n):
-    with lock:
-        ran.write(current_job.id + "\\n")
-        ran.flush()
-    return n
-
-stop = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: stop.set())
-with app.app_context():
-    errands.start_worker()
-    print("ready", flush=True)
-    while not stop.wait(0.1):
-        pass
-    errands.stop_worker(grace=10)
-ran.close()
-"""
-
-
 @ON_POSTGRES
 def test_two_worker_processes_run_2000_jobs_each_exactly_once(
-    backend_url: str, make_app: Callable[..., Any], tmp_path: Path
+    backend_url: str, make_app: MakeApp, tmp_path: Path
 ) -> None:
     logs = [tmp_path / f"ran-{n}.txt" for n in range(2)]
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(WORKER), backend_url, str(log), str(tmp_path)],
+            app_command("pg_worker", backend_url, str(log), str(tmp_path)),
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -296,10 +271,10 @@ def test_two_worker_processes_run_2000_jobs_each_exactly_once(
                 jobs += record.delay_many(range(start, start + 250))
             backend = errands.backend
 
-            def all_done() -> bool | None:
-                return backend.counts() == {("default", "succeeded"): 2000} or None
-
-            eventually(all_done, "2,000 jobs succeeding")
+            wait_until(
+                lambda: backend.counts() == {("default", "succeeded"): 2000},
+                "2,000 jobs succeeding",
+            )
             assert {j.attempts for j in backend.list_jobs(limit=3000)} == {1}
     finally:
         for worker in workers:
@@ -373,7 +348,7 @@ def private_server() -> Iterator[PrivateServer]:
 
 
 def test_a_server_restart_fails_enqueues_then_the_worker_carries_on(
-    private_server: PrivateServer, make_app: Callable[..., Any]
+    private_server: PrivateServer, make_app: MakeApp
 ) -> None:
     app, errands = make_app(ERRANDS_URL=f"{private_server.url}?pool_timeout=2")
 
@@ -394,6 +369,6 @@ def test_a_server_restart_fails_enqueues_then_the_worker_carries_on(
         with pytest.raises(EnqueueError, match=f"127.0.0.1:{private_server.port}"):
             double.delay(1)
         private_server.start()
-        job = eventually(delay_when_possible, "an enqueue after the restart")
+        job = wait_until(delay_when_possible, "an enqueue after the restart")
         assert job.result(timeout=DEADLINE) == 10
         assert errands.backend.counts() == {("default", "succeeded"): 2}

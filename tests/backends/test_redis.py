@@ -10,8 +10,6 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 import uuid
@@ -21,12 +19,13 @@ from typing import Any, TypeVar
 
 import pytest
 
-redis = pytest.importorskip("redis")
+from tests.helpers import MakeApp, app_command, free_port, require, unavailable, wait_until
+
+redis = require("redis")
 
 from flask_errands import EnqueueError, Errands, Job, current_job  # noqa: E402
 from flask_errands.backends import JobRecord, backend_from_url  # noqa: E402
 from flask_errands.backends.redis import RedisBackend  # noqa: E402
-from tests.helpers import eventually, free_port  # noqa: E402
 
 T = TypeVar("T")
 
@@ -34,45 +33,9 @@ ON_REDIS = pytest.mark.parametrize("backend_url", ["redis"], indirect=True)
 DEADLINE = 30.0
 LEASE = 2.0
 
-WORKER = """
-import sys, time
-import redis
-from flask import Flask
-from flask_errands import Errands, current_job
-
-app = Flask("redis_test_worker", instance_path=sys.argv[2])
-app.config.update(ERRANDS_URL=sys.argv[1], ERRANDS_LEASE_SECONDS=float(sys.argv[3]))
-errands = Errands(app)
-base, _, query = sys.argv[1].partition("?")
-runs = redis.Redis.from_url(base), query.partition("prefix=")[2] + "runs"
-
-
-@errands.task(name="tests.mark")
-def mark():
-    runs[0].rpush(runs[1], current_job.id)
-
-
-@errands.task(name="tests.hang_first")
-def hang_first(seconds):
-    if current_job.attempt == 1:
-        time.sleep(seconds)
-    return current_job.attempt
-
-
-@errands.task(name="tests.add")
-def add(a, b):
-    return a + b
-
-
-with app.app_context():
-    errands.start_worker()
-while True:
-    time.sleep(3600)
-"""
-
 
 def register_tasks(errands: Errands) -> dict[str, Any]:
-    """The worker script's tasks, so this process can enqueue and run them."""
+    """The tasks of ``tests/apps/redis_worker.py``, so this process can enqueue and run them."""
 
     @errands.task(name="tests.hang_first")
     def hang_first(seconds: float) -> int:
@@ -115,13 +78,13 @@ class RedisServer:
         self.process = subprocess.Popen(command)
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
 
-        def answers() -> bool | None:
+        def answers() -> bool:
             try:
-                return client.ping() or None
+                return bool(client.ping())
             except redis.RedisError:
-                return None
+                return False
 
-        eventually(answers, f"redis-server on port {self.port} to answer")
+        wait_until(answers, f"redis-server on port {self.port} to answer")
         client.close()
 
     def kill(self) -> None:
@@ -133,7 +96,7 @@ class RedisServer:
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+        unavailable("redis-server is not installed")
     server = RedisServer(tmp_path)
     server.start()
     yield server
@@ -143,14 +106,11 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture
 def start_worker_process(tmp_path: Path) -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
-    """Start the worker script against a URL, as a process of its own; killed afterwards."""
-    script = tmp_path / "redis_worker.py"
-    script.write_text(textwrap.dedent(WORKER))
+    """Start ``tests/apps/redis_worker.py`` against a URL; killed afterwards."""
     started: list[subprocess.Popen[bytes]] = []
 
     def start(url: str) -> subprocess.Popen[bytes]:
-        command = [sys.executable, str(script), url, str(tmp_path), str(LEASE)]
-        process = subprocess.Popen(command)
+        process = subprocess.Popen(app_command("redis_worker", url, str(tmp_path), str(LEASE)))
         started.append(process)
         return process
 
@@ -185,7 +145,7 @@ def test_restarted_server_loses_nothing_acknowledged_and_workers_carry_on(
     start_worker_process(own_redis.url)
     with app.app_context():
         done = [add.delay(n, 1) for n in range(20)]
-        eventually(lambda: settled(done), "the first jobs to run")
+        wait_until(lambda: settled(done), "the first jobs to run")
         later = add.options(delay=600).delay(0, 0)
         waiting = add.delay_many([(n, 2) for n in range(200)])
         own_redis.kill()  # mid-run: the worker is draining the batch
@@ -194,7 +154,7 @@ def test_restarted_server_loses_nothing_acknowledged_and_workers_carry_on(
         own_redis.start()
         after = add.delay(100, 1)  # the web side reconnects, the server reloads the scripts
         every = [*done, *waiting, after]
-        eventually(lambda: settled(every), "the worker to reconnect and run every job")
+        wait_until(lambda: settled(every), "the worker to reconnect and run every job")
         assert [job.result() for job in every] == [n + 1 for n in range(20)] + [
             n + 2 for n in range(200)
         ] + [101]
@@ -213,11 +173,11 @@ def test_sigkilled_worker_jobs_run_again_after_the_lease(
         in_flight = [tasks["hang_first"].delay(60) for _ in range(4)]  # the default concurrency
         queued = [tasks["add"].delay(n, n) for n in range(6)]
         worker = start_worker_process(backend_url)
-        eventually(lambda: settled(in_flight, "running"), "the worker to take four jobs")
+        wait_until(lambda: settled(in_flight, "running"), "the worker to take four jobs")
         worker.send_signal(signal.SIGKILL)
         worker.wait()
         errands.start_worker()
-        eventually(lambda: settled(in_flight + queued), "every job to complete after the lease")
+        wait_until(lambda: settled(in_flight + queued), "every job to complete after the lease")
     assert [job.attempts for job in in_flight] == [2, 2, 2, 2]
     assert [job.result() for job in in_flight] == [2, 2, 2, 2]
     assert [job.attempts for job in queued] == [1] * 6
@@ -240,7 +200,7 @@ def test_ten_processes_drain_twenty_thousand_jobs_each_exactly_once(
         for _ in range(10):
             start_worker_process(backend_url)
         every = {("default", "succeeded"): 20_000}
-        eventually(lambda: errands.backend.counts() == every or None, "the drain", 180)
+        wait_until(lambda: errands.backend.counts() == every, "the drain", 180)
         assert {job.attempts for job in errands.backend.list_jobs(limit=20_000)} == {1}
     client = redis.Redis.from_url(backend_url.split("?")[0])
     runs = [run.decode() for run in client.lrange(backend_url.split("prefix=")[1] + "runs", 0, -1)]
@@ -251,7 +211,7 @@ def test_ten_processes_drain_twenty_thousand_jobs_each_exactly_once(
 
 @ON_REDIS
 def test_delayed_job_longer_than_the_lease_runs_once_at_its_time(
-    backend_url: str, make_app: Callable[..., Any]
+    backend_url: str, make_app: MakeApp
 ) -> None:
     client = redis.Redis.from_url(backend_url.split("?")[0])
     prefix = backend_url.split("prefix=")[1]
@@ -268,7 +228,7 @@ def test_delayed_job_longer_than_the_lease_runs_once_at_its_time(
     for other_app, other in apps:
         with other_app.app_context():
             other.start_worker()
-    eventually(lambda: settled([job]), "the delayed job to run")
+    wait_until(lambda: settled([job]), "the delayed job to run")
     assert job.attempts == 1
     assert job.result() == 1
     assert job.started_at is not None and job.started_at >= job.scheduled_for
@@ -315,7 +275,7 @@ def test_three_concurrent_delays_with_one_unique_key_make_one_job(
     ],
 )
 def test_a_record_changed_by_hand_fails_cleanly_and_never_runs(
-    backend_url: str, make_app: Callable[..., Any], field: str, value: Any, error: str
+    backend_url: str, make_app: MakeApp, field: str, value: Any, error: str
 ) -> None:
     app, errands = make_app(ERRANDS_URL=backend_url)
     runs: list[int] = []
@@ -376,7 +336,8 @@ def test_the_prefix_comes_from_the_url_else_from_config(
     prefix = backend_url.split("prefix=")[1]
     app, errands = make_app(ERRANDS_URL=backend_url, ERRANDS_REDIS_PREFIX="ignored:")
     with app.app_context():
-        assert errands.backend.prefix == prefix  # type: ignore[attr-defined]
+        assert isinstance(errands.backend, RedisBackend)
+        assert errands.backend.prefix == prefix
     bare = backend_url.split("?")[0]
     app, errands = make_app(ERRANDS_URL=bare, ERRANDS_REDIS_PREFIX=prefix + "cfg:")
     add = register_tasks(errands)["add"]
@@ -393,19 +354,10 @@ def test_an_enqueue_from_another_process_wakes_the_watchers(backend_url: str) ->
     listener = backend_from_url(backend_url, instance_path="/tmp")
     woken = threading.Event()
     listener.watch(woken.set)
-    eventually(lambda: woken.wait(0.1) or None, "the watcher to subscribe")
+    wait_until(lambda: woken.wait(0.1), "the watcher to subscribe")
     woken.clear()  # from here on, only a message through Redis can wake it
-    script = textwrap.dedent(
-        """
-        import sys, time, uuid
-        from flask_errands.backends import JobRecord, backend_from_url
-        backend = backend_from_url(sys.argv[1], instance_path="/tmp")
-        job = JobRecord(id=uuid.uuid4().hex, task="t", payload="{}", enqueued_at=time.time())
-        backend.enqueue([job])
-        """
-    )
-    subprocess.run([sys.executable, "-c", script, backend_url], check=True)
-    eventually(lambda: woken.is_set() or None, "the wake-up from the other process")
+    subprocess.run(app_command("enqueue_one", backend_url), check=True)
+    wait_until(woken.is_set, "the wake-up from the other process")
     listener.close()
 
 
@@ -428,7 +380,8 @@ def test_a_reserve_retried_after_a_lost_reply_claims_nothing_more(backend_url: s
     assert again == first
     claimed = [backend.get(jobs[i].id) for i in range(2)]
     assert [(j.status, j.attempts) for j in claimed if j] == [("running", 1), ("running", 1)]
-    assert backend.get(jobs[2].id).status == "queued"  # type: ignore[union-attr]
+    left = backend.get(jobs[2].id)
+    assert left is not None and left.status == "queued"
     fresh = backend.reserve(None, 5, "w", 30, now)  # a new call claims what is left
     assert [j.id for j in fresh] == [jobs[2].id]
     backend.close()
