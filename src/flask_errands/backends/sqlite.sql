@@ -86,7 +86,8 @@ WHERE unique_key = ? AND status IN ('queued', 'scheduled', 'running')
 -- name: claim
 -- Jobs whose lease expired (their worker died) first, then due jobs by priority, eta and
 -- enqueue order; one statement, so it is its own transaction. INDEXED BY keeps the planner
--- off the listing index, which would sort every waiting job on each claim.
+-- off the listing index, which would sort every waiting job on each claim. A lapsed lease
+-- whose worker process is alive on this host (errands_live_holder, in sqlite.py) waits.
 UPDATE errands_jobs
 SET status = 'running', attempts = attempts + 1, started_at = :now, lease_expires_at = :expires,
     lease_token = lower(hex(randomblob(16))), worker_id = :worker
@@ -94,6 +95,7 @@ WHERE seq IN (
     SELECT seq FROM (
         SELECT seq FROM errands_jobs INDEXED BY errands_jobs_leases
         WHERE status = 'running' AND lease_expires_at <= :now {queue_filter}
+            AND NOT errands_live_holder(worker_id, started_at, lease_expires_at, :live_until)
         ORDER BY lease_expires_at LIMIT :limit
     )
     UNION ALL
