@@ -197,7 +197,12 @@ class SQLiteBackend(Backend):
         return failure(message)
 
     def _read(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[sqlite3.Row]:
-        return self._statement(lambda db: db.execute(sql, params).fetchall())
+        def read(db: sqlite3.Connection) -> list[sqlite3.Row]:
+            return db.execute(sql, params).fetchall()
+
+        return self._retrying(
+            read, explicit=False, patience=LOCK_PATIENCE, failure=BackendUnavailable
+        )
 
     # -- life of a job -------------------------------------------------------
 
