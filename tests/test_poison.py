@@ -190,7 +190,7 @@ def test_errands_max_lost_leases_rules_drain_and_the_embedded_worker(
             assert job.error.startswith("WorkerLost: worker dead-worker died while running")
 
 
-@pytest.mark.parametrize("value", [0, -1, 1.5, "3", True])
+@pytest.mark.parametrize("value", [0, -1, 1.5, "three", True])
 def test_errands_max_lost_leases_must_be_a_whole_number_of_at_least_1(
     make_app: Callable[..., tuple[Flask, Any]], value: object
 ) -> None:

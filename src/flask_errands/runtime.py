@@ -122,6 +122,7 @@ class Runtime:
             record = task.options(**overrides).build(
                 tuple(schedule.args), dict(schedule.kwargs), now
             )
+            record.eta = fire_time.timestamp()  # a tick's job is due at its tick, even a late one
             self._check([record])
             if not self.backend.fire_tick(schedule.name, fire_time.timestamp(), record, now):
                 return None

@@ -8,19 +8,30 @@ does the same), so several processes on one host share the file safely.
 Workers in other processes are woken through Unix sockets (``wakeup.py``)
 after each commit that adds work, with a slow ``PRAGMA data_version`` poll as
 a backstop.
+
+Another process may hold the write lock for long (a long transaction of the
+app, a migration, the ``sqlite3`` shell). Each operation waits for it only as
+long as its caller can afford: ``.delay()`` ``ENQUEUE_PATIENCE`` seconds, then
+:class:`~flask_errands.exceptions.EnqueueError`; a worker's reserve and
+heartbeat a third of the lease, so it warns and retries before the lease
+lapses. A lease that lapsed while its worker's process is still alive on this
+host is most likely stuck behind such a lock, so it is not taken over for a
+few more leases; past that, the first worker's outcome is dropped with a
+WARNING that says the job runs again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import socket
 import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..exceptions import BackendUnavailable, ConfigurationError, DuplicateJob, EnqueueError
@@ -46,8 +57,18 @@ SCHEMA_VERSION = 2
 #: The statements that bring the tables from the version before to each version.
 MIGRATIONS = {2: (QUERIES["migrate_2_lost_leases"],)}
 
-#: How long one operation keeps retrying a locked database before it gives up.
+logger = logging.getLogger("flask_errands")
+
+#: How long an operation keeps retrying a locked database, unless its caller needs less.
 LOCK_PATIENCE = 30.0
+#: How long ``.delay()`` waits for a locked database before raising ``EnqueueError``.
+ENQUEUE_PATIENCE = 5.0
+#: A worker's reserve and heartbeat wait at most this share of the lease for the lock.
+WORKER_PATIENCE_SHARE = 1 / 3
+#: How long one call into SQLite waits on the lock before the deadline is checked again.
+BUSY_SLICE = 0.1
+#: For this many leases after it lapsed, a lease held by a live process on this host stays put.
+LIVE_HOLDER_LEASES = 4.0
 #: How often the watcher checks for commits it was not told about.
 BACKSTOP_INTERVAL = 0.25
 
@@ -102,11 +123,13 @@ class SQLiteBackend(Backend):
 
     # -- connection and transactions -----------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, busy_timeout: float = BUSY_SLICE) -> sqlite3.Connection:
+        """Open a connection whose calls wait ``busy_timeout`` for a lock, then raise."""
         db = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=LOCK_PATIENCE
+            self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
         )
         db.row_factory = sqlite3.Row
+        db.create_function("errands_live_holder", 4, _live_holder)
         db.execute("PRAGMA journal_mode = WAL")
         db.execute(f"PRAGMA synchronous = {self._synchronous}")
         return db
@@ -118,16 +141,23 @@ class SQLiteBackend(Backend):
             self._pid = os.getpid()
         return self._connection
 
-    @contextmanager
-    def _locked(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            yield self._db()
-
-    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    def _transaction(
+        self,
+        work: Callable[[sqlite3.Connection], T],
+        *,
+        patience: float = LOCK_PATIENCE,
+        failure: type[BackendUnavailable] = BackendUnavailable,
+    ) -> T:
         """Run ``work`` in ``BEGIN IMMEDIATE``; retry while another process holds the lock."""
-        return self._retrying(work, explicit=True)
+        return self._retrying(work, explicit=True, patience=patience, failure=failure)
 
-    def _statement(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    def _statement(
+        self,
+        work: Callable[[sqlite3.Connection], T],
+        *,
+        patience: float = LOCK_PATIENCE,
+        failure: type[BackendUnavailable] = BackendUnavailable,
+    ) -> T:
         """Run ``work``, which executes one write statement, as its own transaction.
 
         A lone ``INSERT``/``UPDATE``/``DELETE`` in autocommit mode takes the write
@@ -137,45 +167,77 @@ class SQLiteBackend(Backend):
         ``work`` must consume every row a ``RETURNING`` clause yields: the
         statement commits when its last row has been read.
         """
-        return self._retrying(work, explicit=False)
+        return self._retrying(work, explicit=False, patience=patience, failure=failure)
 
-    def _retrying(self, work: Callable[[sqlite3.Connection], T], *, explicit: bool) -> T:
-        deadline = time.monotonic() + LOCK_PATIENCE
-        with self._lock:
-            while True:
-                db = self._db()
-                try:
-                    if not explicit:
-                        try:
-                            return work(db)
-                        except BaseException:
-                            if db.in_transaction:  # a RETURNING statement left half-read
-                                db.execute("ROLLBACK")
-                            raise
-                    try:
-                        db.execute("BEGIN IMMEDIATE")
-                        result = work(db)
-                        db.execute("COMMIT")
-                        return result
-                    except BaseException:
-                        # Also reached when a job's timeout interrupts its thread between
-                        # BEGIN and COMMIT: the shared connection must never stay inside.
-                        if db.in_transaction:
-                            db.execute("ROLLBACK")
-                        raise
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) and "busy" not in str(exc):
-                        raise BackendUnavailable(f"SQLite error on {self.path}: {exc}") from exc
-                    if time.monotonic() > deadline:
-                        raise BackendUnavailable(
-                            f"the SQLite database {self.path} stayed locked for "
-                            f"{LOCK_PATIENCE:.0f}s; another process holds a long write"
-                        ) from exc
-                    time.sleep(0.001)
+    def _retrying(
+        self,
+        work: Callable[[sqlite3.Connection], T],
+        *,
+        explicit: bool,
+        patience: float,
+        failure: type[BackendUnavailable],
+    ) -> T:
+        """Run ``work`` until it gets through; after ``patience`` seconds, raise ``failure``.
+
+        SQLite waits ``BUSY_SLICE`` at a time for the lock; between slices this
+        process's lock is let go, so a thread with less patience (a web request's
+        ``.delay()``) never waits behind a worker thread's longer wait.
+        """
+        deadline = time.monotonic() + patience
+        while True:
+            if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise self._stayed_locked(failure, patience)
+            try:
+                return self._attempt(work, explicit=explicit)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    prefix = "job not enqueued, " if issubclass(failure, EnqueueError) else ""
+                    raise failure(f"{prefix}SQLite error on {self.path}: {exc}") from exc
+                if time.monotonic() >= deadline:
+                    raise self._stayed_locked(failure, patience) from exc
+            finally:
+                self._lock.release()
+            time.sleep(0.001)
+
+    def _attempt(self, work: Callable[[sqlite3.Connection], T], *, explicit: bool) -> T:
+        db = self._db()
+        if not explicit:
+            try:
+                return work(db)
+            except BaseException:
+                if db.in_transaction:  # a RETURNING statement left half-read
+                    db.execute("ROLLBACK")
+                raise
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            result = work(db)
+            db.execute("COMMIT")
+            return result
+        except BaseException:
+            # Also reached when a job's timeout interrupts its thread between
+            # BEGIN and COMMIT: the shared connection must never stay inside.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _stayed_locked(
+        self, failure: type[BackendUnavailable], patience: float
+    ) -> BackendUnavailable:
+        message = (
+            f"the SQLite database {self.path} stayed locked for {patience:.3g}s: another "
+            "process holds a long write transaction"
+        )
+        if issubclass(failure, EnqueueError):
+            message = f"job not enqueued, {message}; nothing was stored"
+        return failure(message)
 
     def _read(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[sqlite3.Row]:
-        with self._locked() as db:
+        def read(db: sqlite3.Connection) -> list[sqlite3.Row]:
             return db.execute(sql, params).fetchall()
+
+        return self._retrying(
+            read, explicit=False, patience=LOCK_PATIENCE, failure=BackendUnavailable
+        )
 
     # -- life of a job -------------------------------------------------------
 
@@ -183,12 +245,20 @@ class SQLiteBackend(Backend):
         try:
             if len(jobs) == 1 and jobs[0].unique_key is None:
                 row = jobs[0].to_dict()  # the common .delay(): one INSERT is its own transaction
-                self._statement(lambda db: db.execute(QUERIES["insert_job"], row))
+                self._statement(
+                    lambda db: db.execute(QUERIES["insert_job"], row),
+                    patience=ENQUEUE_PATIENCE,
+                    failure=EnqueueError,
+                )
                 stored = list(jobs)
             else:
-                stored = self._transaction(lambda db: _insert(db, jobs))
+                stored = self._transaction(
+                    lambda db: _insert(db, jobs), patience=ENQUEUE_PATIENCE, failure=EnqueueError
+                )
         except sqlite3.IntegrityError as exc:
             _raise_duplicate(exc, jobs)
+            raise
+        except EnqueueError:
             raise
         except BackendUnavailable as exc:
             raise EnqueueError(f"job not enqueued: {exc}") from exc.__cause__
@@ -205,17 +275,22 @@ class SQLiteBackend(Backend):
         *,
         max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
     ) -> list[JobRecord]:
-        queue_filter, params = _queue_filter(queues)
-        params.update(
-            now=now,
-            expires=now + lease_seconds,
-            worker=worker_id,
-            limit=limit,
-            max_lost=max_lost_leases,
-            lost_error=WORKER_LOST_ERROR,
-        )
+        queue_filter, queue_params = _queue_filter(queues)
+        params = {
+            "now": now,
+            "expires": now + lease_seconds,
+            "worker": worker_id,
+            "limit": limit,
+            "max_lost": max_lost_leases,
+            "lost_error": WORKER_LOST_ERROR,
+            "live_until": now - LIVE_HOLDER_LEASES * lease_seconds,
+        }
+        params.update(queue_params)
         claim = QUERIES["claim"].format(queue_filter=queue_filter)
-        rows = self._statement(lambda db: db.execute(claim, params).fetchall())
+        rows = self._statement(
+            lambda db: db.execute(claim, params).fetchall(),
+            patience=_worker_patience(lease_seconds),
+        )
         return sorted(
             claimed_only([_record(row) for row in rows]),
             key=lambda job: (-job.priority, job.eta, job.enqueued_at),
@@ -225,16 +300,22 @@ class SQLiteBackend(Backend):
         if not leases:
             return set()
 
+        called = time.monotonic()
+
         def extend(db: sqlite3.Connection) -> set[str]:
+            expires = now + lease_seconds
+            waited = time.monotonic() - called
+            if waited >= BUSY_SLICE:  # waited for the lock: the lease runs from now on
+                expires += waited
             cancelled = set()
             for job_id, token in leases.items():
-                params = {"id": job_id, "token": token, "expires": now + lease_seconds}
+                params = {"id": job_id, "token": token, "expires": expires}
                 row = db.execute(QUERIES["extend_lease"], params).fetchone()
                 if row is not None and row["cancel_requested"]:
                     cancelled.add(job_id)
             return cancelled
 
-        return self._transaction(extend)
+        return self._transaction(extend, patience=_worker_patience(lease_seconds))
 
     def set_progress(self, job_id: str, progress: float | None, message: str | None) -> None:
         params = {"id": job_id, "progress": progress, "message": message}
@@ -265,7 +346,28 @@ class SQLiteBackend(Backend):
         changed = self._statement(lambda db: db.execute(QUERIES["finish"], params).rowcount)
         if status == SCHEDULED:
             self._notify()
+        if changed != 1:
+            self._warn_taken_over(job_id, status)
         return changed == 1
+
+    def _warn_taken_over(self, job_id: str, status: str) -> None:
+        """Say so when an attempt's outcome is dropped because another worker holds its job now."""
+        rows = self._read(QUERIES["get"], (job_id,))
+        if not rows or rows[0]["status"] != "running":
+            return
+        row = rows[0]
+        logger.warning(
+            "%s %s: this attempt ended %s, but its lease had lapsed (was %s locked for "
+            "longer than the lease?) and worker %s took the job over: it runs again "
+            "(attempt %d), and this outcome is dropped",
+            row["task"],
+            job_id,
+            status,
+            self.path,
+            row["worker_id"],
+            row["attempts"],
+            extra={"job_id": job_id, "task": row["task"]},
+        )
 
     def release(self, job_id: str, lease_token: str, now: float) -> bool:
         params = {"id": job_id, "token": lease_token}
@@ -389,7 +491,7 @@ class SQLiteBackend(Backend):
         polling ``PRAGMA data_version`` now and then catches anything missed,
         such as a writer running as another user.
         """
-        db = self._connect()
+        db = self._connect(busy_timeout=LOCK_PATIENCE)
         listener = self._wakeup.listen()
         try:
             last = None
@@ -445,6 +547,59 @@ def _raise_duplicate(exc: sqlite3.IntegrityError, jobs: Sequence[JobRecord]) -> 
         return
     what = jobs[0].id if len(jobs) == 1 else f"one of these {len(jobs)} (or one given twice)"
     raise DuplicateJob(f"job id already stored: {what}") from exc
+
+
+def _worker_patience(lease_seconds: float) -> float:
+    """How long a worker's reserve or heartbeat waits for the lock: well within its lease."""
+    return min(LOCK_PATIENCE, lease_seconds * WORKER_PATIENCE_SHARE)
+
+
+def _live_holder(
+    worker_id: str | None, claimed_at: float | None, expired_at: float, live_until: float
+) -> bool:
+    """Whether a lapsed lease belongs to a worker process still alive on this host.
+
+    Such a worker is most likely waiting behind another process's write lock
+    to renew the lease or record the outcome, so its job is not taken over
+    until ``live_until``. A worker id is ``host:pid:random`` (``new_worker_id``).
+    A process stopped or hung for good only delays its job, within that bound.
+    """
+    if worker_id is None or claimed_at is None or expired_at <= live_until:
+        return False
+    host, _, rest = worker_id.partition(":")
+    pid, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) <= 0:
+        return False
+    return _alive_since(int(pid), claimed_at)
+
+
+def _alive_since(pid: int, moment: float) -> bool:
+    """Whether process ``pid`` is alive and was already running at ``moment`` (Unix time).
+
+    A process that started later only reuses the pid of one that died, as a
+    restarted container's does; a zombie is dead. Without ``/proc`` (macOS),
+    only whether the pid is taken can be known.
+    """
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        pass  # alive, run by another user
+    except OSError:
+        return False
+    if not os.path.exists("/proc/self/stat"):
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        with open("/proc/uptime", encoding="ascii") as uptime:
+            since_boot = float(uptime.read().split()[0])
+        state, ticks = fields[0], int(fields[19])
+    except FileNotFoundError:
+        return False  # ended since the kill() above
+    except (OSError, ValueError, IndexError):
+        return True
+    started = time.time() - since_boot + ticks / os.sysconf("SC_CLK_TCK")
+    return state not in ("Z", "X") and started <= moment + 1.0  # /proc/uptime drifts a little
 
 
 def _insert(db: sqlite3.Connection, jobs: Sequence[JobRecord]) -> list[JobRecord]:

@@ -91,7 +91,8 @@ WHERE unique_key = ? AND status IN ('queued', 'scheduled', 'running')
 -- enqueue order; one statement, so it is its own transaction. An expired job that has now
 -- lost :max_lost leases in a row is failed instead of claimed (the caller drops it); braces
 -- are doubled, as {queue_filter} is filled in by str.format. INDEXED BY keeps the planner off
--- the listing index, which would sort every waiting job on each claim.
+-- the listing index, which would sort every waiting job on each claim. A lapsed lease whose
+-- worker process is alive on this host (errands_live_holder, in sqlite.py) waits.
 UPDATE errands_jobs
 SET status = CASE WHEN claimed.give_up THEN 'failed' ELSE 'running' END,
     attempts = attempts + CASE WHEN claimed.give_up THEN 0 ELSE 1 END,
@@ -110,6 +111,7 @@ FROM (
         SELECT seq, 1 AS expired, lost_leases + 1 >= :max_lost AS give_up
         FROM errands_jobs INDEXED BY errands_jobs_leases
         WHERE status = 'running' AND lease_expires_at <= :now {queue_filter}
+            AND NOT errands_live_holder(worker_id, started_at, lease_expires_at, :live_until)
         ORDER BY lease_expires_at LIMIT :limit
     )
     UNION ALL
