@@ -14,6 +14,7 @@ import pytest
 
 from flask_errands import DuplicateJob
 from flask_errands.backends import Backend, JobRecord
+from flask_errands.status import JobStatus
 from flask_errands.tasks import MAX_ETA, PRIORITY_RANGE
 from tests.helpers import app_command
 
@@ -529,3 +530,14 @@ def test_requeue_of_a_job_failed_for_lost_leases_starts_the_count_again(
     [got] = backend.reserve(None, 1, "worker-c", LEASE, T0 + 100)
     [again] = reclaim(backend, got, "worker-d", max_lost_leases=2)
     assert (again.id, again.attempts, again.lost_leases) == (poison.id, 2, 1)
+
+
+def test_a_delayed_urgent_job_does_not_hide_a_due_one_behind_it(backend: Backend) -> None:
+    later = job(priority=5, eta=T0 + 3600, status="scheduled")
+    now = job(priority=0, eta=T0)
+    backend.enqueue([later, now])
+    [first] = backend.reserve(None, 5, "worker-a", LEASE, T0)
+    assert first.id == now.id
+    assert backend.finish(first.id, token(first), JobStatus.SUCCEEDED, T0 + 1)
+    assert backend.next_eta(None) == T0 + 3600
+    assert [r.id for r in backend.reserve(None, 5, "worker-a", LEASE, T0 + 3600)] == [later.id]

@@ -32,6 +32,7 @@ from .base import (
 )
 
 _HeapEntry = tuple[int, float, int, str]
+_DelayedEntry = tuple[float, int, int, str]
 
 
 def _copy(job: JobRecord) -> JobRecord:
@@ -56,7 +57,10 @@ class MemoryBackend(Backend):
         self._jobs: dict[str, JobRecord] = {}
         self._seq: dict[str, int] = {}
         self._counter = itertools.count()
-        self._waiting: dict[str, list[_HeapEntry]] = {}
+        # Per queue: jobs due by now in priority order, and jobs not yet due in eta order
+        # (moved over as they fall due), so a delayed urgent job never hides a due one.
+        self._ready: dict[str, list[_HeapEntry]] = {}
+        self._delayed: dict[str, list[_DelayedEntry]] = {}
         self._unique: dict[str, str] = {}
         self._running: set[str] = set()
         self._ticks: dict[tuple[str, float], tuple[float, str | None]] = {}
@@ -92,13 +96,10 @@ class MemoryBackend(Backend):
                     (given_up if job.lost_leases >= max_lost_leases else claimed).append(job)
             for job in given_up:
                 self._give_up(job, now)
-            heaps = [
-                self._waiting[q]
-                for q in (self._waiting if queues is None else queues)
-                if q in self._waiting
-            ]
+            names = list(self._delayed if queues is None else queues)
+            heaps = [self._promote(name, now) for name in names if name in self._delayed]
             while len(claimed) < limit:
-                due = self._pop_due(heaps, now)
+                due = self._pop_due(heaps)
                 if due is None:
                     break
                 claimed.append(due)
@@ -243,11 +244,18 @@ class MemoryBackend(Backend):
         with self._lock:
             etas = [
                 entry[1]
-                for name, heap in self._waiting.items()
+                for name, heap in self._ready.items()
                 if queues is None or name in queues
                 for entry in heap
                 if self._current(entry)
             ]
+            for name, delayed in self._delayed.items():
+                while delayed and (queues is None or name in queues):
+                    entry = delayed[0]
+                    if self._current((entry[1], entry[0], entry[2], entry[3])):
+                        etas.append(entry[0])
+                        break
+                    heapq.heappop(delayed)
         return min(etas, default=None)
 
     def fire_tick(self, schedule: str, fire_time: float, job: JobRecord, now: float) -> bool:
@@ -340,16 +348,25 @@ class MemoryBackend(Backend):
         return stored
 
     def _push(self, job: JobRecord) -> None:
-        entry = (-job.priority, job.eta, self._seq[job.id], job.id)
-        heapq.heappush(self._waiting.setdefault(job.queue, []), entry)
+        entry = (job.eta, -job.priority, self._seq[job.id], job.id)
+        heapq.heappush(self._delayed.setdefault(job.queue, []), entry)
+        self._ready.setdefault(job.queue, [])
 
-    def _pop_due(self, heaps: list[list[_HeapEntry]], now: float) -> JobRecord | None:
-        """Pop the best due waiting job across ``heaps``; stale heap entries are dropped."""
+    def _promote(self, queue: str, now: float) -> list[_HeapEntry]:
+        """Move the jobs of ``queue`` that are due at ``now`` to its ready heap; return it."""
+        delayed, ready = self._delayed[queue], self._ready[queue]
+        while delayed and delayed[0][0] <= now:
+            eta, priority, seq, job_id = heapq.heappop(delayed)
+            heapq.heappush(ready, (priority, eta, seq, job_id))
+        return ready
+
+    def _pop_due(self, heaps: list[list[_HeapEntry]]) -> JobRecord | None:
+        """Pop the best ready job across ``heaps``; stale heap entries are dropped."""
         best: list[_HeapEntry] | None = None
         for heap in heaps:
             while heap and not self._current(heap[0]):
                 heapq.heappop(heap)
-            if heap and heap[0][1] <= now and (best is None or heap[0] < best[0]):
+            if heap and (best is None or heap[0] < best[0]):
                 best = heap
         if best is None:
             return None
