@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
+import subprocess
 import threading
 import time
 import traceback
@@ -16,7 +16,7 @@ from flask import Flask
 
 from flask_errands import ConfigurationError, Errands, JobStatus
 from flask_errands.worker import Worker
-from tests.helpers import wait_until
+from tests.helpers import app_command, wait_until
 
 AppFactory = Callable[..., tuple[Flask, Errands]]
 EMBEDDED = ["memory", "sqlite"]  # the stores whose worker is embedded by default
@@ -219,8 +219,14 @@ def test_a_fork_while_another_thread_waits_on_the_database_gives_a_working_child
     def noop(n: int) -> int:
         return n
 
-    blocker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
-    blocker.execute("BEGIN IMMEDIATE")  # another process's long write, as far as we can tell
+    # Another process's short write: it holds the lock for 0.4 s. (A connection of this
+    # process would be copied into the child, still holding the lock, which no fork survives.)
+    with app.app_context():
+        errands.backend.counts()  # the tables exist before the other process locks them
+    blocker = subprocess.Popen(
+        app_command("hold_lock", str(db), "0.4"), stdout=subprocess.PIPE, text=True
+    )
+    assert blocker.stdout is not None and blocker.stdout.readline().strip() == "locked"
 
     def enqueue_in_a_thread() -> None:
         with app.app_context():
@@ -229,7 +235,6 @@ def test_a_fork_while_another_thread_waits_on_the_database_gives_a_working_child
     waiting = threading.Thread(target=enqueue_in_a_thread)
     waiting.start()
     time.sleep(0.1)  # let it reach the database and wait there
-    threading.Timer(0.3, lambda: blocker.execute("COMMIT")).start()
     pid = os.fork()
     if pid == 0:
         signal.alarm(20)  # a hung child dies rather than outlive the test
@@ -242,7 +247,7 @@ def test_a_fork_while_another_thread_waits_on_the_database_gives_a_working_child
         finally:
             os._exit(code)
     waiting.join(30)
-    blocker.close()
+    blocker.communicate(timeout=30)
     deadline = time.monotonic() + 30
     while (status := os.waitpid(pid, os.WNOHANG))[0] == 0:
         if time.monotonic() > deadline:

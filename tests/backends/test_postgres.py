@@ -31,6 +31,7 @@ psycopg = require("psycopg")
 
 from flask_errands import BackendUnavailable, ConfigurationError, EnqueueError  # noqa: E402
 from flask_errands.backends import JobRecord, backend_from_url  # noqa: E402
+from flask_errands.backends.postgres import SCHEMA_VERSION  # noqa: E402
 
 T = TypeVar("T")
 
@@ -138,8 +139,8 @@ def test_processes_starting_together_create_the_tables_once(backend_url: str) ->
         assert proc.returncode == 0, err
         assert out.strip() == "{}"
     with psycopg.connect(backend_url) as conn:
-        versions = conn.execute("SELECT version FROM errands_schema").fetchall()
-    assert versions == [(1,)]
+        versions = conn.execute("SELECT version FROM errands_schema ORDER BY version").fetchall()
+    assert versions == [(n,) for n in range(1, SCHEMA_VERSION + 1)]  # each migration ran once
 
 
 @ON_POSTGRES
