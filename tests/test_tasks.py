@@ -1017,3 +1017,41 @@ def test_log_records_carry_the_job_id_and_task(
     assert outcome, "flask-errands logs each job's outcome"
     assert {(vars(r)["job_id"], vars(r)["task"]) for r in outcome} == {(job.id, "mail.send")}
     assert "succeeded" in outcome[-1].getMessage()
+
+
+def test_a_progress_message_no_store_can_keep_is_stored_escaped(
+    drained: tuple[Flask, Errands],
+) -> None:
+    app, errands = drained
+
+    @errands.task
+    def report() -> None:
+        current_job.set_progress(0.5, "row\x00 7")
+
+    with app.app_context():
+        job = report.delay()
+        errands.drain()
+        assert job.refresh().status is JobStatus.SUCCEEDED
+        assert job.progress == 0.5 and job.progress_message == "row\\x00 7"
+
+
+def test_retry_delays_are_bounded_and_checked(drained: tuple[Flask, Errands]) -> None:
+    app, errands = drained
+
+    @errands.task
+    def forever() -> None:
+        raise Retry(delay=float("inf"))
+
+    @errands.task
+    def nonsense() -> None:
+        raise Retry(delay=float("nan"))
+
+    with app.app_context():
+        far, bad = forever.delay(), nonsense.delay()
+        errands.drain()
+        far.refresh()
+        assert far.status is JobStatus.SCHEDULED
+        years = (far.scheduled_for - far.enqueued_at).total_seconds() / (365 * 86400)
+        assert 0.99 < years < 1.01
+        assert bad.refresh().status is JobStatus.FAILED
+        assert bad.error == "ValueError: Retry(delay=...) takes seconds or a timedelta, not nan"

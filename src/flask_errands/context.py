@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, cast
 
 from werkzeug.local import LocalProxy
 
+from .serialization import storable_text
+
 if TYPE_CHECKING:
     from .backends.base import Backend, JobRecord
 
@@ -32,8 +34,12 @@ class RunningJob:
 
     def set_progress(self, fraction: float, message: str | None = None) -> None:
         """Record how far the job has come (0 to 1) and what it is doing, for pollers."""
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+            raise TypeError(f"progress must be a number from 0 to 1, not {fraction!r}")
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"progress must be between 0 and 1, not {fraction!r}")
+        if message is not None:
+            message = storable_text(str(message))
         self._backend.set_progress(self.id, float(fraction), message)
 
     def request_cancel(self) -> None:

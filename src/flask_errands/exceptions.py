@@ -25,6 +25,9 @@ its range (a NaN delay, a priority beyond 32 bits, an empty queue name) raises
 
 from __future__ import annotations
 
+import datetime as dt
+import math
+
 
 class ErrandsError(Exception):
     """Base class of every error flask-errands raises."""
@@ -84,6 +87,13 @@ class Retry(Exception):
     bound it with ``current_job.attempt`` where a loop is possible.
     """
 
-    def __init__(self, delay: float | None = None, message: str = "") -> None:
+    def __init__(self, delay: float | dt.timedelta | None = None, message: str = "") -> None:
         super().__init__(message or "retry requested")
-        self.delay = delay
+        if isinstance(delay, dt.timedelta):
+            delay = delay.total_seconds()
+        if delay is not None and (
+            isinstance(delay, bool) or not isinstance(delay, int | float) or math.isnan(delay)
+        ):
+            raise ValueError(f"Retry(delay=...) takes seconds or a timedelta, not {delay!r}")
+        #: Seconds until the next attempt (a negative one means now), or None for the back-off.
+        self.delay = None if delay is None else float(delay)

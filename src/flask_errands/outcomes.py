@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 
 from .status import JobStatus
 
 #: The longest pause between two attempts, whatever the back-off says.
 MAX_BACKOFF = 3600.0
+#: The longest pause a task may ask for with ``Retry(delay=...)``: a year.
+MAX_REQUESTED_DELAY = 365 * 86400.0
 
 
 class Ending(enum.Enum):
@@ -76,7 +79,9 @@ def decide(
     if not backoff:
         return Decision(JobStatus.SCHEDULED, 0.0)
     if ending is Ending.RETRY_REQUESTED and requested_delay is not None:
-        return Decision(JobStatus.SCHEDULED, max(0.0, requested_delay))
+        if math.isnan(requested_delay):
+            requested_delay = backoff_delay(attempts, retry_delay) * jitter
+        return Decision(JobStatus.SCHEDULED, min(max(0.0, requested_delay), MAX_REQUESTED_DELAY))
     return Decision(JobStatus.SCHEDULED, backoff_delay(attempts, retry_delay) * jitter)
 
 
