@@ -1,0 +1,182 @@
+"""flask-errands against an earlier revision of itself, in the same run: did a change cost speed?
+
+    python benchmarks/versus.py --base dabf92f [--rounds 3] [--jobs 3000]
+                                [--stores memory,sqlite,redis,postgres]
+
+The base revision is checked out into a temporary git worktree; each round
+measures both trees in a fresh process each (``PYTHONPATH`` pointing at their
+``src``), alternating which goes first, so a neighbour's burst of load
+spreads over both. Figures per store: ``delay()`` per second, ``delay_many``
+(batches of 100) jobs per second, and drain (4 embedded threads) jobs per
+second. The table gives each side's median and the median of the per-round
+ratios (head / base): above 1 is faster. Redis and PostgreSQL need their
+servers (``--redis``, ``--postgres``); each run uses its own key prefix or
+schema and removes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METRICS = ("delay", "delay_many", "drain")
+
+
+def measure(store: str, jobs: int, redis_url: str, postgres_url: str) -> dict[str, float]:
+    """Run in a child process: the three figures for one store, with this tree's code."""
+    from flask import Flask
+
+    from flask_errands import Errands
+
+    scratch = tempfile.mkdtemp()
+    cleanup = _prepare(store, scratch, redis_url, postgres_url)
+    app = Flask("versus", instance_path=scratch)
+    app.config.update(ERRANDS_URL=cleanup[0], ERRANDS_EMBEDDED_WORKER=False)
+    errands = Errands(app)
+
+    @errands.task(name="noop")
+    def noop() -> None:
+        """Do nothing."""
+
+    figures: dict[str, float] = {}
+    with app.app_context():
+        noop.delay()  # connected and warmed up
+        started = time.perf_counter()
+        for _ in range(jobs):
+            noop.delay()
+        figures["delay"] = jobs / (time.perf_counter() - started)
+        started = time.perf_counter()
+        for _ in range(jobs // 100):
+            noop.delay_many([()] * 100)
+        figures["delay_many"] = (jobs // 100 * 100) / (time.perf_counter() - started)
+        total = 1 + jobs + jobs // 100 * 100
+        started = time.perf_counter()
+        errands.start_worker()
+        while _finished(errands.backend.counts()) < total:
+            time.sleep(0.005)
+        figures["drain"] = total / (time.perf_counter() - started)
+        errands.stop_worker(grace=5)
+        errands.backend.close()
+    cleanup[1]()
+    return figures
+
+
+def _finished(counts: dict[tuple[str, str], int]) -> int:
+    return sum(n for (_, status), n in counts.items() if status == "succeeded")
+
+
+def _prepare(
+    store: str, scratch: str, redis_url: str, postgres_url: str
+) -> tuple[str, Callable[[], None]]:
+    """The store's URL for this run, and how to remove what the run left."""
+    if store == "memory":
+        return "memory://", lambda: None
+    if store == "sqlite":
+        return f"sqlite:///{scratch}/versus.db", lambda: None
+    if store == "redis":
+        import redis
+
+        prefix = f"errands-versus-{uuid.uuid4().hex[:8]}:"
+
+        def drop_keys() -> None:
+            client = redis.Redis.from_url(redis_url)
+            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+            client.close()
+
+        return f"{redis_url}?prefix={prefix}", drop_keys
+    import psycopg
+
+    schema = f"errands_versus_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+
+    def drop_schema() -> None:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+    return f"{postgres_url}?options=-csearch_path%3D{schema}", drop_schema
+
+
+def run_child(tree: Path, store: str, args: argparse.Namespace) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--measure",
+        store,
+        "--jobs",
+        str(args.jobs),
+        "--redis",
+        args.redis,
+        "--postgres",
+        args.postgres,
+    ]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    figures: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def compare(args: argparse.Namespace) -> None:
+    stores = args.stores.split(",")
+    base_tree = Path(tempfile.mkdtemp(prefix="errands-base-"))
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base_tree), args.base],
+        check=True,
+        capture_output=True,
+    )
+    results: dict[tuple[str, str, str], list[float]] = {}
+    try:
+        for round_ in range(args.rounds):
+            sides = [("base", base_tree), ("head", ROOT)]
+            for side, tree in sides if round_ % 2 == 0 else reversed(sides):
+                for store in stores:
+                    for metric, value in run_child(tree, store, args).items():
+                        results.setdefault((store, metric, side), []).append(value)
+            print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
+    finally:
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
+            check=False,
+            capture_output=True,
+        )
+    print(f"{'store':<9} {'figure':<11} {'base/s':>10} {'head/s':>10} {'head/base':>10}")
+    for store in stores:
+        for metric in METRICS:
+            base, head = results[(store, metric, "base")], results[(store, metric, "head")]
+            ratio = statistics.median(h / b for h, b in zip(head, base, strict=True))
+            print(
+                f"{store:<9} {metric:<11} {statistics.median(base):>10,.0f} "
+                f"{statistics.median(head):>10,.0f} {ratio:>10.2f}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", default="HEAD~1", help="the revision to compare with")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (figures are medians)")
+    parser.add_argument("--jobs", type=int, default=3000, help="jobs per figure")
+    parser.add_argument("--stores", default="memory,sqlite,redis,postgres")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.jobs, args.redis, args.postgres)))
+    else:
+        compare(args)
+
+
+if __name__ == "__main__":
+    main()
