@@ -26,7 +26,7 @@ from tests.proxy import Proxy
 
 ON_STORES = pytest.mark.parametrize("backend_url", ["postgres", "redis"], indirect=True)
 #: Generous bound for waits that must end far sooner (a hang fails the test instead).
-DEADLINE = 20.0
+DEADLINE = 30.0
 #: The per-call bound these tests configure, short so that they stay quick.
 BOUND = {"postgres": "timeout=1.5", "redis": "socket_timeout=1.5&socket_connect_timeout=1.5"}
 

@@ -261,7 +261,8 @@ class RedisBackend(Backend):
                 left = deadline - time.monotonic()
                 if not _transient(exc) or left <= 0 or self._closed.is_set():
                     raise (_MaybeDone if lost else BackendUnavailable)(
-                        f"Redis at {self.url} failed {what} ({type(exc).__name__}: {exc}); "
+                        f"Redis at {self.url} failed {what} "
+                        f"({type(exc).__name__.lstrip('_')}: {exc}); "
                         "check that the server is running and reachable"
                     ) from exc
                 time.sleep(min(pause, left))
