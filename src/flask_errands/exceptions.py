@@ -50,7 +50,12 @@ class BackendUnavailable(ErrandsError):
 
 
 class EnqueueError(BackendUnavailable):
-    """A job could not be stored: nothing was enqueued and no id was handed out."""
+    """``.delay()`` could not confirm the job was stored, so it hands out no job.
+
+    Nearly always nothing was stored. When the store's reply was lost and even
+    asking again failed, the message says the job "may or may not have been
+    enqueued" and names its id, to look up before enqueueing it again.
+    """
 
 
 class UnknownTask(ErrandsError):

@@ -94,6 +94,8 @@ class Worker:
         self._next_heartbeat = 0.0
         self._next_prune = 0.0
         self._grace_deadline: float | None = None
+        #: When the lease of each running attempt (by lease token) last known to us ends.
+        self._lease_ends: dict[str, float] = {}
 
     # -- one step ------------------------------------------------------------
 
@@ -121,6 +123,7 @@ class Worker:
         )
         self._drained = len(records) < want
         for record in records:
+            self._lease_ends[record.lease_token or ""] = record.lease_expires_at or float("inf")
             execution = self.runner.start(record)
             with self._active_lock:
                 self._active[execution.lease_token] = execution
@@ -138,10 +141,12 @@ class Worker:
         # A timed-out attempt whose thread has not let go yet is settled: its retry,
         # perhaps reserved by this same worker, holds the lease now.
         live = [e for e in active if not e.settled]
+        self._warn_lapsed_leases(now)
         if live and now >= self._next_heartbeat:
             self._next_heartbeat = now + self._heartbeat_interval
             leases = {e.id: e.lease_token for e in live}
             cancelled = self.backend.heartbeat(leases, self.lease_seconds, now)
+            self._lease_ends.update((e.lease_token, now + self.lease_seconds) for e in live)
             for execution in live:
                 if execution.id in cancelled:
                     execution.request_cancel()
@@ -152,6 +157,25 @@ class Worker:
             self._next_register = now + REGISTER_INTERVAL
             self.backend.register_worker(self.id, self.info(), REGISTER_INTERVAL * 3, now)
         self._check_stuck(active)
+
+    def _warn_lapsed_leases(self, now: float) -> None:
+        """Say once per lapse which running jobs' leases ended before they could be renewed."""
+        with self._active_lock:
+            live = {e.lease_token: e for e in self._active.values() if not e.settled}
+        for token in [t for t in self._lease_ends if t not in live]:
+            del self._lease_ends[token]
+        lapsed = [e for t, e in live.items() if self._lease_ends.get(t, now + 1.0) <= now]
+        if not lapsed:
+            return
+        for execution in lapsed:
+            del self._lease_ends[execution.lease_token]
+        logger.warning(
+            "errands worker %s: the lease of %s lapsed before this worker could renew it; "
+            "%s may run again elsewhere while still running here",
+            self.id,
+            ", ".join(f"{e.task} {e.id}" for e in lapsed),
+            "it" if len(lapsed) == 1 else "they",
+        )
 
     def info(self) -> dict[str, object]:
         """What this worker says of itself in the backend's list of live workers."""
@@ -243,6 +267,7 @@ class Worker:
                     continue
                 self._wake.wait(self._idle_wait())
             except BackendUnavailable as exc:
+                self._warn_lapsed_leases(self._clock())
                 if self._backend_down_since is None:
                     self._backend_down_since = time.monotonic()
                 logger.warning("errands worker %s: %s; retrying in %.1fs", self.id, exc, pause)

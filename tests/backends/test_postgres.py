@@ -67,14 +67,21 @@ def test_the_url_password_is_hidden_and_pool_options_are_checked() -> None:
         PostgresBackend("postgresql://127.0.0.1/db?pool_timeout=0")
     with pytest.raises(ConfigurationError, match="pool_max_size"):
         PostgresBackend("postgresql://127.0.0.1/db?pool_max_size=many")
+    for bad in ("0", "-1", "inf", "soon"):
+        with pytest.raises(ConfigurationError, match="timeout in ERRANDS_URL"):
+            PostgresBackend(f"postgresql://127.0.0.1/db?timeout={bad}")
 
 
 @ON_POSTGRES
 def test_pool_options_in_the_url_are_not_passed_to_the_server(backend_url: str) -> None:
-    backend = backend_from_url(f"{backend_url}&pool_max_size=2&pool_timeout=3", instance_path="")
+    url = f"{backend_url}&pool_max_size=2&pool_timeout=3&timeout=4"
+    backend = backend_from_url(url, instance_path="")
     try:
         backend.enqueue([job()])
         assert backend.counts() == {("default", "queued"): 1}
+        with backend._connection() as conn:  # type: ignore[attr-defined]
+            settings = conn.execute("SHOW statement_timeout").fetchone()
+        assert settings == {"statement_timeout": "3600ms"}  # a little under timeout=4
     finally:
         backend.close()
 

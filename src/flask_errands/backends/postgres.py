@@ -8,20 +8,37 @@ child. Enqueues are announced with ``NOTIFY`` on a channel named after the
 schema, heard by one listening connection per process.
 
 Tables are created in the first schema of the connection's ``search_path``;
-choose another schema with ``?options=-csearch_path%3Dmyschema``. Two query
-parameters tune the pool and are not passed to libpq: ``pool_max_size``
-(connections per process, default 10) and ``pool_timeout`` (seconds an
-operation waits for a connection before it fails, default 5). Needs
-PostgreSQL 13 or newer.
+choose another schema with ``?options=-csearch_path%3Dmyschema``. Three query
+parameters are read here and not passed to libpq: ``pool_max_size``
+(connections per process, default 10), ``pool_timeout`` (seconds an
+operation waits for a free connection, default 5) and ``timeout``.
+
+``timeout`` (seconds, default 10) bounds every call to the store, waiting for
+a connection included: a call still waiting for PostgreSQL then fails with
+:class:`~flask_errands.exceptions.BackendUnavailable`, and its connection,
+which may have gone silent (a firewall dropping packets, a dead NAT, a
+failover), is dropped and replaced. The server cancels a statement a little
+sooner (``statement_timeout``), libpq's TCP keepalives and ``tcp_user_timeout``
+notice a dead peer, and the listening connection is pinged every few seconds.
+An enqueue whose reply is lost (it may have been stored) asks again, within
+another ``timeout``, whether its jobs were stored: it returns them if so and
+stores them if not, so ``.delay()`` either returns a stored job or raises
+:class:`~flask_errands.exceptions.EnqueueError` within twice ``timeout`` (and
+two seconds to say why a connection could not be had). Needs PostgreSQL 13
+or newer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import math
 import os
 import re
+import socket
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -30,7 +47,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.errors import UniqueViolation
+from psycopg.errors import IdleInTransactionSessionTimeout, UniqueViolation
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -49,7 +66,12 @@ from .urls import hide_password
 
 logger = logging.getLogger("flask_errands")
 
-Connection = psycopg.Connection[DictRow]
+
+class Connection(psycopg.Connection[DictRow]):
+    """A pooled connection that remembers when a call last used it without error."""
+
+    last_used = -math.inf
+
 
 QUERIES = load_queries("postgres.sql")
 SCHEMA_VERSION = 2
@@ -59,10 +81,25 @@ MIGRATIONS = {
     2: (QUERIES["migrate_2_lost_leases"],),
 }
 
-#: Pool settings read from (and removed from) the URL's query, with their defaults.
-POOL_OPTIONS = {"pool_max_size": 10.0, "pool_timeout": 5.0}
-#: libpq settings used unless the URL gives its own.
-CONNECT_DEFAULTS = {"connect_timeout": "10", "application_name": "flask-errands"}
+#: Settings read from (and removed from) the URL's query, with their defaults.
+POOL_OPTIONS = {"pool_max_size": 10.0, "pool_timeout": 5.0, "timeout": 10.0}
+#: libpq settings used unless the URL gives its own; ``connect_timeout`` and
+#: ``tcp_user_timeout`` follow ``timeout``. Keepalives notice a dead peer in about 11 s.
+CONNECT_DEFAULTS = {
+    "application_name": "flask-errands",
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
+    "keepalives_count": "3",
+}
+#: The server cancels a statement after this share of ``timeout``, before the client gives up.
+STATEMENT_SHARE = 0.9
+#: How often the listening connection, otherwise idle, checks that the server still answers.
+LISTEN_PING = 5.0
+#: The pause between two tries to learn whether an enqueue whose reply was lost was stored.
+CONFIRM_PAUSE = 0.2
+#: A pooled connection idle this long is checked (one round trip) before it is lent.
+CHECK_AFTER_IDLE = 1.0
 #: How long the pool retries a failed connection before the next operation starts afresh.
 RECONNECT_TIMEOUT = 10.0
 #: How often the listening thread looks up from the socket to see if it should stop.
@@ -82,10 +119,25 @@ class PostgresBackend(Backend):
         self._conninfo, options = _split_pool_options(url)
         self._pool_max_size = int(options["pool_max_size"])
         self._pool_timeout = options["pool_timeout"]
+        self._timeout = options["timeout"]
         given = conninfo_to_dict(self._conninfo)
-        self._connect_kwargs: dict[str, Any] = {
-            k: v for k, v in CONNECT_DEFAULTS.items() if k not in given
+        defaults = {
+            **CONNECT_DEFAULTS,
+            "connect_timeout": str(math.ceil(self._timeout)),
+            "tcp_user_timeout": str(math.ceil(self._timeout * 1000)),
         }
+        self._connect_kwargs: dict[str, Any] = {
+            k: v for k, v in defaults.items() if k not in given
+        }
+        server_options = str(given.get("options") or "")
+        milliseconds = str(math.ceil(self._timeout * STATEMENT_SHARE * 1000))
+        self._session_settings = [
+            (name, milliseconds)
+            for name in ("statement_timeout", "idle_in_transaction_session_timeout")
+            if name not in server_options
+        ]
+        self._watchdog = _Watchdog()
+        self._deadline = threading.local()  # of the call this thread makes, for the pool's check
         self._lock = threading.Lock()
         self._pid = -1
         self._pool: ConnectionPool[Connection] | None = None
@@ -113,7 +165,8 @@ class PostgresBackend(Backend):
                     min_size=1,
                     max_size=self._pool_max_size,
                     timeout=self._pool_timeout,
-                    check=ConnectionPool.check_connection,
+                    configure=self._configure,
+                    check=self._check,
                     reconnect_timeout=RECONNECT_TIMEOUT,
                     name="flask-errands",
                     num_workers=2,
@@ -123,29 +176,65 @@ class PostgresBackend(Backend):
                 self._pid = os.getpid()
             return self._pool
 
+    def _configure(self, conn: Connection) -> None:
+        """Have the server end, by itself, statements and transactions that outlast a call."""
+        conn.last_used = time.monotonic()  # it has just answered
+        if self._session_settings:
+            settings = ", ".join("set_config(%s, %s, false)" for _ in self._session_settings)
+            with self._watchdog.bound(conn, time.monotonic() + self._timeout):
+                conn.execute(f"SELECT {settings}", list(itertools.chain(*self._session_settings)))
+
+    def _check(self, conn: Connection) -> None:
+        """Before lending a connection that sat idle, see that it works, by the call's deadline.
+
+        One used a moment ago is lent as it is: a call it fails (the server
+        restarted in between) fails as any call can, and is retried by its caller.
+        """
+        if time.monotonic() - conn.last_used < CHECK_AFTER_IDLE:
+            return
+        deadline = getattr(self._deadline, "at", None) or time.monotonic() + self._timeout
+        with self._watchdog.bound(conn, deadline):
+            ConnectionPool.check_connection(conn)
+
     @contextmanager
     def _connection(
-        self, failure: type[BackendUnavailable] = BackendUnavailable
+        self, failure: type[BackendUnavailable] = BackendUnavailable, deadline: float = 0.0
     ) -> Iterator[Connection]:
         """Lend a pooled connection, creating the tables first if this backend has not yet.
 
-        A lost or refused connection becomes ``failure`` with a one-line reason;
-        the pool replaces broken connections by itself, so the next call may succeed.
+        Everything, waiting for the connection included, ends by ``deadline``
+        (default: ``timeout`` from now). A lost, refused or silent connection
+        becomes ``failure`` with a one-line reason; the pool replaces broken
+        connections by itself, so the next call may succeed.
         """
         if self._closed.is_set():
             raise failure(f"the PostgreSQL backend for {self.url} is closed")
+        deadline = deadline or time.monotonic() + self._timeout
+        self._deadline.at = deadline
+        wait = max(0.0, min(self._pool_timeout, deadline - time.monotonic()))
         try:
-            with self._get_pool().connection() as conn:
+            with (
+                self._get_pool().connection(timeout=wait) as conn,
+                self._watchdog.bound(conn, deadline),
+            ):
                 if self._channel is None:
                     self._channel = self._create_schema(conn)
                 yield conn
-        except psycopg.OperationalError as exc:
+                conn.last_used = time.monotonic()
+        except (psycopg.OperationalError, IdleInTransactionSessionTimeout) as exc:
             prefix = "job not enqueued, " if issubclass(failure, EnqueueError) else ""
-            reason = self._reason(exc)
+            reason = self._reason(exc, deadline, wait)
             raise failure(f"{prefix}PostgreSQL at {self.url} is unavailable: {reason}") from exc
+        finally:
+            self._deadline.at = None
 
-    def _reason(self, exc: psycopg.OperationalError) -> str:
+    def _reason(self, exc: psycopg.Error, deadline: float, wait: float) -> str:
         """Say in one line why an operation failed; a pool timeout is traced to its cause."""
+        if not isinstance(exc, PoolTimeout) and time.monotonic() >= deadline:
+            return (
+                f"no reply within {self._timeout:g}s (timeout in ERRANDS_URL); "
+                "the connection was dropped"
+            )
         if isinstance(exc, PoolTimeout):
             try:
                 psycopg.connect(
@@ -154,7 +243,7 @@ class PostgresBackend(Backend):
             except psycopg.Error as direct:
                 return _one_line(str(direct))
             return (
-                f"no pooled connection was free within {self._pool_timeout:g}s; "
+                f"no pooled connection was free within {wait:g}s; "
                 "raise pool_max_size in the URL or lower the load"
             )
         return _one_line(str(exc))
@@ -186,14 +275,62 @@ class PostgresBackend(Backend):
     # -- life of a job -------------------------------------------------------
 
     def enqueue(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
-        # One job is one statement (or an insert and a read): atomic without BEGIN/COMMIT.
-        with (
-            self._connection(EnqueueError) as conn,
-            nullcontext() if len(jobs) == 1 else conn.transaction(),
-        ):
-            stored = self._insert(conn, jobs)
+        sent = False
+        try:
+            with self._connection(EnqueueError) as conn:
+                sent = True  # from here on, jobs may be stored whatever the reply says
+                # One job is one statement (or an insert and a read): atomic without BEGIN.
+                with nullcontext() if len(jobs) == 1 else conn.transaction():
+                    stored = self._insert(conn, jobs)
+        except EnqueueError as exc:
+            if not sent:
+                raise
+            stored = self._store_after_lost_reply(jobs, exc)
         self._notify()
         return stored
+
+    def _store_after_lost_reply(
+        self, jobs: Sequence[JobRecord], lost: EnqueueError
+    ) -> list[JobRecord]:
+        """Finish an enqueue whose outcome is unknown: return the jobs it stored, else store them.
+
+        Job ids are made before the write, so the stored jobs can be found. Asks
+        again until ``timeout`` has passed; then says the jobs may have been stored.
+        """
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                with (
+                    self._connection(EnqueueError, deadline=deadline) as conn,
+                    conn.transaction(),
+                ):
+                    return self._insert_missing(conn, jobs)
+            except DuplicateJob as exc:
+                if not isinstance(exc.__cause__, UniqueViolation):
+                    raise
+                continue  # the lost statement committed meanwhile: look again
+            except EnqueueError as exc:
+                lost = exc
+            if time.monotonic() + CONFIRM_PAUSE >= deadline:
+                break
+            time.sleep(CONFIRM_PAUSE)
+        ids = ", ".join(job.id for job in jobs[:3]) + (" ..." if len(jobs) > 3 else "")
+        reason = str(lost).removeprefix("job not enqueued, ")
+        raise EnqueueError(
+            f"job {ids} ({jobs[0].task}) may or may not have been enqueued: its reply was lost "
+            f"and asking again failed: {reason}; look the id up before enqueueing it again"
+        ) from lost.__cause__
+
+    def _insert_missing(self, conn: Connection, jobs: Sequence[JobRecord]) -> list[JobRecord]:
+        """Insert those of ``jobs`` not stored yet, in the caller's transaction; return all."""
+        rows = conn.execute(QUERIES["get_many"], ([job.id for job in jobs],)).fetchall()
+        found = {row["id"]: row for row in rows}
+        for job in jobs:
+            if job.id in found and not _same_job(found[job.id], job):
+                raise DuplicateJob(f"job id already stored: {job.id}")
+        missing = [job for job in jobs if job.id not in found]
+        inserted = iter(self._insert(conn, missing) if missing else ())
+        return [dataclasses.replace(job) if job.id in found else next(inserted) for job in jobs]
 
     def reserve(
         self,
@@ -372,6 +509,7 @@ class PostgresBackend(Backend):
             pool, self._pool = self._pool, None
             if pool is not None and self._pid == os.getpid():
                 pool.close()
+        self._watchdog.close()
 
     # -- storing new jobs ------------------------------------------------------
 
@@ -409,24 +547,34 @@ class PostgresBackend(Backend):
     # -- wake-ups from other processes ---------------------------------------
 
     def _watch(self) -> None:
-        """LISTEN on a connection of its own until closed; reconnect with back-off if it drops."""
+        """LISTEN on a connection of its own until closed; reconnect with back-off if it drops.
+
+        The connection is pinged every ``LISTEN_PING`` seconds, so one that went
+        silent is noticed within that and ``timeout``, and replaced.
+        """
         delay = 0.0
         while not self._closed.is_set():
             try:
                 with psycopg.connect(
                     self._conninfo, autocommit=True, row_factory=dict_row, **self._connect_kwargs
                 ) as conn:
-                    channel = _channel_name(
-                        _value(conn.execute(QUERIES["current_schema"]).fetchone())
-                    )
-                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    with self._watchdog.bound(conn, time.monotonic() + self._timeout):
+                        channel = _channel_name(
+                            _value(conn.execute(QUERIES["current_schema"]).fetchone())
+                        )
+                        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                     if delay:
                         logger.info("errands: listening to PostgreSQL at %s again", self.url)
                     delay = 0.0
                     self._notify()  # jobs may have been enqueued while nobody listened
+                    next_ping = time.monotonic() + LISTEN_PING
                     while not self._closed.is_set():
                         for _ in conn.notifies(timeout=LISTEN_POLL):
                             self._notify()
+                        if time.monotonic() >= next_ping:
+                            with self._watchdog.bound(conn, time.monotonic() + self._timeout):
+                                conn.execute("SELECT 1")
+                            next_ping = time.monotonic() + LISTEN_PING
             except psycopg.Error as exc:
                 if not delay:
                     logger.warning(
@@ -436,6 +584,84 @@ class PostgresBackend(Backend):
                     )
                 delay = min(max(delay * 2, 0.1), MAX_RECONNECT_DELAY)
                 self._closed.wait(delay)
+
+
+class _Watchdog:
+    """Cuts the connection of a call still waiting at its deadline, so no call waits for good.
+
+    psycopg has no client-side timeout, and libpq waits on a silent socket for
+    ever: a peer that drops packets never says so, and where the kernel still
+    acknowledges (a proxy, a NAT) keepalives do not tell either. One thread per
+    process shuts down the socket of each connection used past its deadline;
+    libpq then fails the call with ``OperationalError``, and the pool discards
+    the connection.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._armed: dict[object, tuple[float, psycopg.Connection[Any]]] = {}
+        self._wakes_at = math.inf
+        self._pid = -1
+        self._closed = False
+
+    @contextmanager
+    def bound(self, conn: psycopg.Connection[Any], deadline: float) -> Iterator[None]:
+        """Cut ``conn`` if the block is still running at ``deadline`` (``time.monotonic()``)."""
+        key = object()
+        with self._cond:
+            if self._pid != os.getpid():  # new, or forked: the thread is not ours yet
+                self._pid, self._armed, self._wakes_at = os.getpid(), {}, math.inf
+                name = "errands-postgres-watchdog"
+                threading.Thread(target=self._run, name=name, daemon=True).start()
+            self._armed[key] = (deadline, conn)
+            if deadline < self._wakes_at:
+                self._wakes_at = deadline
+                self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._armed.pop(key, None)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        with self._cond:
+            while not self._closed and self._pid == pid:
+                now = time.monotonic()
+                for key, (deadline, conn) in list(self._armed.items()):
+                    if deadline <= now:
+                        del self._armed[key]
+                        _cut(conn)
+                self._wakes_at = min((d for d, _ in self._armed.values()), default=math.inf)
+                self._cond.wait(None if self._wakes_at == math.inf else self._wakes_at - now)
+
+
+def _cut(conn: psycopg.Connection[Any]) -> None:
+    """Shut down the socket under ``conn``, which its user still holds, so its wait ends."""
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.Error:  # already closed
+        return
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        return
+    logger.debug("errands: dropped a PostgreSQL connection that did not answer in time")
+
+
+def _same_job(row: Mapping[str, Any], job: JobRecord) -> bool:
+    """Whether a stored row is ``job`` itself (stored by a call whose reply was lost)."""
+    return (row["task"], row["payload"], row["enqueued_at"]) == (
+        job.task,
+        job.payload,
+        job.enqueued_at,
+    )
 
 
 def _record(row: Mapping[str, Any]) -> JobRecord:
@@ -470,7 +696,8 @@ def _split_pool_options(url: str) -> tuple[str, dict[str, float]]:
                 options[key] = float(value)
             except ValueError:
                 options[key] = 0.0
-            if options[key] <= 0 or (key == "pool_max_size" and not options[key].is_integer()):
+            bad = not math.isfinite(options[key]) or options[key] <= 0
+            if bad or (key == "pool_max_size" and not options[key].is_integer()):
                 raise ConfigurationError(
                     f"{key} in ERRANDS_URL must be a positive number, not {value!r}"
                 )

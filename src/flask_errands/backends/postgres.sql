@@ -209,6 +209,9 @@ SELECT pg_notify(%(channel)s, '') FROM requeued
 -- name: get
 SELECT * FROM errands_jobs WHERE id = %s
 
+-- name: get_many
+SELECT * FROM errands_jobs WHERE id = ANY(%s)
+
 -- name: list_jobs
 SELECT * FROM errands_jobs
 WHERE (%(status)s::text IS NULL OR status = %(status)s)

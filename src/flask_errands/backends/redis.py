@@ -9,8 +9,14 @@ pub/sub channel the scripts publish to, and wait for delayed jobs until their et
 A lost connection is retried with back-off, for up to ``WORKER_PATIENCE`` seconds
 in the worker's operations and ``CALLER_PATIENCE`` seconds in the web process's,
 then surfaces as :class:`~flask_errands.exceptions.BackendUnavailable` (or
-:class:`~flask_errands.exceptions.EnqueueError`). Nothing read from Redis is ever
-unpickled: records are strings, numbers and JSON text.
+:class:`~flask_errands.exceptions.EnqueueError`). Each try waits at most
+``socket_timeout`` (default 10 s; ``?socket_timeout=`` in the URL) for a reply,
+so a silent connection fails and is replaced. An enqueue whose reply was lost
+may have been stored: it is sent once more, and the script returns what the
+first run stored, so ``.delay()`` returns the stored jobs or raises
+:class:`~flask_errands.exceptions.EnqueueError` within about twice
+``socket_timeout``. Nothing read from Redis is ever unpickled: records are
+strings, numbers and JSON text.
 """
 
 from __future__ import annotations
@@ -147,6 +153,14 @@ class _Unreadable(ValueError):
     """A stored record that is not what this backend writes."""
 
 
+class _ReplyLost(redis.ConnectionError):
+    """A script was sent but no reply came back: it may have run."""
+
+
+class _MaybeDone(BackendUnavailable):
+    """A call failed after a try whose reply was lost: it may have taken effect."""
+
+
 class _Script:
     """One named script: its text (helpers, then its own block) and the SHA1 it runs by."""
 
@@ -239,18 +253,22 @@ class RedisBackend(Backend):
         """One EVALSHA, packed and sent without redis-py's per-command machinery."""
         command = ("EVALSHA", sha, 0, self.prefix, *args)
         connection = self._connections.take()
+        sent = False
         try:
             if pack_command is not None:
                 connection.send_packed_command([pack_command(command)], check_health=False)
             else:
                 connection.send_command(*command, check_health=False)
+            sent = True
             reply = connection.read_response()
         except redis.ResponseError:
             self._connections.give(connection)  # the server answered: the connection is fine
             raise
-        except BaseException:
+        except BaseException as exc:
             connection.disconnect()
             self._connections.drop_idle()  # the server went away: the others are stale too
+            if sent and isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+                raise _ReplyLost(f"no reply ({type(exc).__name__}: {exc})") from exc
             raise
         self._connections.give(connection)
         return reply
@@ -259,16 +277,19 @@ class RedisBackend(Backend):
         """Run ``call``, retrying transient errors with back-off for ``patience`` seconds."""
         deadline = time.monotonic() + patience
         pause = 0.0
+        lost = False
         while True:
             try:
                 return call()
             except redis.RedisError as exc:
                 if str(exc).startswith("ERRANDS job id already stored: "):
                     raise DuplicateJob(str(exc).removeprefix("ERRANDS ")) from None
+                lost = lost or isinstance(exc, _ReplyLost)
                 left = deadline - time.monotonic()
                 if not _transient(exc) or left <= 0 or self._closed.is_set():
-                    raise BackendUnavailable(
-                        f"Redis at {self.url} failed {what} ({type(exc).__name__}: {exc}); "
+                    raise (_MaybeDone if lost else BackendUnavailable)(
+                        f"Redis at {self.url} failed {what} "
+                        f"({type(exc).__name__.lstrip('_')}: {exc}); "
                         "check that the server is running and reachable"
                     ) from exc
                 time.sleep(min(pause, left))
@@ -282,8 +303,19 @@ class RedisBackend(Backend):
     def enqueue(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
         if not jobs:
             return []
+        # The nonce marks the jobs this call stores: sent again, the script returns them.
+        args = [os.urandom(8).hex(), _jobs_text(jobs)]
         try:
-            reply = self._run("enqueue", [os.urandom(8).hex(), _jobs_text(jobs)], CALLER_PATIENCE)
+            reply = self._run("enqueue", args, CALLER_PATIENCE)
+        except _MaybeDone:
+            try:
+                reply = self._run("enqueue", args, CALLER_PATIENCE)
+            except BackendUnavailable as exc:
+                ids = ", ".join(job.id for job in jobs[:3]) + (" ..." if len(jobs) > 3 else "")
+                raise EnqueueError(
+                    f"job {ids} ({jobs[0].task}) may or may not have been enqueued: {exc}; "
+                    "look the id up before enqueueing it again"
+                ) from exc.__cause__
         except BackendUnavailable as exc:
             raise EnqueueError(
                 f"could not enqueue {len(jobs)} job(s) of {jobs[0].task}: {exc}; "
