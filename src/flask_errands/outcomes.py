@@ -69,13 +69,13 @@ def decide(
     ``backoff=False`` (eager mode, tests) retries at once, whatever was asked.
     """
     if cancel_requested or ending is Ending.CANCELLED:
-        return Decision(JobStatus.CANCELLED)
+        return _CANCELLED
     if ending is Ending.RETURNED:
-        return Decision(JobStatus.SUCCEEDED)
+        return _SUCCEEDED
     if ending is Ending.REFUSED:
-        return Decision(JobStatus.FAILED)
+        return _FAILED
     if ending is not Ending.RETRY_REQUESTED and attempts >= max_attempts:
-        return Decision(JobStatus.FAILED)
+        return _FAILED
     if not backoff:
         return Decision(JobStatus.SCHEDULED, 0.0)
     if ending is Ending.RETRY_REQUESTED and requested_delay is not None:
@@ -83,6 +83,11 @@ def decide(
             requested_delay = backoff_delay(attempts, retry_delay) * jitter
         return Decision(JobStatus.SCHEDULED, min(max(0.0, requested_delay), MAX_REQUESTED_DELAY))
     return Decision(JobStatus.SCHEDULED, backoff_delay(attempts, retry_delay) * jitter)
+
+
+_SUCCEEDED = Decision(JobStatus.SUCCEEDED)
+_FAILED = Decision(JobStatus.FAILED)
+_CANCELLED = Decision(JobStatus.CANCELLED)
 
 
 def backoff_delay(attempts: int, retry_delay: float) -> float:

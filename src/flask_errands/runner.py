@@ -229,7 +229,7 @@ class Runner:
             retry_delay=record.retry_delay,
             requested_delay=requested_delay,
             backoff=self.backoff,
-            jitter=random.uniform(0.5, 1.0),
+            jitter=1.0 if ending is Ending.RETURNED else random.uniform(0.5, 1.0),
         )
 
 
@@ -272,9 +272,11 @@ def _describe(exc: BaseException) -> str:
 
 
 def _log_outcome(execution: Execution, decision: Decision, duration: float) -> None:
-    record = execution.record
     status = decision.status
     level = logging.INFO if status in (SUCCEEDED, CANCELLED) else logging.WARNING
+    if not logger.isEnabledFor(level):
+        return
+    record = execution.record
     if decision.retrying:
         outcome = f"failed after {duration:.3f}s (attempt {record.attempts}), "
         outcome += f"will retry in {decision.delay or 0.0:.1f}s"

@@ -18,9 +18,8 @@ class JobStatus(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
-    def __hash__(self) -> int:
-        # As the plain string hashes, so a status and its value are one dict key.
-        return str.__hash__(self)
+    #: Hash as the plain string does, so a status and its value are one dict key.
+    __hash__ = str.__hash__
 
     @property
     def waiting(self) -> bool:

@@ -111,7 +111,9 @@ class MemoryBackend(Backend):
                 job.lease_token = uuid.uuid4().hex
                 job.worker_id = worker_id
                 self._running.add(job.id)
-            return claimed_only([_copy(job) for job in given_up + claimed])
+            if given_up:
+                claimed_only([_copy(job) for job in given_up])  # logs them
+            return [_copy(job) for job in claimed]
 
     def heartbeat(self, leases: Mapping[str, str], lease_seconds: float, now: float) -> set[str]:
         cancelled = set()
@@ -148,7 +150,7 @@ class MemoryBackend(Backend):
             if job is None:
                 return False
             self._running.discard(job_id)
-            job.status = JobStatus(status)
+            job.status = status if type(status) is JobStatus else JobStatus(status)
             job.result, job.error, job.traceback = result, error, traceback
             job.lease_expires_at = job.lease_token = None
             job.lost_leases = 0
