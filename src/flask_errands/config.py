@@ -21,6 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "ERRANDS_EAGER": False,
     "ERRANDS_SCHEDULE": [],
     "ERRANDS_SCHEDULER": True,
+    "ERRANDS_SHUTDOWN_GRACE": 25,  # seconds the embedded worker's jobs get when the process ends
     "ERRANDS_REDIS_PREFIX": "errands:",  # a ?prefix= in a redis:// ERRANDS_URL wins
 }
 
@@ -41,6 +42,7 @@ class Settings:
     eager: bool
     schedule: tuple[Mapping[str, Any], ...]
     scheduler: bool
+    shutdown_grace: float = 25.0
 
     @classmethod
     def from_config(
@@ -66,6 +68,7 @@ class Settings:
             eager=bool(config["ERRANDS_EAGER"]),
             schedule=tuple(config["ERRANDS_SCHEDULE"] or ()),
             scheduler=bool(config["ERRANDS_SCHEDULER"]),
+            shutdown_grace=seconds(config["ERRANDS_SHUTDOWN_GRACE"], "ERRANDS_SHUTDOWN_GRACE"),
         )
 
 

@@ -37,6 +37,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..exceptions import BackendUnavailable, ConfigurationError, EnqueueError
 from .base import SCHEDULED, Backend, JobRecord
+from .patience import patience
 from .queries import load_queries
 from .urls import hide_password
 
@@ -125,7 +126,7 @@ class PostgresBackend(Backend):
         if self._closed.is_set():
             raise failure(f"the PostgreSQL backend for {self.url} is closed")
         try:
-            with self._get_pool().connection() as conn:
+            with self._get_pool().connection(timeout=patience(self._pool_timeout)) as conn:
                 if self._channel is None:
                     self._channel = self._create_schema(conn)
                 yield conn

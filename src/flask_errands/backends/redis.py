@@ -39,6 +39,8 @@ except ImportError:  # pragma: no cover - each connection packs in Python then
 
 from ..exceptions import BackendUnavailable, EnqueueError
 from .base import FAILED, RUNNING, SCHEDULED, STATUSES, Backend, JobRecord, JobStatus
+from .patience import given_up
+from .patience import patience as limited_patience
 from .queries import load_queries
 from .urls import hide_password
 
@@ -232,7 +234,7 @@ class RedisBackend(Backend):
 
     def _retrying(self, call: Callable[[], T], what: str, patience: float) -> T:
         """Run ``call``, retrying transient errors with back-off for ``patience`` seconds."""
-        deadline = time.monotonic() + patience
+        deadline = time.monotonic() + limited_patience(patience)
         pause = 0.0
         while True:
             try:
@@ -241,7 +243,7 @@ class RedisBackend(Backend):
                 if str(exc).startswith("ERRANDS job id already stored: "):
                     raise ValueError(str(exc).removeprefix("ERRANDS ")) from None
                 left = deadline - time.monotonic()
-                if not _transient(exc) or left <= 0 or self._closed.is_set():
+                if not _transient(exc) or left <= 0 or self._closed.is_set() or given_up():
                     raise BackendUnavailable(
                         f"Redis at {self.url} failed {what} ({type(exc).__name__}: {exc}); "
                         "check that the server is running and reachable"
