@@ -207,8 +207,9 @@ def _supervise(runtime: Runtime, options: WorkerOptions) -> int:
 def _run_child(runtime: Runtime, options: WorkerOptions, slot: int, pipe: int) -> int:
     """A child's life: its own threads, stopped by its own signals or by the supervisor."""
     stop = StopSignals().install()
+    supervisor = os.getppid()
     threading.Thread(
-        target=_obey, args=(pipe, stop), name="errands-supervisor", daemon=True
+        target=_obey, args=(pipe, stop, supervisor), name="errands-supervisor", daemon=True
     ).start()
     return _run_threads(
         runtime,
@@ -219,7 +220,7 @@ def _run_child(runtime: Runtime, options: WorkerOptions, slot: int, pipe: int) -
     )
 
 
-def _obey(pipe: int, stop: StopSignals) -> None:
+def _obey(pipe: int, stop: StopSignals, supervisor: int) -> None:
     """Read the supervisor's requests; end of file means it is gone, and so is ours to stop."""
     while True:
         try:
@@ -231,7 +232,7 @@ def _obey(pipe: int, stop: StopSignals) -> None:
         elif message == ASK_NOW:
             stop.stop_now("the supervisor says now")
         else:
-            stop.ask(f"the supervisor (pid {os.getppid()} now) is gone")
+            stop.ask(f"supervisor {supervisor} is gone")
             return
 
 
