@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import NoReturn, TypeVar
+from typing import Literal, NoReturn, TypeVar
 
 import pytest
 from flask import Flask
@@ -26,7 +26,9 @@ MakeApp = Callable[..., tuple[Flask, Errands]]
 APPS = Path(__file__).resolve().parent / "apps"
 
 
-def wait_until(predicate: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
+def wait_until(
+    predicate: Callable[[], T | Literal[False] | None], what: str, timeout: float = 30.0
+) -> T:
     """Poll ``predicate`` until it returns something true, and return that.
 
     Fails the test, saying what never happened, after ``timeout`` seconds:

@@ -184,7 +184,7 @@ def scheduler() -> None:
 
     runtime = _runtime()
     _configure_logging()
-    stop = StopSignals(on_second=lambda: None).install()
+    stop = StopSignals().install()
     click.echo(f"flask-errands scheduler\n  backend: {hide_password(runtime.settings.url)}")
     Scheduler(runtime).run(stop.requested)
 

@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "ERRANDS_EAGER": False,
     "ERRANDS_SCHEDULE": [],
     "ERRANDS_SCHEDULER": True,
+    "ERRANDS_SHUTDOWN_GRACE": 25,  # seconds the embedded worker's jobs get when the process ends
     "ERRANDS_REDIS_PREFIX": "errands:",  # a ?prefix= in a redis:// ERRANDS_URL wins
 }
 
@@ -56,6 +57,7 @@ class Settings:
     eager: bool
     schedule: tuple[Mapping[str, Any], ...]
     scheduler: bool
+    shutdown_grace: float = 25.0
 
     @classmethod
     def from_config(
@@ -82,6 +84,7 @@ class Settings:
             eager=boolean(config["ERRANDS_EAGER"], "ERRANDS_EAGER"),
             schedule=tuple(config["ERRANDS_SCHEDULE"] or ()),
             scheduler=boolean(config["ERRANDS_SCHEDULER"], "ERRANDS_SCHEDULER"),
+            shutdown_grace=seconds(config["ERRANDS_SHUTDOWN_GRACE"], "ERRANDS_SHUTDOWN_GRACE"),
         )
 
 

@@ -67,6 +67,7 @@ class Errands:
         app.extensions["errands"] = runtime
         if settings.embedded_worker and not settings.eager:
             app.before_request(runtime.ensure_embedded_worker)
+            runtime.start_when_served()
         app.cli.add_command(errands_cli)
 
     # -- declaring tasks -----------------------------------------------------

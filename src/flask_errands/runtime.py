@@ -23,7 +23,7 @@ from typing import Any
 import click
 from flask import Flask
 
-from . import signals
+from . import serving, signals
 from .backends import Backend, JobRecord
 from .backends.base import QUEUED
 from .backends.memory import MemoryBackend
@@ -39,7 +39,8 @@ from .worker import Worker, new_worker_id
 
 logger = logging.getLogger("flask_errands")
 
-#: How long the embedded worker lets running jobs finish when the process exits.
+#: How long the embedded worker lets running jobs finish when stopped (ERRANDS_SHUTDOWN_GRACE
+#: at the end of the process).
 EMBEDDED_GRACE = 25.0
 
 
@@ -266,6 +267,28 @@ class Runtime:
         if not self.worker_started_here:
             self.start_worker()
 
+    def start_when_served(self) -> None:
+        """In a server process, start the embedded worker once the app has loaded.
+
+        Elsewhere (the CLI, a test suite, gunicorn's master under ``--preload``)
+        it waits for a request or a ``.delay()``, as before; see :mod:`serving`.
+        """
+        role = serving.server_role()
+        if role is None:
+            return
+        ref = weakref.ref(self)
+
+        def start() -> None:
+            runtime = ref()
+            if runtime is not None:
+                runtime.ensure_embedded_worker()
+
+        if role == serving.GUNICORN_MASTER:
+            serving.start_in_forked_workers(start)
+            return
+        _shutdown.watch_sigterm()
+        serving.start_when_loaded(start)
+
     def start_worker(self) -> Worker:
         """Start this process's worker threads (and scheduler, per ``ERRANDS_SCHEDULER``)."""
         with self._lock:
@@ -283,7 +306,8 @@ class Runtime:
             ).start()
             self._embedded, self._embedded_pid = service, os.getpid()
             _started.add(self)
-            return service.worker
+        _shutdown.watch_sigterm()
+        return service.worker
 
     def stop_worker(self, grace: float = EMBEDDED_GRACE) -> None:
         """Stop the embedded worker, letting running jobs finish for ``grace`` seconds."""
@@ -296,20 +320,16 @@ class Runtime:
 _started: weakref.WeakSet[Runtime] = weakref.WeakSet()
 
 
-@atexit.register
-def _stop_embedded_workers() -> None:
-    """At exit, stop schedulers at once and give running jobs ``EMBEDDED_GRACE`` to finish."""
-    services = [
-        runtime._embedded
-        for runtime in _started
-        if runtime._embedded is not None and runtime._embedded.running
+def _running_here() -> list[tuple[serving.Stoppable, float]]:
+    """This process's running embedded workers, each with its app's shutdown grace."""
+    return [
+        (service, runtime.settings.shutdown_grace)
+        for runtime in list(_started)
+        if (service := runtime._embedded) is not None
+        and runtime.worker_started_here
+        and service.running
     ]
-    busy = sum(len(service.active_jobs()) for service in services if service is not None)
-    if busy:
-        logger.info("waiting up to %gs for %d running job(s) to finish", EMBEDDED_GRACE, busy)
-    for service in services:
-        if service is not None:
-            service.stop(EMBEDDED_GRACE, wait=False)
-    for service in services:
-        if service is not None:
-            service.join()
+
+
+_shutdown = serving.Shutdown(_running_here)
+atexit.register(_shutdown.at_exit)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from .backends.base import Backend
+from .backends.patience import limited
 from .exceptions import BackendUnavailable
 from .schedules import UTC, Schedule
 
@@ -26,6 +27,8 @@ logger = logging.getLogger("flask_errands")
 MAX_WAIT = 30.0
 #: The pause before trying again after the backend failed.
 ERROR_WAIT = 1.0
+#: How long one store call retries a lost connection before the outage is reported.
+STORE_PATIENCE = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +122,10 @@ class Scheduler:
     def run(self, stop: threading.Event | None = None) -> None:
         """Fire ticks until ``stop`` is set, sleeping until the next fire time in between."""
         stop = self._stop if stop is None else stop
+        with limited(STORE_PATIENCE, stop):
+            self._loop(stop)
+
+    def _loop(self, stop: threading.Event) -> None:
         store_down = False
         while not stop.is_set():
             try:

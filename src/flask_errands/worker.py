@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from functools import partial
 
 from .backends.base import DEFAULT_MAX_LOST_LEASES
+from .backends.patience import limited
 from .exceptions import BackendUnavailable
 from .outcomes import Ending
 from .runner import Execution, JobInterrupt, Runner, logger
@@ -40,6 +41,9 @@ REGISTER_INTERVAL = 5.0
 STUCK_AFTER = 2.0
 #: The longest pause between two tries at a backend that cannot be reached.
 MAX_RECONNECT_PAUSE = 10.0
+#: How long one store call of the dispatcher retries a lost connection before the outage
+#: is reported (the dispatcher then keeps trying, and stops at once when asked).
+STORE_PATIENCE = 1.0
 
 
 def new_worker_id() -> str:
@@ -227,9 +231,12 @@ class Worker:
         """Stop taking jobs, let running ones finish for ``grace`` seconds, release the rest.
 
         With ``wait=False`` this only asks; :meth:`join` waits for the stop to complete.
+        Asked again, the earlier deadline wins: ``stop(0)`` during a grace releases
+        the running jobs at once.
         """
-        if self._grace_deadline is None:
-            self._grace_deadline = time.monotonic() + grace
+        deadline = time.monotonic() + grace
+        if self._grace_deadline is None or deadline < self._grace_deadline:
+            self._grace_deadline = deadline
         self._stopping.set()
         self._wake.set()
         if wait:
@@ -255,32 +262,39 @@ class Worker:
 
     def _dispatch(self) -> None:
         pause = 0.5
-        while not self._stopping.is_set():
-            try:
-                self._wake.clear()
-                reserved = self.run_once()
-                self.maintain(self._clock())
-                if self._backend_down_since is not None:
-                    logger.warning("errands worker %s: backend is back", self.id)
-                    self._backend_down_since, pause = None, 0.5
-                if reserved and not self._drained and len(self._active) <= self.concurrency:
-                    continue
-                self._wake.wait(self._idle_wait())
-            except BackendUnavailable as exc:
-                self._warn_lapsed_leases(self._clock())
-                if self._backend_down_since is None:
-                    self._backend_down_since = time.monotonic()
-                logger.warning("errands worker %s: %s; retrying in %.1fs", self.id, exc, pause)
-                self._stopping.wait(pause)
-                pause = min(pause * 2, MAX_RECONNECT_PAUSE)
-            except Exception:
-                logger.exception("errands worker %s: unexpected error, retrying in 1s", self.id)
-                self._stopping.wait(1.0)
-        self._finish_running()
+        with limited(STORE_PATIENCE, self._stopping):
+            while not self._stopping.is_set():
+                try:
+                    self._wake.clear()
+                    reserved = self.run_once()
+                    self.maintain(self._clock())
+                    if self._backend_down_since is not None:
+                        logger.warning("errands worker %s: the store is reachable again", self.id)
+                        self._backend_down_since, pause = None, 0.5
+                    if reserved and not self._drained and len(self._active) <= self.concurrency:
+                        continue
+                    self._wake.wait(self._idle_wait())
+                except BackendUnavailable as exc:
+                    self._warn_lapsed_leases(self._clock())
+                    self._note_outage(exc)
+                    self._stopping.wait(pause)
+                    pause = min(pause * 2, MAX_RECONNECT_PAUSE)
+                except Exception:
+                    logger.exception("errands worker %s: unexpected error; retrying", self.id)
+                    self._stopping.wait(1.0)
+        with limited(STORE_PATIENCE):
+            self._finish_running()
         try:
-            self.backend.unregister_worker(self.id)
-        except Exception:  # the backend may be gone; the registration expires by itself
+            with limited(0.0):  # one try: the registration expires by itself anyway
+                self.backend.unregister_worker(self.id)
+        except Exception:
             logger.debug("could not unregister worker %s", self.id, exc_info=True)
+
+    def _note_outage(self, exc: BackendUnavailable) -> None:
+        """Say once, without a traceback, that the store cannot be reached."""
+        if self._backend_down_since is None:
+            self._backend_down_since = time.monotonic()
+            logger.warning("errands worker %s: %s; retrying until it is back", self.id, exc)
 
     def _idle_wait(self) -> float:
         now = self._clock()
@@ -300,17 +314,21 @@ class Worker:
         return wait
 
     def _finish_running(self) -> None:
-        """On stop: keep leases alive while running jobs finish, then release the rest."""
-        deadline = self._grace_deadline or time.monotonic()
+        """On stop: keep leases alive while running jobs finish, then release the rest.
+
+        The deadline is read on every turn, so a later ``stop(0)`` cuts the grace short.
+        """
         with self._active_lock:
             waiting = [e for e in self._active.values() if e.claim_unstarted()]
         self._release(waiting)
-        while self._active and time.monotonic() < deadline:
+        while self._active and time.monotonic() < self._deadline():
             try:
                 self.maintain(self._clock())
+            except BackendUnavailable as exc:
+                self._note_outage(exc)
             except Exception:
                 logger.exception("errands worker %s: backend error while stopping", self.id)
-            self._wake.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            self._wake.wait(min(0.05, max(0.0, self._deadline() - time.monotonic())))
             self._wake.clear()
         with self._active_lock:
             left = list(self._active.values())
@@ -323,6 +341,9 @@ class Worker:
                 execution.id,
                 extra={"job_id": execution.id, "task": execution.task},
             )
+
+    def _deadline(self) -> float:
+        return self._grace_deadline or time.monotonic()
 
     def _release(self, executions: list[Execution]) -> None:
         """Give claimed jobs back to their queue (on a backend error, after their lease)."""

@@ -61,6 +61,7 @@ from .base import (
     JobRecord,
     claimed_only,
 )
+from .patience import patience
 from .queries import load_queries
 from .urls import hide_password
 
@@ -211,7 +212,7 @@ class PostgresBackend(Backend):
             raise failure(f"the PostgreSQL backend for {self.url} is closed")
         deadline = deadline or time.monotonic() + self._timeout
         self._deadline.at = deadline
-        wait = max(0.0, min(self._pool_timeout, deadline - time.monotonic()))
+        wait = max(0.0, min(patience(self._pool_timeout), deadline - time.monotonic()))
         try:
             with (
                 self._get_pool().connection(timeout=wait) as conn,

@@ -57,6 +57,8 @@ from .base import (
     JobStatus,
     claimed_only,
 )
+from .patience import given_up
+from .patience import patience as limited_patience
 from .queries import load_queries
 from .urls import hide_password
 
@@ -275,7 +277,7 @@ class RedisBackend(Backend):
 
     def _retrying(self, call: Callable[[], T], what: str, patience: float) -> T:
         """Run ``call``, retrying transient errors with back-off for ``patience`` seconds."""
-        deadline = time.monotonic() + patience
+        deadline = time.monotonic() + limited_patience(patience)
         pause = 0.0
         lost = False
         while True:
@@ -286,7 +288,7 @@ class RedisBackend(Backend):
                     raise DuplicateJob(str(exc).removeprefix("ERRANDS ")) from None
                 lost = lost or isinstance(exc, _ReplyLost)
                 left = deadline - time.monotonic()
-                if not _transient(exc) or left <= 0 or self._closed.is_set():
+                if not _transient(exc) or left <= 0 or self._closed.is_set() or given_up():
                     raise (_MaybeDone if lost else BackendUnavailable)(
                         f"Redis at {self.url} failed {what} "
                         f"({type(exc).__name__.lstrip('_')}: {exc}); "
