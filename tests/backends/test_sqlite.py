@@ -191,9 +191,15 @@ def test_a_job_taken_over_after_its_lease_and_grace_lapsed_is_reported_by_its_wo
 
         assert taken_over == [job.id]
         warning = wait_until(
-            lambda: [line for line in worker.output().splitlines() if job.id in line],
+            lambda: [
+                line
+                for line in worker.output().splitlines()
+                if job.id in line and "outcome is dropped" in line
+            ],
             "the worker to log that its job was taken over",
         )
+        lapsed = [line for line in worker.output().splitlines() if "lapsed before" in line]
+        assert job.id in " ".join(lapsed)  # it said so already, when the lease lapsed
         assert warning == [
             f"WARNING flask_errands: lock.record {job.id}: this attempt ended succeeded, but "
             f"its lease had lapsed (was {db} locked for longer than the lease?) and worker "

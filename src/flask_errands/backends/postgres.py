@@ -67,6 +67,20 @@ from .urls import hide_password
 
 logger = logging.getLogger("flask_errands")
 
+#: The name of this backend's connection pools, in psycopg_pool's log records.
+POOL_NAME = "flask-errands"
+
+
+class _OwnPoolReports(logging.Filter):
+    """Drop psycopg_pool's line per failed reconnect of our pools: the worker says it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (str(record.msg).startswith("error connecting in") and POOL_NAME in args)
+
+
+logging.getLogger("psycopg.pool").addFilter(_OwnPoolReports())
+
 
 class Connection(psycopg.Connection[DictRow]):
     """A pooled connection that remembers when a call last used it without error."""
@@ -169,7 +183,7 @@ class PostgresBackend(Backend):
                     configure=self._configure,
                     check=self._check,
                     reconnect_timeout=RECONNECT_TIMEOUT,
-                    name="flask-errands",
+                    name=POOL_NAME,
                     num_workers=2,
                     open=False,
                 )

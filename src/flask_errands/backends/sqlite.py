@@ -45,6 +45,7 @@ from .base import (
     JobStatus,
     claimed_only,
 )
+from .patience import given_up
 from .queries import load_queries
 from .wakeup import SocketWakeup
 
@@ -193,7 +194,7 @@ class SQLiteBackend(Backend):
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     prefix = "job not enqueued, " if issubclass(failure, EnqueueError) else ""
                     raise failure(f"{prefix}SQLite error on {self.path}: {exc}") from exc
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline or given_up():
                     raise self._stayed_locked(failure, patience) from exc
             finally:
                 self._lock.release()
