@@ -384,3 +384,30 @@ def test_an_interrupted_sqlite_transaction_never_leaves_the_connection_inside(
     assert backend.list_workers(-1) == [{"id": "other"}]
     other.close()
     backend.close()
+
+
+def test_timeouts_landing_while_jobs_use_the_store_never_cut_the_process_off_from_it(
+    backend_url: str, make_app: AppFactory
+) -> None:
+    """A timed-out job's thread is interrupted outside store calls, never holding a lock."""
+    app, errands = make_app(ERRANDS_URL=backend_url, ERRANDS_EMBEDDED_WORKER=False)
+
+    @errands.task(timeout=0.3)
+    def chatty() -> None:
+        while True:  # reports progress until it is stopped
+            current_job.set_progress(0.5, "still going")
+
+    @errands.task
+    def after() -> str:
+        return "ran"
+
+    with app.app_context():
+        jobs = [chatty.delay() for _ in range(12)]
+        errands.start_worker()
+        wait_until(
+            lambda: all(job.refresh().status is JobStatus.FAILED for job in jobs),
+            "every chatty job to time out",
+        )
+        assert {job.error for job in jobs} == {"TimeoutError: job exceeded its timeout of 0.3s"}
+        assert errands.backend.counts()  # the store still answers this thread
+        assert after.delay().result(timeout=30) == "ran"  # and the worker's threads

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import serialization, signals
 from .backends.base import CANCELLED, FAILED, SCHEDULED, SUCCEEDED, Backend, JobRecord
+from .backends.patience import forget_interrupt
 from .context import RunningJob, _current
 from .exceptions import BackendUnavailable, JobCancelled, Retry
 from .jobs import Job
@@ -165,6 +166,7 @@ class Runner:
             finally:
                 _current.reset(token)
                 execution.thread_id = None
+                forget_interrupt()
 
     def conclude(
         self,

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from functools import partial
 
 from .backends.base import DEFAULT_MAX_LOST_LEASES
-from .backends.patience import limited
+from .backends.patience import interrupt, limited
 from .exceptions import BackendUnavailable
 from .outcomes import Ending
 from .runner import Execution, JobInterrupt, Runner, logger
@@ -368,6 +368,7 @@ class Worker:
             self._release(stale)
 
     def _work(self) -> None:
+        execution: Execution | None = None
         while True:
             try:
                 next_job = self._inbox.get()
@@ -386,8 +387,10 @@ class Worker:
                         self._note_duration(time.perf_counter() - started)
                     if held <= self.concurrency:
                         self._wake.set()
-            except JobInterrupt:
-                continue  # arrived after the job ended; its outcome is already recorded
+            except JobInterrupt:  # arrived after the job ended; its outcome is recorded
+                if execution is not None:
+                    with self._active_lock:
+                        self._active.pop(execution.lease_token, None)
             except BaseException:  # a job thread must outlive anything a job does
                 logger.exception("errands worker thread: unexpected error")
 
@@ -417,9 +420,14 @@ class Worker:
 
     @staticmethod
     def _interrupt(execution: Execution) -> None:
-        """Raise :class:`JobInterrupt` in the thread running ``execution``, if any."""
-        if execution.thread_id is not None:
-            raise_in_thread(execution.thread_id, JobInterrupt)
+        """Raise :class:`JobInterrupt` in the thread running ``execution``, if any.
+
+        Never inside a store call, where it could leave a lock or connection held:
+        then it is raised as that call returns.
+        """
+        thread_id = execution.thread_id
+        if thread_id is not None:
+            interrupt(thread_id, JobInterrupt, partial(raise_in_thread, thread_id, JobInterrupt))
 
 
 def raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:

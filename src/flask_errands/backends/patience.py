@@ -6,13 +6,22 @@ finishing its job, but not the worker's dispatcher: it must report an outage at
 once and never sit in a reconnection loop while asked to stop. The dispatcher
 runs its store calls under :func:`limited`; stores ask :func:`patience` and
 :func:`given_up` how long to keep trying.
+
+Stores also run each call under :func:`store_call`, so the worker never stops a
+timed-out job's thread with an exception while it holds a store's lock or
+connection: :func:`interrupt` delivers it as the call returns instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 _limit = threading.local()
 
@@ -41,3 +50,63 @@ def given_up() -> bool:
     """Whether the stop event of the enclosing :func:`limited` block is set."""
     value: tuple[float, threading.Event | None] | None = getattr(_limit, "value", None)
     return value is not None and value[1] is not None and value[1].is_set()
+
+
+_store_depth: dict[int, int] = {}
+_pending: dict[int, type[BaseException]] = {}
+_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def store_call() -> Iterator[None]:
+    """Mark this thread as inside a store call until the block ends (calls may nest).
+
+    An interrupt asked for meanwhile (:func:`interrupt`) is raised here as the
+    outermost call returns, when no lock or connection of the store is held.
+    """
+    ident = threading.get_ident()
+    before: int | None = None
+    try:
+        with _guard:
+            before = _store_depth.get(ident, 0)
+            _store_depth[ident] = before + 1
+        yield
+    finally:
+        if before is not None:
+            with _guard:
+                if before:
+                    _store_depth[ident] = before
+                else:
+                    _store_depth.pop(ident, None)
+                pending = None if before else _pending.pop(ident, None)
+            if pending is not None:
+                raise pending
+
+
+def interrupt(
+    thread_id: int, exc_type: type[BaseException], deliver: Callable[[], object]
+) -> None:
+    """Have ``exc_type`` raised in thread ``thread_id``: now through ``deliver`` if it is
+    outside any store call, else as its store call returns."""
+    with _guard:
+        if thread_id in _store_depth:
+            _pending[thread_id] = exc_type
+        else:
+            deliver()
+
+
+def forget_interrupt() -> None:
+    """Drop an interrupt still pending for this thread: the job it was meant for has ended."""
+    with _guard:
+        _pending.pop(threading.get_ident(), None)
+
+
+def marked(call: Callable[P, T]) -> Callable[P, T]:
+    """Run every call of ``call`` (a store's one way in) under :func:`store_call`."""
+
+    @functools.wraps(call)
+    def run_marked(*args: P.args, **kwargs: P.kwargs) -> T:
+        with store_call():
+            return call(*args, **kwargs)
+
+    return run_marked

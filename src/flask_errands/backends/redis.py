@@ -57,7 +57,7 @@ from .base import (
     JobStatus,
     claimed_only,
 )
-from .patience import given_up
+from .patience import given_up, marked
 from .patience import patience as limited_patience
 from .queries import load_queries
 from .urls import hide_password
@@ -275,6 +275,7 @@ class RedisBackend(Backend):
         self._connections.give(connection)
         return reply
 
+    @marked
     def _retrying(self, call: Callable[[], T], what: str, patience: float) -> T:
         """Run ``call``, retrying transient errors with back-off for ``patience`` seconds."""
         deadline = time.monotonic() + limited_patience(patience)

@@ -45,7 +45,7 @@ from .base import (
     JobStatus,
     claimed_only,
 )
-from .patience import given_up
+from .patience import given_up, marked
 from .queries import load_queries
 from .wakeup import SocketWakeup
 
@@ -170,6 +170,7 @@ class SQLiteBackend(Backend):
         """
         return self._retrying(work, explicit=False, patience=patience, failure=failure)
 
+    @marked
     def _retrying(
         self,
         work: Callable[[sqlite3.Connection], T],
