@@ -7,9 +7,11 @@ The base revision is checked out into a temporary git worktree; each round
 measures both trees in a fresh process each (``PYTHONPATH`` pointing at their
 ``src``), alternating which goes first, so a neighbour's burst of load
 spreads over both. Figures per store: ``delay()`` per second, ``delay_many``
-(batches of 100) jobs per second, and drain (4 embedded threads) jobs per
-second. The table gives each side's median and the median of the per-round
-ratios (head / base): above 1 is faster. Redis and PostgreSQL need their
+(batches of 100) jobs per second, drain with 4 embedded threads and
+``errands.drain()`` in the calling thread (``drain_sync``) in jobs per second,
+and bare ``Backend.enqueue`` calls per second (``store_enqueue``). The table
+gives each side's median and the median of the per-round ratios (head /
+base): above 1 is faster. Redis and PostgreSQL need their
 servers (``--redis``, ``--postgres``); each run uses its own key prefix or
 schema and removes it.
 """
@@ -27,9 +29,10 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-METRICS = ("delay", "delay_many", "drain")
+METRICS = ("delay", "delay_many", "drain", "drain_sync", "store_enqueue")
 
 
 def measure(store: str, jobs: int, redis_url: str, postgres_url: str) -> dict[str, float]:
@@ -66,9 +69,29 @@ def measure(store: str, jobs: int, redis_url: str, postgres_url: str) -> dict[st
             time.sleep(0.005)
         figures["drain"] = total / (time.perf_counter() - started)
         errands.stop_worker(grace=5)
+        noop.delay_many([()] * jobs)
+        started = time.perf_counter()
+        ran = errands.drain()
+        figures["drain_sync"] = ran / (time.perf_counter() - started)
+        figures["store_enqueue"] = _store_enqueues(errands.backend, jobs)
         errands.backend.close()
     cleanup[1]()
     return figures
+
+
+def _store_enqueues(backend: Any, jobs: int) -> float:
+    """Single-job ``Backend.enqueue`` calls per second, below the task API."""
+    from flask_errands.backends.base import JobRecord
+
+    payload = '{"args":[],"kwargs":{}}'
+    records = [
+        JobRecord(id=uuid.uuid4().hex, task="noop", payload=payload, eta=0.0, enqueued_at=0.0)
+        for _ in range(jobs)
+    ]
+    started = time.perf_counter()
+    for record in records:
+        backend.enqueue([record])
+    return jobs / (time.perf_counter() - started)
 
 
 def _finished(counts: dict[tuple[str, str], int]) -> int:
