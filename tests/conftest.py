@@ -99,6 +99,12 @@ def shared_backend_url(request: pytest.FixtureRequest, tmp_path: object) -> Iter
 
 
 @pytest.fixture
+def sqlite_url(tmp_path: object) -> str:
+    """A SQLite store in the test's folder, for tests that run real worker processes on it."""
+    return f"sqlite:///{tmp_path}/jobs.db"
+
+
+@pytest.fixture
 def backend(backend_url: str, tmp_path: object) -> Iterator[Backend]:
     store = backend_from_url(backend_url, instance_path=str(tmp_path))
     yield store

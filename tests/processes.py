@@ -10,8 +10,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from flask import Flask
+
+from flask_errands import Errands
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,3 +98,13 @@ def get(url: str) -> str | None:
             return str(response.read().decode())
     except OSError:
         return None
+
+
+@contextlib.contextmanager
+def client_of(errands: Errands, url: str, instance: Path, name: str = "client") -> Iterator[Flask]:
+    """An app in the test process on the store real processes serve, running nothing itself."""
+    app = Flask(name, instance_path=str(instance))
+    app.config.update(ERRANDS_URL=url, ERRANDS_EMBEDDED_WORKER=False)
+    errands.init_app(app)
+    yield app
+    app.extensions["errands"].backend.close()

@@ -18,6 +18,7 @@ from flask import Flask
 from flask_errands import BackendUnavailable
 from tests.apps import worker_app
 from tests.helpers import free_port, require, wait_until
+from tests.processes import client_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -305,18 +306,10 @@ def runs(path: Path) -> list[list[str]]:
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path}/jobs.db"
-
-
-@pytest.fixture
 def client_app(sqlite_url: str, tmp_path: Path) -> Iterator[Flask]:
     """An app in the test process that enqueues to the worker's backend, running nothing."""
-    app = Flask("client", instance_path=str(tmp_path))
-    app.config.update(ERRANDS_URL=sqlite_url, ERRANDS_EMBEDDED_WORKER=False)
-    worker_app.errands.init_app(app)
-    yield app
-    app.extensions["errands"].backend.close()
+    with client_of(worker_app.errands, sqlite_url, tmp_path) as app:
+        yield app
 
 
 def job_of(app: Flask, job_id: str) -> Any:

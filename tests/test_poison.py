@@ -26,6 +26,7 @@ from flask_errands.backends import backend_from_url
 from flask_errands.backends.sqlite import QUERIES as SQLITE_QUERIES
 from tests.apps import worker_app
 from tests.helpers import wait_until
+from tests.processes import client_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,11 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def client(shared_backend_url: str, tmp_path: Path) -> Iterator[Flask]:
     """An app in the test process that enqueues to the workers' store and runs nothing."""
-    app = Flask("poison_client", instance_path=str(tmp_path))
-    app.config.update(ERRANDS_URL=shared_backend_url, ERRANDS_EMBEDDED_WORKER=False)
-    worker_app.errands.init_app(app)
-    yield app
-    app.extensions["errands"].backend.close()
+    with client_of(worker_app.errands, shared_backend_url, tmp_path, name="poison_client") as app:
+        yield app
 
 
 def start_workers(url: str, tmp_path: Path, log: Path) -> subprocess.Popen[bytes]:

@@ -20,7 +20,7 @@ from flask import Flask
 from flask_errands import Errands
 from tests.apps import web_app
 from tests.helpers import free_port, wait_until
-from tests.processes import Served, get, lines
+from tests.processes import Served, client_of, get, lines
 
 gunicorn = pytest.importorskip("gunicorn")
 
@@ -28,18 +28,10 @@ AppFactory = Callable[..., tuple[Flask, Errands]]
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path}/jobs.db"
-
-
-@pytest.fixture
 def client(sqlite_url: str, tmp_path: Path) -> Iterator[Flask]:
     """An app in the test process on the server's store, running nothing itself."""
-    app = Flask("client", instance_path=str(tmp_path))
-    app.config.update(ERRANDS_URL=sqlite_url, ERRANDS_EMBEDDED_WORKER=False)
-    web_app.errands.init_app(app)
-    yield app
-    app.extensions["errands"].backend.close()
+    with client_of(web_app.errands, sqlite_url, tmp_path) as app:
+        yield app
 
 
 @pytest.fixture

@@ -23,22 +23,14 @@ from flask import Flask
 
 from tests.apps import worker_app
 from tests.helpers import free_port, wait_until
-from tests.processes import Served, gone, lines
-
-
-@pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path}/jobs.db"
+from tests.processes import Served, client_of, gone, lines
 
 
 @pytest.fixture
 def client(sqlite_url: str, tmp_path: Path) -> Iterator[Flask]:
     """An app in the test process on the worker's store, running nothing itself."""
-    app = Flask("client", instance_path=str(tmp_path))
-    app.config.update(ERRANDS_URL=sqlite_url, ERRANDS_EMBEDDED_WORKER=False)
-    worker_app.errands.init_app(app)
-    yield app
-    app.extensions["errands"].backend.close()
+    with client_of(worker_app.errands, sqlite_url, tmp_path) as app:
+        yield app
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from .runtime import Runtime
-from .serving import BURST
+from .serving import BURST, Burst
 
 logger = logging.getLogger("flask_errands")
 
@@ -59,7 +59,7 @@ class StopSignals:
     def __init__(self, *, watchdog: bool = True) -> None:
         self.requested = threading.Event()
         self.now = threading.Event()
-        self._first: float | None = None
+        self._burst = Burst()
         self._watchdog = watchdog
         self._on_now: Callable[[], None] = lambda: None
 
@@ -93,11 +93,10 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
-        now = time.monotonic()
-        if self._first is None:
-            self._first = now
+        arrival = self._burst.arrive()
+        if arrival == Burst.FIRST:
             self.ask(name)
-        elif now - self._first >= BURST:
+        elif arrival == Burst.AGAIN:
             self.stop_now(f"{name} again")
         else:
             logger.debug("%s again within %gs: the same stop request", name, BURST)

@@ -45,6 +45,33 @@ GUNICORN_MASTER = "gunicorn master"
 Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
+class Burst:
+    """The one rule for stop signals: copies within ``BURST`` s of the first are one request.
+
+    :meth:`arrive` says what a signal is: ``FIRST`` (start stopping), ``COPY``
+    (the same request again, as a process group or a forwarding parent sends it)
+    or ``AGAIN`` (a deliberate later one: stop now). A forked child starts afresh.
+    """
+
+    FIRST, COPY, AGAIN = "first", "copy", "again"
+
+    def __init__(self) -> None:
+        self._first: float | None = None
+        self._pid = os.getpid()
+
+    def start(self) -> None:
+        """A stop began without a signal (at exit): signals from now on are copies or later."""
+        self._first, self._pid = time.monotonic(), os.getpid()
+
+    def arrive(self) -> str:
+        """Classify a stop signal arriving now."""
+        now = time.monotonic()
+        if self._first is None or self._pid != os.getpid():
+            self._first, self._pid = now, os.getpid()
+            return self.FIRST
+        return self.AGAIN if now - self._first >= BURST else self.COPY
+
+
 class Stoppable(Protocol):
     """An embedded worker as seen here: asked to stop with a grace, then waited for."""
 
@@ -142,8 +169,7 @@ class Shutdown:
     def __init__(self, workers: Callable[[], list[tuple[Stoppable, float]]]) -> None:
         self._workers = workers
         self._previous: Handler = signal.SIG_DFL
-        self._first: float | None = None
-        self._pid = os.getpid()
+        self._burst = Burst()
 
     def watch_sigterm(self) -> None:
         """From the main thread: honour SIGTERM, chaining to a handler the server installed.
@@ -179,7 +205,7 @@ class Shutdown:
         workers = self._workers()
         if not workers:
             return
-        self._first, self._pid = time.monotonic(), os.getpid()  # copies of what ended it
+        self._burst.start()  # signals from now on are copies of what ended it, or later
         if threading.current_thread() is threading.main_thread():
             for signum in _stop_signals():
                 with contextlib.suppress(OSError, ValueError):
@@ -206,11 +232,10 @@ class Shutdown:
 
     def _repeated(self, name: str = "SIGTERM") -> bool:
         """Whether a stop is under way; a copy in its burst is ignored, a later one hurries it."""
-        now = time.monotonic()
-        if self._first is None or self._pid != os.getpid():
-            self._first, self._pid = now, os.getpid()
+        arrival = self._burst.arrive()
+        if arrival == Burst.FIRST:
             return False
-        if now - self._first >= BURST:
+        if arrival == Burst.AGAIN:
             workers = self._workers()
             if workers:
                 logger.warning("%s again: releasing running jobs to their queue now", name)
