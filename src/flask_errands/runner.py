@@ -121,9 +121,10 @@ class Runner:
         started = time.perf_counter()
         if not execution.begin(self.clock()):
             return  # released before a thread could take it
+        task = self.tasks.get(record.task)
         if execution.cancel_requested:  # cancelled while reserved ahead, or re-delivered
             decision = self.conclude(execution, Ending.CANCELLED)
-        elif record.task not in self.tasks:
+        elif task is None:
             decision = self.conclude(
                 execution,
                 Ending.REFUSED,
@@ -131,7 +132,7 @@ class Runner:
                 "deploy the code that defines it, then re-run the job",
             )
         else:
-            decision = self._call(execution, self.tasks[record.task])
+            decision = self._call(execution, task)
         if decision is not None:  # else a watchdog settled it and logs it
             _log_outcome(execution, decision, time.perf_counter() - started)
 
