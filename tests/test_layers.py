@@ -30,7 +30,7 @@ LAYERS: list[set[str]] = [
         "backends",
     },
     {"jobs", "context", "logs"},
-    {"tasks", "outcomes"},
+    {"tasks", "outcomes", "transactions"},
     {"schedules", "runner"},
     {"worker", "scheduler"},
     {"service", "serving"},

@@ -23,7 +23,7 @@ from typing import Any
 import click
 from flask import Flask
 
-from . import serving, signals
+from . import serving, signals, transactions
 from .backends import Backend, JobRecord
 from .backends.base import QUEUED
 from .backends.memory import MemoryBackend
@@ -90,12 +90,27 @@ class Runtime:
     # -- the one enqueue path --------------------------------------------------
 
     def enqueue(self, records: list[JobRecord]) -> list[Job]:
-        """Check and store new jobs, start the embedded worker if due, send ``job_enqueued``."""
+        """Check new jobs, then store them now, or in (or after) ``errands.transaction()``'s."""
         self._check(records)
+        transaction = transactions.current()
+        if transaction is not None:
+            return transaction.enqueue(self, records)
+        return self.store(records)
+
+    @property
+    def eager(self) -> bool:
+        """Whether jobs run inline (``ERRANDS_EAGER``) instead of going to the store."""
+        return self.eager_backend is not None
+
+    def store(self, records: list[JobRecord]) -> list[Job]:
+        """Store checked jobs now (run them, when eager) and return their handles."""
         if self.eager_backend is not None:
             return self._run_eagerly(records)
-        stored = self.backend.enqueue(records)
-        jobs = [Job(record, self.backend) for record in stored]
+        return self.written(self.backend.enqueue(records))
+
+    def written(self, records: list[JobRecord]) -> list[Job]:
+        """Handles on jobs just written: start the embedded worker if due; ``job_enqueued``."""
+        jobs = [Job(record, self.backend) for record in records]
         if (
             self.settings.embedded_worker
             and not self.worker_started_here

@@ -1,0 +1,302 @@
+"""``errands.transaction(...)``: the jobs enqueued in a block belong to the app's own transaction.
+
+Two ways, chosen at the first ``.delay()`` of the block for each app:
+
+- **In the transaction.** The store is PostgreSQL in the very database the
+  app's connection reaches, and that connection is psycopg 3's: the job rows
+  (and the workers' wake-up, ``NOTIFY``) are written through it, so the app's
+  commit stores them and its rollback drops them, atomically.
+- **After the commit.** Any other store, or another database: the jobs are
+  held and enqueued right after the outermost commit, and dropped on rollback
+  (savepoints included). Only a SQLAlchemy ``Session`` says when it commits, so
+  only a session can take this way; a process that dies between the app's
+  commit and the enqueue loses the jobs.
+
+Nothing here commits: the app's own commit or rollback decides. SQLAlchemy and
+psycopg are imported only if the app already has; flask-errands needs neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import sys
+import weakref
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .backends.base import Backend, JobRecord, JobStatus
+from .exceptions import ConfigurationError, EnqueueError, ErrandsError
+from .jobs import Job
+
+if TYPE_CHECKING:
+    import psycopg
+
+logger = logging.getLogger("flask_errands")
+
+ACCEPTED = (
+    "a SQLAlchemy Session (Flask-SQLAlchemy's db.session included), "
+    "a SQLAlchemy Connection, or a psycopg 3 Connection"
+)
+
+
+class Target(Protocol):
+    """What a transaction needs of the app that enqueues (its ``Runtime``)."""
+
+    @property
+    def backend(self) -> Backend: ...
+
+    @property
+    def eager(self) -> bool: ...
+
+    def store(self, records: list[JobRecord]) -> list[Job]:
+        """Enqueue now, as outside a transaction (or run now, when eager)."""
+        ...
+
+    def written(self, records: list[JobRecord]) -> list[Job]:
+        """Handles on records just written to the store; sends ``job_enqueued``."""
+        ...
+
+
+_current: ContextVar[Transaction | None] = ContextVar("flask_errands_transaction", default=None)
+
+
+def current() -> Transaction | None:
+    """The transaction the calling thread (or task) is inside of, if any."""
+    return _current.get()
+
+
+@contextlib.contextmanager
+def transaction(session_or_connection: Any) -> Iterator[Transaction]:
+    """Make every ``.delay()`` in the block, in this thread, part of the app's transaction."""
+    entered = Transaction(_adapt(session_or_connection))
+    token = _current.set(entered)
+    try:
+        yield entered
+    finally:
+        _current.reset(token)
+
+
+class Transaction:
+    """One ``errands.transaction()`` block: where its jobs go, decided once per app's store."""
+
+    def __init__(self, adapter: _Adapter) -> None:
+        self.adapter = adapter
+        self._in_transaction: dict[int, bool] = {}
+
+    def enqueue(self, target: Target, records: list[JobRecord]) -> list[Job]:
+        """Write ``records`` in the app's transaction, or hold them until it commits."""
+        backend = target.backend
+        if not target.eager:
+            connection = self.adapter.psycopg_connection()
+            if connection is not None:
+                key = id(backend)
+                if key not in self._in_transaction:
+                    with connection.cursor() as cursor:
+                        self._in_transaction[key] = backend.shares_database(cursor)
+                if self._in_transaction[key]:
+                    self.adapter.check_open()
+                    with connection.cursor() as cursor:
+                        stored = backend.enqueue_in(cursor, records)
+                    new = {record.id for record in records}
+                    return target.written([_pending(r) if r.id in new else r for r in stored])
+        return self.adapter.hold(target, records)
+
+
+def _pending(record: JobRecord) -> JobRecord:
+    return dataclasses.replace(record, status=JobStatus.PENDING)
+
+
+def _held_jobs(target: Target, records: list[JobRecord]) -> list[Job]:
+    return [Job(_pending(record), target.backend) for record in records]
+
+
+def _release(target: Target, records: list[JobRecord], jobs: list[Job]) -> None:
+    """Enqueue jobs held until a commit that has happened; their handles follow."""
+    try:
+        stored = target.store(records)
+    except ErrandsError as exc:
+        ids = ", ".join(record.id for record in records)
+        logger.error("errands: the transaction committed but jobs %s were not enqueued", ids)
+        raise EnqueueError(
+            f"the transaction committed, but its jobs {ids} were not enqueued: {exc}"
+        ) from exc
+    for job, now in zip(jobs, stored, strict=True):
+        job._become(now)
+
+
+# -- what the app hands in -------------------------------------------------------
+
+
+class _Adapter:
+    """The app's session or connection, seen as the two ways need it."""
+
+    def psycopg_connection(self) -> psycopg.Connection[Any] | None:
+        """The psycopg 3 connection under it, in its transaction; None for other drivers."""
+        return None
+
+    def check_open(self) -> None:
+        """Refuse a connection on which a write would commit at once."""
+
+    def hold(self, target: Target, records: list[JobRecord]) -> list[Job]:
+        raise ConfigurationError(
+            f"errands.transaction() with {self.what} needs ERRANDS_URL to be PostgreSQL in the "
+            "same database as that connection (and no ERRANDS_EAGER), so the jobs are written "
+            f"in its transaction; {target.backend.url} is not. Only a SQLAlchemy Session tells "
+            "when it commits, to enqueue elsewhere after the commit: pass one instead"
+        )
+
+    what = "this connection"
+
+
+def _psycopg(connection: object) -> psycopg.Connection[Any] | None:
+    psycopg = sys.modules.get("psycopg")
+    return connection if psycopg and isinstance(connection, psycopg.Connection) else None
+
+
+class _Psycopg(_Adapter):
+    what = "a psycopg connection"
+
+    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+        self.connection = connection
+
+    def psycopg_connection(self) -> psycopg.Connection[Any]:
+        return self.connection
+
+    def check_open(self) -> None:
+        from psycopg.pq import TransactionStatus
+
+        status = self.connection.info.transaction_status
+        if self.connection.autocommit and status == TransactionStatus.IDLE:
+            raise ErrandsError(
+                "the psycopg connection given to errands.transaction() is in autocommit mode "
+                "outside a transaction, so each job would commit at once; enqueue inside "
+                "`with conn.transaction():`"
+            )
+
+
+class _Connection(_Adapter):
+    what = "a SQLAlchemy Connection"
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+
+    def psycopg_connection(self) -> psycopg.Connection[Any] | None:
+        if self.connection.dialect.driver != "psycopg":
+            return None
+        if not self.connection.in_transaction():
+            # Begun by SQLAlchemy, so the Connection's commit() commits the jobs too.
+            self.connection.begin()
+        return _psycopg(self.connection.connection.dbapi_connection)
+
+
+class _Session(_Adapter):
+    what = "a SQLAlchemy Session"
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+
+    def psycopg_connection(self) -> psycopg.Connection[Any] | None:
+        if self.session.get_bind().dialect.driver != "psycopg":
+            return None
+        return _psycopg(self.session.connection().connection.dbapi_connection)
+
+    def hold(self, target: Target, records: list[JobRecord]) -> list[Job]:
+        jobs = _held_jobs(target, records)
+        _SessionHold.of(self.session).add(self.session, target, records, jobs)
+        return jobs
+
+
+def _adapt(given: object) -> _Adapter:
+    """Wrap what the app handed in, or raise ``TypeError`` naming what is accepted."""
+    if _psycopg(given) is not None:
+        return _Psycopg(_psycopg(given))  # type: ignore[arg-type]
+    if "sqlalchemy" in sys.modules:
+        from sqlalchemy.engine import Connection
+        from sqlalchemy.orm import Session, scoped_session
+
+        if isinstance(given, scoped_session):
+            given = given()  # Flask-SQLAlchemy's db.session: this context's session
+        if isinstance(given, Session):
+            return _Session(given)
+        if isinstance(given, Connection):
+            return _Connection(given)
+    raise TypeError(f"errands.transaction() takes {ACCEPTED}, not {given!r}")
+
+
+# -- after the commit: a Session's events --------------------------------------------
+
+
+@dataclasses.dataclass
+class _Held:
+    """Jobs delayed under one (sub)transaction, waiting for the outermost commit."""
+
+    transaction: object  # the innermost SessionTransaction at .delay() time, or None
+    target: Target
+    records: list[JobRecord]
+    jobs: list[Job]
+
+
+class _SessionHold:
+    """The jobs held on one Session, and the listeners that release or drop them.
+
+    Each batch is kept under the innermost transaction open when it was
+    delayed: a savepoint that rolls back drops its batches, one released
+    hands them to its parent, and the outermost transaction enqueues them
+    all once it has committed, or drops them when it ends otherwise
+    (rollback, close). The listeners stay for the session's life: SQLAlchemy
+    cannot remove a listener while it runs.
+    """
+
+    _holds: weakref.WeakKeyDictionary[Any, _SessionHold] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, session: Any) -> _SessionHold:
+        hold = cls._holds.get(session)
+        if hold is None:
+            hold = cls._holds[session] = cls(session)
+        return hold
+
+    def __init__(self, session: Any) -> None:
+        from sqlalchemy import event
+
+        self.held: list[_Held] = []
+        self.committed: list[object] = []
+        event.listen(session, "after_commit", self._after_commit)
+        event.listen(session, "after_transaction_end", self._after_transaction_end)
+
+    def add(self, session: Any, target: Target, records: list[JobRecord], jobs: list[Job]) -> None:
+        innermost = session.get_nested_transaction() or session.get_transaction()
+        self.held.append(_Held(innermost, target, records, jobs))
+
+    def _after_commit(self, session: Any) -> None:
+        # Fires for the outermost transaction and for each released savepoint.
+        self.committed.append(session.get_nested_transaction() or session.get_transaction())
+
+    def _after_transaction_end(self, session: Any, transaction: Any) -> None:
+        committed = any(t is transaction for t in self.committed)
+        self.committed = [t for t in self.committed if t is not transaction]
+        if transaction.parent is not None:  # a savepoint: its jobs go to its parent, or away
+            for held in [h for h in self.held if h.transaction is transaction]:
+                if committed:
+                    held.transaction = transaction.parent
+                else:
+                    self.held.remove(held)
+            return
+        batches, self.held = self.held, []
+        if committed:
+            _release_all(batches)
+
+
+def _release_all(held: list[_Held]) -> None:
+    """Enqueue each batch; one that fails does not keep the others from the store."""
+    failed: EnqueueError | None = None
+    for batch in held:
+        try:
+            _release(batch.target, batch.records, batch.jobs)
+        except EnqueueError as exc:
+            failed = failed or exc
+    if failed is not None:
+        raise failed
