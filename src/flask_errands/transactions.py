@@ -68,10 +68,16 @@ def current() -> Transaction | None:
     return _current.get()
 
 
+def transaction(session_or_connection: Any) -> contextlib.AbstractContextManager[Transaction]:
+    """Make every ``.delay()`` in the block, in this thread, part of the app's transaction.
+
+    Raises ``TypeError`` at once for anything but a session or connection.
+    """
+    return _block(Transaction(_adapt(session_or_connection)))
+
+
 @contextlib.contextmanager
-def transaction(session_or_connection: Any) -> Iterator[Transaction]:
-    """Make every ``.delay()`` in the block, in this thread, part of the app's transaction."""
-    entered = Transaction(_adapt(session_or_connection))
+def _block(entered: Transaction) -> Iterator[Transaction]:
     token = _current.set(entered)
     try:
         yield entered
