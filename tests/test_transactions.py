@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from flask_errands import ConfigurationError, ErrandsError, Job, JobStatus
+from flask_errands import ConfigurationError, EnqueueError, ErrandsError, Job, JobStatus
 from flask_errands.status import STATUSES
 from tests.apps import worker_app
 from tests.conftest import BACKENDS, POSTGRES_URL
-from tests.helpers import APPS, create_database, require, wait_until
+from tests.helpers import APPS, create_database, free_port, require, wait_until
 from tests.processes import Served, lines
 
 psycopg = require("psycopg")
@@ -485,3 +485,18 @@ def test_a_process_killed_between_its_commit_and_the_enqueue_loses_the_job(
     assert shop.job(job_id) is None
     with shop.app.app_context():
         assert shop.errands.backend.list_jobs() == []
+
+
+def test_a_store_down_at_the_commit_raises_after_the_data_is_committed(
+    shops: Callable[..., Shop], tmp_path: Path
+) -> None:
+    """Nothing answers on the store's port: the row is kept, the error names the lost job."""
+    port = free_port()
+    shop = shops(f"redis://127.0.0.1:{port}/0?socket_timeout=1", f"sqlite:///{tmp_path}/app.db")
+    with shop.app.app_context():
+        with shop.errands.transaction(shop.db.session):
+            job = shop.sign_up("ada@example.com")
+        with pytest.raises(EnqueueError, match=f"committed, but its jobs {job.id} were not"):
+            shop.db.session.commit()
+        assert job.status == JobStatus.PENDING
+    assert shop.signups() == ["ada@example.com"]
