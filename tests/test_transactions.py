@@ -500,3 +500,34 @@ def test_a_store_down_at_the_commit_raises_after_the_data_is_committed(
             shop.db.session.commit()
         assert job.status == JobStatus.PENDING
     assert shop.signups() == ["ada@example.com"]
+
+
+@ON_POSTGRES
+def test_sqlalchemy_on_psycopg2_writes_the_jobs_in_the_transaction_too(
+    shops: Callable[..., Shop], store_url: str, app_schema: str
+) -> None:
+    require("psycopg2")
+    shop = shops(
+        store_url,
+        sqlalchemy_url(POSTGRES_URL).replace("+psycopg:", "+psycopg2:"),
+        SQLALCHEMY_ENGINE_OPTIONS={"connect_args": {"options": f"-csearch_path={app_schema}"}},
+    )
+    session = shop.db.session
+    with shop.app.app_context():
+        with shop.errands.transaction(session):
+            dropped = shop.sign_up("rolled-back@example.com")
+        session.rollback()
+        with shop.errands.transaction(session):
+            kept = shop.sign_up("ada@example.com")
+            savepoint = session.begin_nested()
+            inside = shop.send("inside")
+            savepoint.rollback()
+            unique = worker_app.record.options(unique_key="k", priority=3)
+            first, again = (unique.delay(str(shop.runs), 0.0, "u") for _ in range(2))
+            # Written in the transaction (not held): the store's own connection cannot see it.
+            assert shop.errands.job(kept.id) is None and again == first
+        session.commit()
+        assert [shop.errands.job(j.id) for j in (dropped, inside)] == [None, None]
+        assert shop.errands.drain() == 2
+    assert sorted(shop.ran()) == ["ada@example.com", "u"]
+    assert shop.signups() == ["ada@example.com"]

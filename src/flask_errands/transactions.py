@@ -3,9 +3,11 @@
 Two ways, chosen at the first ``.delay()`` of the block for each app:
 
 - **In the transaction.** The store is PostgreSQL in the very database the
-  app's connection reaches, and that connection is psycopg 3's: the job rows
-  (and the workers' wake-up, ``NOTIFY``) are written through it, so the app's
-  commit stores them and its rollback drops them, atomically.
+  app's connection reaches, through psycopg 3 (or, under SQLAlchemy,
+  psycopg2): the job rows (and the workers' wake-up, ``NOTIFY``) are written
+  through that connection's DB-API cursor, so the app's commit stores them and
+  its rollback drops them, atomically. Other drivers (pg8000, asyncpg) take
+  their own parameter style, so their jobs go the second way.
 - **After the commit.** Any other store, or another database: the jobs are
   held and enqueued right after the outermost commit, and dropped on rollback
   (savepoints included). Only a SQLAlchemy ``Session`` says when it commits, so
@@ -34,6 +36,8 @@ from .jobs import Job
 if TYPE_CHECKING:
     import psycopg
 
+#: SQLAlchemy drivers whose DB-API cursors the PostgreSQL backend writes through.
+DIRECT_DRIVERS = ("psycopg", "psycopg2")
 logger = logging.getLogger("flask_errands")
 
 ACCEPTED = (
@@ -96,7 +100,7 @@ class Transaction:
         """Write ``records`` in the app's transaction, or hold them until it commits."""
         backend = target.backend
         if not target.eager:
-            connection = self.adapter.psycopg_connection()
+            connection = self.adapter.dbapi_connection()
             if connection is not None:
                 key = id(backend)
                 if key not in self._in_transaction:
@@ -139,8 +143,8 @@ def _release(target: Target, records: list[JobRecord], jobs: list[Job]) -> None:
 class _Adapter:
     """The app's session or connection, seen as the two ways need it."""
 
-    def psycopg_connection(self) -> psycopg.Connection[Any] | None:
-        """The psycopg 3 connection under it, in its transaction; None for other drivers."""
+    def dbapi_connection(self) -> Any | None:
+        """The driver's connection under it, in its transaction; None for other drivers."""
         return None
 
     def check_open(self) -> None:
@@ -168,7 +172,7 @@ class _Psycopg(_Adapter):
     def __init__(self, connection: psycopg.Connection[Any]) -> None:
         self.connection = connection
 
-    def psycopg_connection(self) -> psycopg.Connection[Any]:
+    def dbapi_connection(self) -> psycopg.Connection[Any]:
         return self.connection
 
     def check_open(self) -> None:
@@ -189,13 +193,13 @@ class _Connection(_Adapter):
     def __init__(self, connection: Any) -> None:
         self.connection = connection
 
-    def psycopg_connection(self) -> psycopg.Connection[Any] | None:
-        if self.connection.dialect.driver != "psycopg":
+    def dbapi_connection(self) -> Any | None:
+        if not _direct(self.connection.dialect):
             return None
         if not self.connection.in_transaction():
             # Begun by SQLAlchemy, so the Connection's commit() commits the jobs too.
             self.connection.begin()
-        return _psycopg(self.connection.connection.dbapi_connection)
+        return self.connection.connection.dbapi_connection
 
 
 class _Session(_Adapter):
@@ -204,15 +208,19 @@ class _Session(_Adapter):
     def __init__(self, session: Any) -> None:
         self.session = session
 
-    def psycopg_connection(self) -> psycopg.Connection[Any] | None:
-        if self.session.get_bind().dialect.driver != "psycopg":
+    def dbapi_connection(self) -> Any | None:
+        if not _direct(self.session.get_bind().dialect):
             return None
-        return _psycopg(self.session.connection().connection.dbapi_connection)
+        return self.session.connection().connection.dbapi_connection
 
     def hold(self, target: Target, records: list[JobRecord]) -> list[Job]:
         jobs = _held_jobs(target, records)
         _SessionHold.of(self.session).add(self.session, target, records, jobs)
         return jobs
+
+
+def _direct(dialect: Any) -> bool:
+    return dialect.name == "postgresql" and dialect.driver in DIRECT_DRIVERS
 
 
 def _adapt(given: object) -> _Adapter:
