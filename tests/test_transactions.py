@@ -220,7 +220,8 @@ def test_rollback_leaves_no_job_and_commit_makes_exactly_one_that_no_worker_sees
     same_database_shop: Shop, served: Callable[[Shop], Served]
 ) -> None:
     served(same_database_shop)
-    rollback_none_commit_one(same_database_shop, same_database_shop.db.session)
+    kept = rollback_none_commit_one(same_database_shop, same_database_shop.db.session)
+    assert kept.status == "queued"  # the session said it committed: the handle knows
 
 
 @ON_POSTGRES
@@ -234,7 +235,9 @@ def test_a_bare_psycopg_connection_carries_the_jobs_of_its_transaction(
         def write(email: str) -> None:
             conn.execute("INSERT INTO signups VALUES (%s)", (email,))
 
-        rollback_none_commit_one(shop, conn, write)
+        kept = rollback_none_commit_one(shop, conn, write)
+        assert kept.status == "pending"  # psycopg says nothing at its commit
+        assert kept.refresh().status == "succeeded"
         with shop.app.app_context():
             with shop.errands.transaction(conn):
                 kept = shop.send("kept")

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -111,16 +112,30 @@ class Transaction:
                     with connection.cursor() as cursor:
                         stored = backend.enqueue_in(cursor, records)
                     new = {record.id for record in records}
-                    return target.written([_pending(r) if r.id in new else r for r in stored])
-        return self.adapter.hold(target, records)
+                    jobs = target.written([_pending(r) if r.id in new else r for r in stored])
+                    self.adapter.at_commit(functools.partial(_settle, target, stored, jobs))
+                    return jobs
+        if not self.adapter.tells_commit:
+            raise ConfigurationError(
+                f"errands.transaction() with {self.adapter.what} needs ERRANDS_URL to be "
+                "PostgreSQL in the same database as that connection (and no ERRANDS_EAGER), so "
+                f"the jobs are written in its transaction; {backend.url} is not. Only a "
+                "SQLAlchemy Session tells when it commits, to enqueue elsewhere after it: "
+                "pass one instead"
+            )
+        jobs = [Job(_pending(record), backend) for record in records]
+        self.adapter.at_commit(functools.partial(_release, target, records, jobs))
+        return jobs
 
 
 def _pending(record: JobRecord) -> JobRecord:
     return dataclasses.replace(record, status=JobStatus.PENDING)
 
 
-def _held_jobs(target: Target, records: list[JobRecord]) -> list[Job]:
-    return [Job(_pending(record), target.backend) for record in records]
+def _settle(target: Target, records: list[JobRecord], jobs: list[Job]) -> None:
+    """Jobs written in a transaction that has committed: their handles show them stored."""
+    for job, record in zip(jobs, records, strict=True):
+        job._become(Job(record, target.backend))
 
 
 def _release(target: Target, records: list[JobRecord], jobs: list[Job]) -> None:
@@ -150,13 +165,15 @@ class _Adapter:
     def check_open(self) -> None:
         """Refuse a connection on which a write would commit at once."""
 
-    def hold(self, target: Target, records: list[JobRecord]) -> list[Job]:
-        raise ConfigurationError(
-            f"errands.transaction() with {self.what} needs ERRANDS_URL to be PostgreSQL in the "
-            "same database as that connection (and no ERRANDS_EAGER), so the jobs are written "
-            f"in its transaction; {target.backend.url} is not. Only a SQLAlchemy Session tells "
-            "when it commits, to enqueue elsewhere after the commit: pass one instead"
-        )
+    #: Whether it says when its transaction commits (only a Session does).
+    tells_commit = False
+
+    def at_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the transaction open now commits, and never if it rolls back.
+
+        Where nobody says so, nothing runs: jobs written in the transaction
+        keep ``pending`` handles until refreshed.
+        """
 
     what = "this connection"
 
@@ -213,10 +230,10 @@ class _Session(_Adapter):
             return None
         return self.session.connection().connection.dbapi_connection
 
-    def hold(self, target: Target, records: list[JobRecord]) -> list[Job]:
-        jobs = _held_jobs(target, records)
-        _SessionHold.of(self.session).add(self.session, target, records, jobs)
-        return jobs
+    tells_commit = True
+
+    def at_commit(self, action: Callable[[], None]) -> None:
+        _SessionHold.of(self.session).add(self.session, action)
 
 
 def _direct(dialect: Any) -> bool:
@@ -245,16 +262,14 @@ def _adapt(given: object) -> _Adapter:
 
 @dataclasses.dataclass
 class _Held:
-    """Jobs delayed under one (sub)transaction, waiting for the outermost commit."""
+    """What to do for jobs delayed under one (sub)transaction once the outermost commits."""
 
     transaction: object  # the innermost SessionTransaction at .delay() time, or None
-    target: Target
-    records: list[JobRecord]
-    jobs: list[Job]
+    action: Callable[[], None]
 
 
 class _SessionHold:
-    """The jobs held on one Session, and the listeners that release or drop them.
+    """The jobs held on one Session (or their handles), and the listeners that release them.
 
     Each batch is kept under the innermost transaction open when it was
     delayed: a savepoint that rolls back drops its batches, one released
@@ -281,9 +296,9 @@ class _SessionHold:
         event.listen(session, "after_commit", self._after_commit)
         event.listen(session, "after_transaction_end", self._after_transaction_end)
 
-    def add(self, session: Any, target: Target, records: list[JobRecord], jobs: list[Job]) -> None:
+    def add(self, session: Any, action: Callable[[], None]) -> None:
         innermost = session.get_nested_transaction() or session.get_transaction()
-        self.held.append(_Held(innermost, target, records, jobs))
+        self.held.append(_Held(innermost, action))
 
     def _after_commit(self, session: Any) -> None:
         # Fires for the outermost transaction and for each released savepoint.
@@ -309,7 +324,7 @@ def _release_all(held: list[_Held]) -> None:
     failed: EnqueueError | None = None
     for batch in held:
         try:
-            _release(batch.target, batch.records, batch.jobs)
+            batch.action()
         except EnqueueError as exc:
             failed = failed or exc
     if failed is not None:
