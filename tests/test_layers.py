@@ -27,6 +27,7 @@ LAYERS: list[set[str]] = [
         "backends.sqlite",
         "backends.redis",
         "backends.postgres",
+        "backends.outbox",
         "backends",
     },
     {"jobs", "context", "logs"},

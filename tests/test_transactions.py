@@ -10,6 +10,7 @@ after the commit.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -104,6 +105,13 @@ class Shop:
             self.db.session.rollback()
             return emails
 
+    def outboxed(self) -> int:
+        """How many jobs wait in the outbox table of the app's database."""
+        with self.app.app_context():
+            count = self.db.session.execute(text("SELECT count(*) FROM errands_outbox")).scalar()
+            self.db.session.rollback()
+            return int(count or 0)
+
     def ran(self) -> list[str]:
         """The label of each run that finished, in order."""
         return [line[1] for line in lines(self.runs) if line[0] == "end"]
@@ -151,8 +159,10 @@ def served(tmp_path: Path) -> Iterator[Callable[[Shop], Served]]:
     started: list[Served] = []
 
     def start(shop: Shop) -> Served:
-        """A real worker process on the shop's store, once it has run a first job."""
-        process = Served(tmp_path, shop.app.config["ERRANDS_URL"])
+        """A real worker process on the shop's store (and outbox), once it has run a job."""
+        outbox = shop.app.config.get("ERRANDS_OUTBOX_URL")
+        config = {"ERRANDS_OUTBOX_URL": outbox} if outbox else {}
+        process = Served(tmp_path, shop.app.config["ERRANDS_URL"], **config)
         process.flask("tests.apps.worker_app", "errands", "worker", "-c", "2")
         started.append(process)
         with shop.app.app_context():
@@ -170,6 +180,7 @@ def served(tmp_path: Path) -> Iterator[Callable[[Shop], Served]]:
 
 ON_POSTGRES = pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
 AFTER_COMMIT_STORES = pytest.mark.parametrize("store_url", ["sqlite", "redis"], indirect=True)
+OUTBOX_OR_NOT = pytest.mark.parametrize("outbox", [False, True], ids=["after-commit", "outbox"])
 
 
 # -- PostgreSQL in the same database: the jobs are written in the transaction ------------
@@ -307,17 +318,25 @@ def test_a_pending_job_says_it_is_not_stored_yet(same_database_shop: Shop) -> No
         shop.db.session.rollback()
 
 
-# -- elsewhere: the jobs are enqueued right after the commit ---------------------------
+# -- elsewhere: enqueued right after the commit, or relayed from the outbox -----------------
 
 
 @AFTER_COMMIT_STORES
-def test_after_the_commit_on_another_store_rollback_none_and_commit_one(
-    shops: Callable[..., Shop], store_url: str, tmp_path: Path, served: Callable[[Shop], Served]
+@OUTBOX_OR_NOT
+def test_on_another_store_rollback_none_and_commit_one(
+    shops: Callable[..., Shop],
+    store_url: str,
+    outbox: bool,
+    tmp_path: Path,
+    served: Callable[[Shop], Served],
 ) -> None:
-    shop = shops(store_url, f"sqlite:///{tmp_path}/app.db")
+    app_db = f"sqlite:///{tmp_path}/app.db"
+    shop = shops(store_url, app_db, **({"ERRANDS_OUTBOX_URL": app_db} if outbox else {}))
     served(shop)
     kept = rollback_none_commit_one(shop, shop.db.session)
-    assert kept.refresh().status == "succeeded"  # the held handle reads the stored job
+    assert kept.refresh().status == "succeeded"  # the pending handle reads the stored job
+    if outbox:
+        assert shop.outboxed() == 0  # the table exists, and the relay emptied it
 
 
 @pytest.mark.parametrize(
@@ -469,25 +488,48 @@ def test_another_thread_is_not_in_the_block(same_database_shop: Shop) -> None:
 
 
 @AFTER_COMMIT_STORES
-def test_a_process_killed_between_its_commit_and_the_enqueue_loses_the_job(
-    shops: Callable[..., Shop], store_url: str, tmp_path: Path
+@OUTBOX_OR_NOT
+def test_a_process_killed_right_after_its_commit_loses_the_job_unless_there_is_an_outbox(
+    shops: Callable[..., Shop],
+    store_url: str,
+    outbox: bool,
+    tmp_path: Path,
+    served: Callable[[Shop], Served],
 ) -> None:
-    """What the after-commit way cannot promise: the row is committed, its job is gone."""
+    """The row is committed either way; the job, only in the outbox."""
     app_db = f"sqlite:///{tmp_path}/app.db"
+    config = {"ERRANDS_OUTBOX_URL": app_db} if outbox else {}
+    runs = tmp_path / "crash-runs.txt"
     proc = subprocess.run(
-        [sys.executable, str(APPS / "txn_crash.py"), store_url, app_db, str(tmp_path)],
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        [sys.executable, str(APPS / "txn_crash.py"), store_url, app_db, str(tmp_path), str(runs)],
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(sys.path),
+            **{f"FLASK_{key}": json.dumps(value) for key, value in config.items()},
+        },
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
     job_id = proc.stdout.split()[-1]
-    shop = shops(store_url, app_db)
+    shop = shops(store_url, app_db, **config)
     assert shop.signups() == ["ada@example.com"]
-    assert shop.job(job_id) is None
-    with shop.app.app_context():
-        assert shop.errands.backend.list_jobs() == []
+    assert shop.job(job_id) is None  # not in the store: held in the dead process, or outboxed
+    if outbox:
+        assert shop.outboxed() == 1
+    served(shop)  # a worker (relaying the outbox, if any) runs a job enqueued after the crash
+    if outbox:
+        wait_until(lambda: runs.exists(), "the outboxed job to run")
+        job = wait_until(lambda: (j := shop.job(job_id)) and j.status == "succeeded" and j, "it")
+        assert job.attempts == 1
+        assert shop.outboxed() == 0
+        assert [line.split()[1] for line in runs.read_text().splitlines()] == [
+            "ada@example.com",
+            "ada@example.com",
+        ]  # its start and end lines: one run
+    else:
+        assert not runs.exists() and shop.job(job_id) is None
 
 
 def test_a_store_down_at_the_commit_raises_after_the_data_is_committed(
@@ -534,3 +576,25 @@ def test_sqlalchemy_on_psycopg2_writes_the_jobs_in_the_transaction_too(
         assert shop.errands.drain() == 2
     assert sorted(shop.ran()) == ["ada@example.com", "u"]
     assert shop.signups() == ["ada@example.com"]
+
+
+def test_flask_errands_imports_and_enqueues_without_sqlalchemy(tmp_path: Path) -> None:
+    script = (
+        "import sys; sys.modules['sqlalchemy'] = None\n"
+        "from flask import Flask\n"
+        "from flask_errands import Errands\n"
+        "app = Flask('x', instance_path=sys.argv[1])\n"
+        "app.config.update(ERRANDS_URL='memory://', ERRANDS_EMBEDDED_WORKER=False)\n"
+        "errands = Errands(app)\n"
+        "task = errands.task(name='t')(lambda: None)\n"
+        "with app.app_context():\n"
+        "    print(task.delay().status)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "queued", result.stderr

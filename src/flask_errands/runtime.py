@@ -18,7 +18,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from flask import Flask
@@ -36,6 +36,9 @@ from .schedules import Schedule
 from .service import Service
 from .tasks import Task, check_size
 from .worker import Worker, new_worker_id
+
+if TYPE_CHECKING:
+    from .backends.outbox import Outbox
 
 logger = logging.getLogger("flask_errands")
 
@@ -70,6 +73,11 @@ class Runtime:
             if self.eager_backend is not None
             else None
         )
+        self.outbox: Outbox | None = None
+        if settings.outbox_url is not None:
+            from .backends.outbox import Outbox  # SQLAlchemy, only when asked for
+
+            self.outbox = Outbox(settings.outbox_url)
         self._embedded: Service | None = None
         self._embedded_pid: int | None = None
         self._lock = threading.Lock()
@@ -260,7 +268,12 @@ class Runtime:
             kind=kind,
             hard_timeouts=hard_timeouts,
         )
-        return Service(worker, Scheduler(self) if scheduler else None)
+        relay = None
+        if self.outbox is not None:
+            from .backends.outbox import Relay
+
+            relay = Relay(self.outbox, self.backend)
+        return Service(worker, Scheduler(self) if scheduler else None, relay)
 
     @property
     def worker(self) -> Worker | None:

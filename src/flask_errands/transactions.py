@@ -8,7 +8,11 @@ Two ways, chosen at the first ``.delay()`` of the block for each app:
   through that connection's DB-API cursor, so the app's commit stores them and
   its rollback drops them, atomically. Other drivers (pg8000, asyncpg) take
   their own parameter style, so their jobs go the second way.
-- **After the commit.** Any other store, or another database: the jobs are
+- **Through the outbox.** Any other store, with ``ERRANDS_OUTBOX_URL`` set:
+  the jobs are written into the ``errands_outbox`` table of the app's database
+  through its SQLAlchemy session or connection, and workers move them to the
+  store after the commit. Nothing is lost between the two.
+- **After the commit.** Any other store, without an outbox: the jobs are
   held and enqueued right after the outermost commit, and dropped on rollback
   (savepoints included). Only a SQLAlchemy ``Session`` says when it commits, so
   only a session can take this way; a process that dies between the app's
@@ -37,6 +41,8 @@ from .jobs import Job
 if TYPE_CHECKING:
     import psycopg
 
+    from .backends.outbox import Outbox
+
 #: SQLAlchemy drivers whose DB-API cursors the PostgreSQL backend writes through.
 DIRECT_DRIVERS = ("psycopg", "psycopg2")
 logger = logging.getLogger("flask_errands")
@@ -55,6 +61,11 @@ class Target(Protocol):
 
     @property
     def eager(self) -> bool: ...
+
+    @property
+    def outbox(self) -> Outbox | None:
+        """The outbox in the app's database (``ERRANDS_OUTBOX_URL``), if any."""
+        ...
 
     def store(self, records: list[JobRecord]) -> list[Job]:
         """Enqueue now, as outside a transaction (or run now, when eager)."""
@@ -115,6 +126,10 @@ class Transaction:
                     jobs = target.written([_pending(r) if r.id in new else r for r in stored])
                     self.adapter.at_commit(functools.partial(_settle, target, stored, jobs))
                     return jobs
+        connection = self.adapter.sqlalchemy_connection()
+        if target.outbox is not None and connection is not None and not target.eager:
+            target.outbox.write(connection, records)
+            return target.written([_pending(record) for record in records])
         if not self.adapter.tells_commit:
             raise ConfigurationError(
                 f"errands.transaction() with {self.adapter.what} needs ERRANDS_URL to be "
@@ -168,6 +183,10 @@ class _Adapter:
     #: Whether it says when its transaction commits (only a Session does).
     tells_commit = False
 
+    def sqlalchemy_connection(self) -> Any | None:
+        """The SQLAlchemy connection to write the outbox through, in the transaction."""
+        return None
+
     def at_commit(self, action: Callable[[], None]) -> None:
         """Run ``action`` once the transaction open now commits, and never if it rolls back.
 
@@ -210,6 +229,9 @@ class _Connection(_Adapter):
     def __init__(self, connection: Any) -> None:
         self.connection = connection
 
+    def sqlalchemy_connection(self) -> Any:
+        return self.connection
+
     def dbapi_connection(self) -> Any | None:
         if not _direct(self.connection.dialect):
             return None
@@ -224,6 +246,9 @@ class _Session(_Adapter):
 
     def __init__(self, session: Any) -> None:
         self.session = session
+
+    def sqlalchemy_connection(self) -> Any:
+        return self.session.connection()
 
     def dbapi_connection(self) -> Any | None:
         if not _direct(self.session.get_bind().dialect):
