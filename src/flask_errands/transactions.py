@@ -136,7 +136,8 @@ class Transaction:
                 "PostgreSQL in the same database as that connection (and no ERRANDS_EAGER), so "
                 f"the jobs are written in its transaction; {backend.url} is not. Only a "
                 "SQLAlchemy Session tells when it commits, to enqueue elsewhere after it: "
-                "pass one instead"
+                "pass one instead, or set ERRANDS_OUTBOX_URL to keep the jobs in your database "
+                "through a SQLAlchemy session or connection"
             )
         jobs = [Job(_pending(record), backend) for record in records]
         self.adapter.at_commit(functools.partial(_release, target, records, jobs))
