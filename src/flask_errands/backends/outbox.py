@@ -114,13 +114,19 @@ class Relay:
         self._thread: threading.Thread | None = None
 
     def run(self) -> None:
-        """Relay until stopped; a failed step is logged and tried again after a pause."""
+        """Relay until stopped; a failed step is tried again after a pause, and said once."""
+        failing = False
         while not self._stop.is_set():
             try:
                 moved = self.outbox.relay(self.backend)
             except (sa.exc.SQLAlchemyError, BackendUnavailable) as exc:
-                logger.warning("errands: could not relay the outbox: %s", _one_line(exc))
-                moved = 0
+                if not failing:
+                    logger.warning("errands: could not relay the outbox: %s", _one_line(exc))
+                failing, moved = True, 0
+            else:
+                if failing:
+                    logger.info("errands: relaying the outbox again")
+                failing = False
             if moved < RELAY_BATCH:
                 self._stop.wait(self.interval)
 
