@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import logging
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -306,13 +307,15 @@ class _SessionHold:
     """
 
     _holds: weakref.WeakKeyDictionary[Any, _SessionHold] = weakref.WeakKeyDictionary()
+    _lock = threading.Lock()  # sessions are per thread; the registry is shared
 
     @classmethod
     def of(cls, session: Any) -> _SessionHold:
-        hold = cls._holds.get(session)
-        if hold is None:
-            hold = cls._holds[session] = cls(session)
-        return hold
+        with cls._lock:
+            hold = cls._holds.get(session)
+            if hold is None:
+                hold = cls._holds[session] = cls(session)
+            return hold
 
     def __init__(self, session: Any) -> None:
         from sqlalchemy import event
