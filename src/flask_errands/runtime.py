@@ -75,8 +75,13 @@ class Runtime:
         )
         self.outbox: Outbox | None = None
         if settings.outbox_url is not None:
-            from .backends.outbox import Outbox  # SQLAlchemy, only when asked for
-
+            try:
+                from .backends.outbox import Outbox  # SQLAlchemy, only when asked for
+            except ImportError as exc:
+                raise ConfigurationError(
+                    f"ERRANDS_OUTBOX_URL needs SQLAlchemy ({exc.name or exc}); "
+                    "pip install 'flask-errands[sqlalchemy]'"
+                ) from exc
             self.outbox = Outbox(settings.outbox_url)
         self._embedded: Service | None = None
         self._embedded_pid: int | None = None
