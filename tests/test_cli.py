@@ -624,7 +624,9 @@ def test_schedule_verbs_pause_resume_run_and_set(tmp_path: Path) -> None:
         assert "PAUSED" in runner.invoke(args=["errands", "schedules"]).output
         job_id = run("run", "nightly").output.strip()
         with app.app_context():
-            assert errands.drain() == 1 and errands.job(job_id).result() == "done"
+            assert errands.drain() == 1
+            ran = errands.job(job_id)
+            assert ran is not None and ran.result() == "done"
         changed = run("set", "nightly", "--cron", "30 4 * * *")
         assert changed.exit_code == 0, changed.output
         assert "cron 30 4 * * * (Europe/Paris); next run " in changed.output
