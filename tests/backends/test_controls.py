@@ -168,3 +168,31 @@ def test_depth_is_sampled_once_a_minute_whoever_asks(backend: Backend) -> None:
 def test_job_page_of_an_empty_store(backend: Backend, limit: int) -> None:
     assert backend.job_page(limit=limit) == ([], None)
     assert backend.job_page(queue="x", task="y", limit=limit, before=5) == ([], None)
+
+
+def test_counts_follow_every_way_a_job_enters_or_leaves_a_state(backend: Backend) -> None:
+    def truth() -> dict[tuple[str, str], int]:
+        found: dict[tuple[str, str], int] = {}
+        for record in backend.job_page(limit=1000)[0]:
+            key = (record.queue, str(record.status))
+            found[key] = found.get(key, 0) + 1
+        return found
+
+    jobs = [job(queue=q) for q in "aabbbc"]
+    backend.enqueue(jobs)
+    done = reserve(backend, limit=5)
+    for n, claimed in enumerate(done):
+        outcome = ("succeeded", "failed", "cancelled", "succeeded", "failed")[n]
+        backend.finish(claimed.id, token(claimed), outcome, T0 + n)
+    assert backend.counts() == truth()
+    backend.cancel(jobs[5].id, T0 + 10)  # waiting -> cancelled
+    backend.requeue(done[1].id, T0 + 11)  # failed -> queued
+    backend.purge(status="succeeded", queue="a")
+    assert backend.counts() == truth()
+    backend.prune(T0 + 3)  # the jobs finished before T0 + 3
+    assert backend.counts() == truth()
+    backend.enqueue([job(queue="c", eta=T0 - 1)])
+    for claimed in reserve(backend, limit=5, now=T0 + 20):
+        backend.finish(claimed.id, token(claimed), "succeeded", T0 + 21)
+    backend.purge()
+    assert backend.counts() == truth() == {}

@@ -132,6 +132,57 @@ CREATE TABLE IF NOT EXISTS errands_depth_samples (
     sample jsonb NOT NULL
 )
 
+-- name: migrate_3_finished_totals
+-- How many finished jobs each queue holds per status, kept by the triggers below (in a few
+-- shards, by server process, so concurrent finishes do not queue for one row), so counts never
+-- scan the finished jobs; waiting and running ones are counted through their index.
+CREATE TABLE IF NOT EXISTS errands_finished_totals (
+    queue text NOT NULL,
+    status text NOT NULL,
+    shard smallint NOT NULL,
+    n bigint NOT NULL,
+    PRIMARY KEY (queue, status, shard)
+)
+
+-- name: migrate_3_finished_totals_fill
+INSERT INTO errands_finished_totals (queue, status, shard, n)
+SELECT queue, status, 0, count(*) FROM errands_jobs
+WHERE status IN ('succeeded', 'failed', 'cancelled') GROUP BY queue, status
+
+-- name: migrate_3_total_function
+CREATE OR REPLACE FUNCTION errands_count_finished() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP <> 'INSERT' AND OLD.status IN ('succeeded', 'failed', 'cancelled') THEN
+        INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
+        VALUES (OLD.queue, OLD.status, pg_backend_pid() % 8, -1)
+        ON CONFLICT (queue, status, shard) DO UPDATE SET n = t.n - 1;
+    END IF;
+    IF TG_OP <> 'DELETE' AND NEW.status IN ('succeeded', 'failed', 'cancelled') THEN
+        INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
+        VALUES (NEW.queue, NEW.status, pg_backend_pid() % 8, 1)
+        ON CONFLICT (queue, status, shard) DO UPDATE SET n = t.n + 1;
+    END IF;
+    RETURN NULL;
+END
+$$
+
+-- name: migrate_3_total_on_insert
+CREATE TRIGGER errands_total_on_insert AFTER INSERT ON errands_jobs
+FOR EACH ROW WHEN (NEW.status IN ('succeeded', 'failed', 'cancelled'))
+EXECUTE FUNCTION errands_count_finished()
+
+-- name: migrate_3_total_on_update
+CREATE TRIGGER errands_total_on_update AFTER UPDATE OF status ON errands_jobs
+FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status
+    AND (OLD.status IN ('succeeded', 'failed', 'cancelled')
+        OR NEW.status IN ('succeeded', 'failed', 'cancelled')))
+EXECUTE FUNCTION errands_count_finished()
+
+-- name: migrate_3_total_on_delete
+CREATE TRIGGER errands_total_on_delete AFTER DELETE ON errands_jobs
+FOR EACH ROW WHEN (OLD.status IN ('succeeded', 'failed', 'cancelled'))
+EXECUTE FUNCTION errands_count_finished()
+
 -- name: migrate_3_status_index
 CREATE INDEX IF NOT EXISTS errands_jobs_by_status ON errands_jobs (status, seq)
 
@@ -280,7 +331,11 @@ WHERE (%(status)s::text IS NULL OR status = %(status)s)
 ORDER BY seq DESC LIMIT %(limit)s OFFSET %(offset)s
 
 -- name: counts
-SELECT queue, status, count(*) AS n FROM errands_jobs GROUP BY queue, status
+SELECT queue, status, count(*) AS n FROM errands_jobs
+WHERE status IN ('queued', 'scheduled', 'running') GROUP BY queue, status
+UNION ALL
+SELECT queue, status, sum(n) AS n FROM errands_finished_totals
+GROUP BY queue, status HAVING sum(n) > 0
 
 -- name: next_eta
 SELECT min(eta) AS eta FROM errands_jobs WHERE status IN ('queued', 'scheduled') {queue_filter}

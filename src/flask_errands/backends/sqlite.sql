@@ -121,6 +121,50 @@ BEGIN
     ON CONFLICT (minute, queue, task, outcome) DO UPDATE SET n = n + 1;
 END
 
+-- name: migrate_3_finished_totals
+-- How many finished jobs each queue holds per status, kept by the triggers below, so counts
+-- never scan the finished jobs; waiting and running ones are counted through their index.
+CREATE TABLE IF NOT EXISTS errands_finished_totals (
+    queue TEXT NOT NULL,
+    status TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (queue, status)
+) WITHOUT ROWID
+
+-- name: migrate_3_finished_totals_fill
+INSERT INTO errands_finished_totals (queue, status, n)
+SELECT queue, status, count(*) FROM errands_jobs
+WHERE status IN ('succeeded', 'failed', 'cancelled') GROUP BY queue, status
+
+-- name: migrate_3_total_on_insert
+CREATE TRIGGER IF NOT EXISTS errands_total_on_insert
+AFTER INSERT ON errands_jobs WHEN new.status IN ('succeeded', 'failed', 'cancelled')
+BEGIN
+    INSERT INTO errands_finished_totals (queue, status, n) VALUES (new.queue, new.status, 1)
+    ON CONFLICT (queue, status) DO UPDATE SET n = n + 1;
+END
+
+-- name: migrate_3_total_on_update
+CREATE TRIGGER IF NOT EXISTS errands_total_on_update
+AFTER UPDATE OF status ON errands_jobs
+WHEN old.status IS NOT new.status AND (old.status IN ('succeeded', 'failed', 'cancelled')
+    OR new.status IN ('succeeded', 'failed', 'cancelled'))
+BEGIN
+    UPDATE errands_finished_totals SET n = n - 1
+    WHERE queue = old.queue AND status = old.status;
+    INSERT INTO errands_finished_totals (queue, status, n)
+    SELECT new.queue, new.status, 1 WHERE new.status IN ('succeeded', 'failed', 'cancelled')
+    ON CONFLICT (queue, status) DO UPDATE SET n = n + 1;
+END
+
+-- name: migrate_3_total_on_delete
+CREATE TRIGGER IF NOT EXISTS errands_total_on_delete
+AFTER DELETE ON errands_jobs WHEN old.status IN ('succeeded', 'failed', 'cancelled')
+BEGIN
+    UPDATE errands_finished_totals SET n = n - 1
+    WHERE queue = old.queue AND status = old.status;
+END
+
 -- name: migrate_3_status_index
 CREATE INDEX IF NOT EXISTS errands_jobs_by_status ON errands_jobs (status, seq)
 
@@ -233,7 +277,10 @@ WHERE (:status IS NULL OR status = :status) AND (:queue IS NULL OR queue = :queu
 ORDER BY seq DESC LIMIT :limit OFFSET :offset
 
 -- name: counts
-SELECT queue, status, count(*) FROM errands_jobs GROUP BY queue, status
+SELECT queue, status, count(*) FROM errands_jobs
+WHERE status IN ('queued', 'scheduled', 'running') GROUP BY queue, status
+UNION ALL
+SELECT queue, status, n FROM errands_finished_totals WHERE n > 0
 
 -- name: next_eta
 SELECT min(eta) FROM errands_jobs WHERE status IN ('queued', 'scheduled') {queue_filter}
