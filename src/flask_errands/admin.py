@@ -106,8 +106,8 @@ class Stats:
 
     ``succeeded`` and ``failed`` count attempts that ended in that minute;
     ``queued``, ``scheduled`` and ``running`` are the jobs in that state when
-    the minute was sampled (by a worker, or by this call for the current
-    minute), or None for a minute nobody sampled.
+    a worker sampled the minute (the current one is counted now if no worker
+    has yet), or None for a minute nobody sampled.
     """
 
     minutes: list[dt.datetime]
@@ -344,18 +344,22 @@ class Admin:
         """Throughput and queue depth over the last hour, one point per minute.
 
         Reads the per-minute counts the store keeps as attempts end and the
-        depth samples workers take each minute; the current minute is sampled
-        here if no worker has yet.
+        depth samples workers take each minute; it writes nothing.
         """
         now = self._clock() if now is None else now
         last = minute_of(now)
         first = last - STATS_MINUTES + 1
-        self._backend.sample_depth(now)
         ended = {"succeeded": [0] * STATS_MINUTES, "failed": [0] * STATS_MINUTES}
         for minute, _queue, _task, outcome, n in self._backend.finished_counts(first):
             if outcome in ended and first <= minute <= last:
                 ended[outcome][minute - first] += n
         samples = self._backend.depth_samples(first)
+        if last not in samples:  # no worker sampled this minute yet: count now, store nothing
+            samples[last] = {
+                (queue, status): n
+                for (queue, status), n in self._backend.counts().items()
+                if not JobStatus(status).finished
+            }
         depth: dict[str, list[int | None]] = {}
         for status in ("queued", "scheduled", "running"):
             depth[status] = [

@@ -20,7 +20,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from . import durations, serialization
-from .admin import Admin, ScheduleInfo
+from .admin import MAX_PAGE, Admin, ScheduleInfo
 from .backends import hide_password
 from .config import parse_queues
 from .exceptions import ErrandsError, JobNotFound, ScheduleNotFound, UnknownTask
@@ -258,11 +258,14 @@ def status(as_json: bool) -> None:
 @errands_cli.command()
 @click.option("--state", "status_", type=_STATE, help="Only jobs in this state.")
 @click.option("--queue", help="Only jobs in this queue.")
-@click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--task", help="Only jobs of this task.")
+@click.option("--limit", type=click.IntRange(1, MAX_PAGE), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def jobs(status_: str | None, queue: str | None, limit: int, as_json: bool) -> None:
+def jobs(
+    status_: str | None, queue: str | None, task: str | None, limit: int, as_json: bool
+) -> None:
     """List jobs, newest first."""
-    found = _admin().jobs(status_, queue, limit=limit)
+    found = _admin().job_page(status_, queue, task, limit=limit).jobs
     if as_json:
         _print_json([job.to_dict() for job in found])
         return

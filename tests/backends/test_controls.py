@@ -134,7 +134,15 @@ def test_finish_counts_each_attempt_in_its_minute(backend: Backend) -> None:
     later = backend.finished_counts(MINUTE)[1:]
     assert backend.finished_counts(MINUTE + 1) == later
     backend.prune(T0 + 60)
-    assert backend.finished_counts(0) == later
+    assert backend.finished_counts(1) == later
+    assert backend.finished_counts(0) == [(0, "q", "ok", "succeeded", 2), *later]
+    backend.prune(T0 + 120)  # folded into the totals again, added up
+    assert backend.finished_counts(0) == [
+        (0, "q", "bad", "failed", 1),
+        (0, "q", "bad", "retried", 1),
+        (0, "q", "ok", "cancelled", 1),
+        (0, "q", "ok", "succeeded", 2),
+    ]
 
 
 def test_a_job_failed_for_lost_leases_is_counted_as_failed(backend: Backend) -> None:
@@ -144,7 +152,7 @@ def test_a_job_failed_for_lost_leases_is_counted_as_failed(backend: Backend) -> 
         assert len(backend.reserve(None, 1, "w", LEASE, now, max_lost_leases=2)) == 1
         now += LEASE + 1
     assert backend.reserve(None, 1, "w", LEASE, now, max_lost_leases=2) == []
-    assert backend.finished_counts(0) == [(int(now // 60), "q", "killer", "failed", 1)]
+    assert backend.finished_counts(1) == [(int(now // 60), "q", "killer", "failed", 1)]
 
 
 def test_depth_is_sampled_once_a_minute_whoever_asks(backend: Backend) -> None:

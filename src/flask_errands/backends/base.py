@@ -389,7 +389,8 @@ class Backend(ABC):
 
         Rows of ``(minute, queue, task, outcome, n)``, outcome one of
         ``succeeded``, ``failed``, ``cancelled`` and ``retried``, as counted by
-        :meth:`finish`. Kept until :meth:`prune` deletes minutes before its cut-off.
+        :meth:`finish`. :meth:`prune` folds the minutes before its cut-off into
+        minute 0, which so holds the counts since the store began (for metrics).
         """
 
     @abstractmethod
@@ -431,12 +432,13 @@ class Backend(ABC):
         """Delete what is older than ``finished_before``; return how many jobs were deleted.
 
         Deletes: jobs that finished (succeeded, failed or cancelled) before
-        ``finished_before``; the per-minute counts and depth samples of minutes
-        before it; schedule ticks fired before it, except the latest
-        tick of each schedule, which is kept so missed ticks can be found; and
-        worker registrations that expired at or before it. Waiting and running
-        jobs are never deleted. Redis also expires finished records by
-        themselves, a day after the result TTL; those count as deleted here.
+        ``finished_before``; the depth samples of minutes before it, and their
+        per-minute counts (added to minute 0 first); schedule ticks fired
+        before it, except the latest tick of each schedule, which is kept so
+        missed ticks can be found; and worker registrations that expired at or
+        before it. Waiting and running jobs are never deleted. Redis also
+        expires finished records by themselves, a day after the result TTL;
+        those count as deleted here.
         """
 
     @abstractmethod

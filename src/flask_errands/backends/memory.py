@@ -403,9 +403,11 @@ class MemoryBackend(Backend):
                 if value[0] >= finished_before or key in latest
             }
             cut = minute_of(finished_before)
-            self._finished_counts = {
-                key: n for key, n in self._finished_counts.items() if key[0] >= cut
-            }
+            kept: dict[tuple[int, str, str, str], int] = {}
+            for (minute, queue, task, outcome), n in self._finished_counts.items():
+                key = (minute if minute >= cut else 0, queue, task, outcome)
+                kept[key] = kept.get(key, 0) + n
+            self._finished_counts = kept
             self._depth = {minute: s for minute, s in self._depth.items() if minute >= cut}
         return len(old)
 

@@ -571,6 +571,7 @@ class PostgresBackend(Backend):
         with self._connection() as conn, conn.transaction():
             conn.execute(QUERIES["prune_ticks"], (finished_before,))
             conn.execute(QUERIES["prune_workers"], (finished_before,))
+            conn.execute(QUERIES["roll_up_figures"], (minute_of(finished_before),))
             conn.execute(QUERIES["prune_figures"], (minute_of(finished_before),))
             conn.execute(QUERIES["prune_samples"], (minute_of(finished_before),))
             return conn.execute(QUERIES["prune_jobs"], (finished_before,)).rowcount

@@ -388,8 +388,15 @@ ON CONFLICT (minute) DO NOTHING
 -- name: depth_samples
 SELECT minute, sample FROM errands_depth_samples WHERE minute >= %s
 
+-- name: roll_up_figures
+-- Minute 0 keeps the counts of every minute pruned, so totals since the start stay known.
+INSERT INTO errands_finished_counts AS c (minute, queue, task, outcome, shard, n)
+SELECT 0, queue, task, outcome, 0, sum(n) FROM errands_finished_counts
+WHERE minute > 0 AND minute < %s GROUP BY queue, task, outcome
+ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + excluded.n
+
 -- name: prune_figures
-DELETE FROM errands_finished_counts WHERE minute < %s
+DELETE FROM errands_finished_counts WHERE minute > 0 AND minute < %s
 
 -- name: prune_samples
 DELETE FROM errands_depth_samples WHERE minute < %s

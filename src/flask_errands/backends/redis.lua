@@ -683,7 +683,13 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'workers', '-inf', ARGV[2])
 end
 local cut = '(' .. string.format('%d', math.floor(tonumber(ARGV[2]) / 60))
 for _, kind in ipairs({'finished', 'depth'}) do
-  for _, minute in ipairs(redis.call('ZRANGEBYSCORE', P .. kind .. 'minutes', '-inf', cut)) do
+  for _, minute in ipairs(redis.call('ZRANGEBYSCORE', P .. kind .. 'minutes', '(0', cut)) do
+    if kind == 'finished' then
+      -- Minute 0 keeps the counts of every minute pruned: totals since the start stay known.
+      local counts = redis.call('HGETALL', P .. 'finished:' .. minute)
+      for k = 1, #counts, 2 do redis.call('HINCRBY', P .. 'finished:0', counts[k], counts[k + 1]) end
+      if #counts > 0 then redis.call('ZADD', P .. 'finishedminutes', 0, '0') end
+    end
     redis.call('DEL', P .. kind .. ':' .. minute)
     redis.call('ZREM', P .. kind .. 'minutes', minute)
   end

@@ -521,6 +521,7 @@ class SQLiteBackend(Backend):
         def prune(db: sqlite3.Connection) -> int:
             db.execute(QUERIES["prune_ticks"], (finished_before,))
             db.execute(QUERIES["prune_workers"], (finished_before,))
+            db.execute(QUERIES["roll_up_figures"], (minute_of(finished_before),))
             db.execute(QUERIES["prune_figures"], (minute_of(finished_before),))
             db.execute(QUERIES["prune_samples"], (minute_of(finished_before),))
             return db.execute(QUERIES["prune_jobs"], (finished_before,)).rowcount

@@ -329,8 +329,15 @@ WHERE NOT EXISTS (SELECT 1 FROM errands_depth_samples WHERE minute = :minute)
 -- name: depth_samples
 SELECT minute, sample FROM errands_depth_samples WHERE minute >= ?
 
+-- name: roll_up_figures
+-- Minute 0 keeps the counts of every minute pruned, so totals since the start stay known.
+INSERT INTO errands_finished_counts (minute, queue, task, outcome, n)
+SELECT 0, queue, task, outcome, sum(n) FROM errands_finished_counts
+WHERE minute > 0 AND minute < ? GROUP BY queue, task, outcome
+ON CONFLICT (minute, queue, task, outcome) DO UPDATE SET n = n + excluded.n
+
 -- name: prune_figures
-DELETE FROM errands_finished_counts WHERE minute < ?
+DELETE FROM errands_finished_counts WHERE minute > 0 AND minute < ?
 
 -- name: prune_samples
 DELETE FROM errands_depth_samples WHERE minute < ?
