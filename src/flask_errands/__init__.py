@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .admin import Admin, ScheduleInfo, WorkerInfo
+from .admin import Admin, JobPage, QueueInfo, ScheduleInfo, Stats, WorkerInfo
 from .context import RunningJob, current_job
 from .exceptions import (
     BackendUnavailable,
@@ -15,6 +15,7 @@ from .exceptions import (
     JobNotFound,
     PayloadTooLarge,
     Retry,
+    ScheduleNotFound,
     UnknownTask,
 )
 from .extension import Errands
@@ -38,11 +39,15 @@ __all__ = [
     "JobFailed",
     "JobLogFilter",
     "JobNotFound",
+    "JobPage",
     "JobStatus",
     "PayloadTooLarge",
+    "QueueInfo",
     "Retry",
     "RunningJob",
     "ScheduleInfo",
+    "ScheduleNotFound",
+    "Stats",
     "Task",
     "TaskOptions",
     "UnknownTask",

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Sequence
 from functools import partial
 
-from .backends.base import DEFAULT_MAX_LOST_LEASES
+from .backends.base import DEFAULT_MAX_LOST_LEASES, minute_of
 from .backends.patience import interrupt, limited
 from .exceptions import BackendUnavailable
 from .outcomes import Ending
@@ -83,6 +83,7 @@ class Worker:
         self.stuck = False
         self._timed_out: dict[str, float] = {}
         self._next_register = 0.0
+        self._sampled_minute = -1
         self._drained = True
         self._typical_duration: float | None = None
         self._backend_down_since: float | None = None
@@ -159,7 +160,13 @@ class Worker:
             self.backend.prune(now - self.result_ttl)
         if now >= self._next_register:
             self._next_register = now + REGISTER_INTERVAL
-            self.backend.register_worker(self.id, self.info(), REGISTER_INTERVAL * 3, now)
+            self.backend.register_worker(
+                self.id, {**self.info(), "last_seen": now}, REGISTER_INTERVAL * 3, now
+            )
+            if minute_of(now) != self._sampled_minute:
+                # One depth sample a minute for the dashboard's charts: the first worker wins.
+                self.backend.sample_depth(now)
+                self._sampled_minute = minute_of(now)
         self._check_stuck(active)
 
     def _warn_lapsed_leases(self, now: float) -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "Cursor",
     "JobRecord",
     "JobStatus",
+    "ScheduleState",
 ]
 
 #: How many leases in a row a job may lose (its worker died running it) before it fails.
@@ -131,6 +132,53 @@ def claimed_only(records: Sequence[JobRecord]) -> list[JobRecord]:
     return claimed
 
 
+@dataclasses.dataclass(frozen=True)
+class ScheduleState:
+    """What people changed on a schedule at run time, as the store keeps it for every process.
+
+    ``every`` or ``cron`` (at most one set) replaces the timing the code gave;
+    ``since`` is when the schedule was last resumed or re-timed: a tick before
+    it is a past one, never fired late.
+    """
+
+    paused: bool = False
+    every: float | None = None
+    cron: str | None = None
+    since: float = 0.0
+
+
+#: The outcome an attempt's end counts as, by the status :meth:`Backend.finish` gives the job.
+OUTCOMES = {"succeeded": "succeeded", "failed": "failed", "cancelled": "cancelled"}
+OUTCOMES["scheduled"] = "retried"
+
+
+def minute_of(moment: float) -> int:
+    """The minute (Unix time // 60) that per-minute counts and samples file ``moment`` under."""
+    return int(moment // 60)
+
+
+def page_filters(
+    placeholder: str, limit: int, before: int | None, **filters: str | None
+) -> tuple[str, dict[str, Any]]:
+    """An SQL store's keyset page: an ``AND`` clause per filter given, and the parameters.
+
+    A clause only for each filter given lets each use its own index;
+    ``placeholder`` formats a parameter name (``:{}`` or ``%({})s``). One row
+    more than ``limit`` is asked for, for :func:`page_of` to see if another page follows.
+    """
+    given = {name: value for name, value in filters.items() if value}
+    clause = "".join(f" AND {name} = {placeholder.format(name)}" for name in given)
+    return clause, {**given, "limit": limit + 1, "before": 2**63 - 1 if before is None else before}
+
+
+def page_of(
+    rows: Sequence[Any], limit: int, record: Callable[[Any], JobRecord]
+) -> tuple[list[JobRecord], int | None]:
+    """The jobs of rows from a :func:`page_filters` query, and the position of the next page."""
+    more = len(rows) > limit
+    return [record(row) for row in rows[:limit]], rows[limit - 1]["seq"] if more else None
+
+
 WakeCallback = Callable[[], None]
 
 
@@ -192,6 +240,7 @@ class Backend(ABC):
         ``eta``, then enqueue order. Each claimed job becomes running with
         ``attempts`` incremented, a fresh ``lease_token`` and
         ``lease_expires_at = now + lease_seconds``. ``queues=None`` means all.
+        A paused queue (:meth:`pause_queue`) is skipped, in the same atomic step.
 
         Claiming an expired lease adds one to the job's ``lost_leases``. A job
         that reaches ``max_lost_leases`` that way is not claimed but failed, in
@@ -232,6 +281,11 @@ class Backend(ABC):
         whether it applied (False when the lease was lost and the job handed
         to another worker). Clears the unique key's claim unless rescheduled.
         Resets ``lost_leases``: the attempt ended with its worker alive.
+
+        When it applies, it also adds one, in the same atomic step, to the
+        count of attempts of the job's queue and task that ended so in the
+        minute of ``now`` (:meth:`finished_counts`; ``scheduled`` counts as
+        ``retried``), as does a reserve that fails a job for lost leases.
         """
 
     @abstractmethod
@@ -295,12 +349,95 @@ class Backend(ABC):
         """Return jobs, newest first, optionally only those in ``status`` and ``queue``."""
 
     @abstractmethod
+    def job_page(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> tuple[list[JobRecord], int | None]:
+        """One page of jobs, newest (latest enqueued in the store's order) first.
+
+        Keyset pagination, never an offset: ``before`` is the position a
+        previous page returned, and the page holds jobs enqueued before it.
+        Returns the jobs and the position to pass for the next page, or None
+        when no job is left. A page may hold fewer than ``limit`` jobs and still
+        have a next one (a store may bound how far it looks per call).
+        """
+
+    @abstractmethod
     def counts(self) -> dict[tuple[str, str], int]:
         """Return the number of jobs per ``(queue, status)``."""
 
     @abstractmethod
     def next_eta(self, queues: Sequence[str] | None) -> float | None:
-        """Return the earliest ``eta`` among waiting jobs of these queues, or None."""
+        """Return the earliest ``eta`` among waiting jobs of these queues, or None.
+
+        Paused queues are left out: their jobs are not due for any worker.
+        """
+
+    # -- queues and schedules, as people change them ---------------------------
+
+    @abstractmethod
+    def pause_queue(self, queue: str, now: float) -> None:
+        """Stop every worker from claiming jobs of ``queue`` until resumed; idempotent.
+
+        Jobs still enqueue to a paused queue, and running ones finish.
+        """
+
+    @abstractmethod
+    def resume_queue(self, queue: str) -> None:
+        """Let workers claim from ``queue`` again, and wake them; idempotent."""
+
+    @abstractmethod
+    def paused_queues(self) -> set[str]:
+        """The names of the paused queues, whether they hold jobs or not."""
+
+    @abstractmethod
+    def set_schedule_paused(self, schedule: str, paused: bool, now: float) -> None:
+        """Pause or resume a schedule for every scheduler; atomic, keeps its timing.
+
+        Resuming (from paused) sets ``since`` to ``now``, so the ticks missed meanwhile never fire.
+        """
+
+    @abstractmethod
+    def set_schedule_timing(
+        self, schedule: str, every: float | None, cron: str | None, now: float
+    ) -> None:
+        """Replace a schedule's timing (one of ``every`` and ``cron``) for every scheduler.
+
+        Atomic, keeps whether it is paused, and sets ``since`` to ``now``.
+        """
+
+    @abstractmethod
+    def schedule_states(self) -> dict[str, ScheduleState]:
+        """Every schedule changed at run time, by name."""
+
+    # -- figures for charts and metrics ----------------------------------------
+
+    @abstractmethod
+    def finished_counts(self, since_minute: int) -> list[tuple[int, str, str, str, int]]:
+        """Attempts that ended per minute, from ``since_minute`` (Unix time // 60) on.
+
+        Rows of ``(minute, queue, task, outcome, n)``, outcome one of
+        ``succeeded``, ``failed``, ``cancelled`` and ``retried``, as counted by
+        :meth:`finish`. :meth:`prune` folds the minutes before its cut-off into
+        minute 0, which so holds the counts since the store began (for metrics).
+        """
+
+    @abstractmethod
+    def sample_depth(self, now: float) -> bool:
+        """Record how many jobs each queue holds queued, scheduled and running, once a minute.
+
+        Keyed by the minute of ``now``: the first caller of the minute, in any
+        process, stores the sample and gets True; later ones store nothing.
+        """
+
+    @abstractmethod
+    def depth_samples(self, since_minute: int) -> dict[int, dict[tuple[str, str], int]]:
+        """The samples :meth:`sample_depth` stored, ``{minute: {(queue, status): n}}``."""
 
     # -- housekeeping --------------------------------------------------------
 
@@ -329,11 +466,13 @@ class Backend(ABC):
         """Delete what is older than ``finished_before``; return how many jobs were deleted.
 
         Deletes: jobs that finished (succeeded, failed or cancelled) before
-        ``finished_before``; schedule ticks fired before it, except the latest
-        tick of each schedule, which is kept so missed ticks can be found; and
-        worker registrations that expired at or before it. Waiting and running
-        jobs are never deleted. Redis also expires finished records by
-        themselves, a day after the result TTL; those count as deleted here.
+        ``finished_before``; the depth samples of minutes before it, and their
+        per-minute counts (added to minute 0 first); schedule ticks fired
+        before it, except the latest tick of each schedule, which is kept so
+        missed ticks can be found; and worker registrations that expired at or
+        before it. Waiting and running jobs are never deleted. Redis also
+        expires finished records by themselves, a day after the result TTL;
+        those count as deleted here.
         """
 
     @abstractmethod

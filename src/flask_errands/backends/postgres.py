@@ -61,7 +61,11 @@ from .base import (
     Backend,
     Cursor,
     JobRecord,
+    ScheduleState,
     claimed_only,
+    minute_of,
+    page_filters,
+    page_of,
 )
 from .patience import patience, store_call
 from .queries import load_queries
@@ -91,11 +95,12 @@ class Connection(psycopg.Connection[DictRow]):
 
 
 QUERIES = load_queries("postgres.sql")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The statements that bring a schema from the version before to each version.
 MIGRATIONS = {
     1: tuple(QUERIES[name] for name in QUERIES if name.startswith("create_")),
     2: (QUERIES["migrate_2_lost_leases"],),
+    3: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_3_")),
 }
 
 #: Settings read from (and removed from) the URL's query, with their defaults.
@@ -469,6 +474,22 @@ class PostgresBackend(Backend):
             rows = conn.execute(QUERIES["list_jobs"], params).fetchall()
         return [_record(row) for row in rows]
 
+    def job_page(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> tuple[list[JobRecord], int | None]:
+        filters, params = page_filters(
+            "%({})s", limit, before, status=status, queue=queue, task=task
+        )
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["job_page"].format(filters=filters), params).fetchall()
+        return page_of(rows, limit, _record)
+
     def counts(self) -> dict[tuple[str, str], int]:
         with self._connection() as conn:
             rows = conn.execute(QUERIES["counts"]).fetchall()
@@ -480,6 +501,64 @@ class PostgresBackend(Backend):
             row = conn.execute(QUERIES["next_eta"].format(queue_filter=queue_filter), params)
             eta: float | None = _value(row.fetchone())
         return eta
+
+    # -- queues and schedules, as people change them ---------------------------
+
+    def pause_queue(self, queue: str, now: float) -> None:
+        with self._connection() as conn:
+            conn.execute(QUERIES["pause_queue"], (queue, now))
+
+    def resume_queue(self, queue: str) -> None:
+        with self._connection() as conn:
+            conn.execute(QUERIES["resume_queue"], {"queue": queue, "channel": self._channel})
+        self._notify()
+
+    def paused_queues(self) -> set[str]:
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["paused_queues"]).fetchall()
+        return {row["queue"] for row in rows}
+
+    def set_schedule_paused(self, schedule: str, paused: bool, now: float) -> None:
+        params = {"schedule": schedule, "paused": paused, "now": now}
+        with self._connection() as conn:
+            conn.execute(QUERIES["set_schedule_paused"], params)
+
+    def set_schedule_timing(
+        self, schedule: str, every: float | None, cron: str | None, now: float
+    ) -> None:
+        params = {"schedule": schedule, "every": every, "cron": cron, "now": now}
+        with self._connection() as conn:
+            conn.execute(QUERIES["set_schedule_timing"], params)
+
+    def schedule_states(self) -> dict[str, ScheduleState]:
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["schedule_states"]).fetchall()
+        return {
+            row["schedule"]: ScheduleState(
+                paused=row["paused"], every=row["every"], cron=row["cron"], since=row["since"]
+            )
+            for row in rows
+        }
+
+    # -- figures for charts and metrics ----------------------------------------
+
+    def finished_counts(self, since_minute: int) -> list[tuple[int, str, str, str, int]]:
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["finished_counts"], (since_minute,)).fetchall()
+        return [(r["minute"], r["queue"], r["task"], r["outcome"], r["n"]) for r in rows]
+
+    def sample_depth(self, now: float) -> bool:
+        with self._connection() as conn:
+            cursor = conn.execute(QUERIES["sample_depth"], {"minute": minute_of(now)})
+            return cursor.rowcount == 1
+
+    def depth_samples(self, since_minute: int) -> dict[int, dict[tuple[str, str], int]]:
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["depth_samples"], (since_minute,)).fetchall()
+        return {
+            row["minute"]: {(queue, status): n for queue, status, n in row["sample"]}
+            for row in rows
+        }
 
     # -- housekeeping --------------------------------------------------------
 
@@ -503,6 +582,9 @@ class PostgresBackend(Backend):
         with self._connection() as conn, conn.transaction():
             conn.execute(QUERIES["prune_ticks"], (finished_before,))
             conn.execute(QUERIES["prune_workers"], (finished_before,))
+            conn.execute(QUERIES["roll_up_figures"], (minute_of(finished_before),))
+            conn.execute(QUERIES["prune_figures"], (minute_of(finished_before),))
+            conn.execute(QUERIES["prune_samples"], (minute_of(finished_before),))
             return conn.execute(QUERIES["prune_jobs"], (finished_before,)).rowcount
 
     def purge(

@@ -16,6 +16,13 @@
 --   schedules             set of schedule names; ticks:<name> zset fire_time -> fire_time text,
 --   tickfired:<name>      zset fired_at -> fire_time text, tickjob:<name> hash fire_time -> id
 --   workers               zset expires_at -> worker id; workerinfo hash id -> JSON
+--   paused                set: names of paused queues (reserve and next_eta skip them)
+--   schedstates           set of schedule names changed at run time; schedstate:<name> hash
+--                         paused ('1' or '0'), every and since (float text), cron
+--   finished:<minute>     hash "<queue>\n<task>\n<outcome>" -> attempts that ended so in
+--                         that minute (Unix time // 60); finishedminutes zset of its minutes
+--   depth:<minute>        string: JSON [[queue, status, n], ...] sampled once in the minute;
+--                         depthminutes zset of its minutes
 --   reserved:<token>      list of the ids one reserve call claimed, for 60 s: a retried
 --                         call returns them instead of claiming more
 --   wake                  pub/sub channel: new work may be due
@@ -190,6 +197,28 @@ local function queues_from(pos)
   return redis.call('SMEMBERS', P .. 'queues')
 end
 
+-- The queues of queues_from(pos) that are not paused.
+local function serving_from(pos)
+  local queues = queues_from(pos)
+  if redis.call('SCARD', P .. 'paused') == 0 then return queues end
+  local serving = {}
+  for _, queue in ipairs(queues) do
+    if redis.call('SISMEMBER', P .. 'paused', queue) == 0 then serving[#serving + 1] = queue end
+  end
+  return serving
+end
+
+-- Add one attempt that ended with outcome at now to its minute's count; ttl keeps it.
+local function count_finished(job, outcome, now, ttl)
+  local minute = string.format('%d', math.floor(tonumber(now) / 60))
+  local task = redis.call('HGET', job_key(job.id), 'task') or ''
+  local key = P .. 'finished:' .. minute
+  if redis.call('HINCRBY', key, job.queue .. '\n' .. task .. '\n' .. outcome, 1) == 1 then
+    redis.call('EXPIRE', key, ttl)
+    redis.call('ZADD', P .. 'finishedminutes', minute, minute)
+  end
+end
+
 -- name: enqueue
 -- ARGV: prefix, nonce, jobs.
 local nonce = ARGV[2]
@@ -229,7 +258,7 @@ if #earlier > 0 then
   return out
 end
 
-local queues = queues_from(10)
+local queues = serving_from(10)
 
 local function claim(id, attempts, status_fields)
   redis.call('HSET', job_key(id), 'attempts', (tonumber(attempts) or 0) + 1, 'started_at', now,
@@ -247,6 +276,7 @@ local function give_up(id, attempts, lost, dead_worker)
   redis.call('HDEL', job_key(id), 'lease_expires_at', 'lease_token', 'traceback')
   redis.call('HSET', job_key(id), 'lost_leases', lost, 'error', error)
   end_job(job, 'failed', now, ttl)
+  count_finished(job, 'failed', now, ttl)
   given_up[#given_up + 1] = id
 end
 
@@ -355,6 +385,7 @@ return 0
 local job = state(ARGV[2])
 if not job or job.status ~= 'running' or job.token ~= ARGV[3] then return 0 end
 local status, key = ARGV[4], job_key(job.id)
+count_finished(job, status == 'scheduled' and 'retried' or status, ARGV[5], ARGV[7])
 local sets, deletes = field_block(8)
 redis.call('HDEL', key, 'lease_expires_at', 'lease_token', 'lost_leases', unpack(deletes))
 redis.call('ZREM', lease_key(job.queue), job.id)
@@ -439,6 +470,117 @@ for k = offset + 1, math.min(offset + limit, #found) do
 end
 return out
 
+-- name: job_page
+-- ARGV: prefix, status, queue, task ('' for any), limit, before ('' for the newest), budget.
+-- Newest first by seq, merged from the index zsets the filters pick; a task is matched on
+-- the records, looking at no more than budget candidates per call. Returns the records and
+-- the seq to continue before ('' when nothing is left).
+local task, limit, budget = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[7])
+local top = ARGV[6] ~= '' and '(' .. ARGV[6] or '+inf'
+local queues = ARGV[3] ~= '' and {ARGV[3]} or redis.call('SMEMBERS', P .. 'queues')
+local statuses = ARGV[2] ~= '' and {ARGV[2]} or STATUSES
+local want = task ~= '' and math.max(budget, limit + 1) or limit + 1
+local found = {}
+for _, queue in ipairs(queues) do
+  for _, status in ipairs(statuses) do
+    local got = redis.call('ZREVRANGEBYSCORE', idx_key(queue, status), top, '-inf',
+                           'WITHSCORES', 'LIMIT', 0, want)
+    for k = 1, #got, 2 do found[#found + 1] = {tonumber(got[k + 1]), got[k]} end
+  end
+end
+table.sort(found, function(a, b) return a[1] > b[1] end)
+local out, last = {}, ''
+for k = 1, math.min(want, #found) do
+  local seq, id = found[k][1], found[k][2]
+  if #out == limit then return {out, last} end
+  if task == '' or redis.call('HGET', job_key(id), 'task') == task then
+    local record = redis.call('HGETALL', job_key(id))
+    if #record > 0 then out[#out + 1] = record end
+  end
+  last = string.format('%d', seq)
+end
+if #found < want then last = '' end
+return {out, last}
+
+-- name: pause_queue
+-- ARGV: prefix, queue.
+redis.call('SADD', P .. 'paused', ARGV[2])
+return 0
+
+-- name: resume_queue
+-- ARGV: prefix, queue.
+if redis.call('SREM', P .. 'paused', ARGV[2]) == 1 then wake(ARGV[2]) end
+return 0
+
+-- name: set_schedule_paused
+-- ARGV: prefix, schedule, paused ('1' or '0'), now.
+local key = P .. 'schedstate:' .. ARGV[2]
+if redis.call('HGET', key, 'paused') == '1' and ARGV[3] == '0' then
+  redis.call('HSET', key, 'since', ARGV[4])
+end
+redis.call('HSET', key, 'paused', ARGV[3])
+redis.call('SADD', P .. 'schedstates', ARGV[2])
+return 0
+
+-- name: set_schedule_timing
+-- ARGV: prefix, schedule, every, cron ('' for none), now.
+local key = P .. 'schedstate:' .. ARGV[2]
+redis.call('HDEL', key, 'every', 'cron')
+if ARGV[3] ~= '' then redis.call('HSET', key, 'every', ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('HSET', key, 'cron', ARGV[4]) end
+redis.call('HSET', key, 'since', ARGV[5])
+redis.call('SADD', P .. 'schedstates', ARGV[2])
+return 0
+
+-- name: schedule_states
+-- ARGV: prefix. Returns name, fields pairs.
+local out = {}
+for _, name in ipairs(redis.call('SMEMBERS', P .. 'schedstates')) do
+  out[#out + 1] = name
+  out[#out + 1] = redis.call('HGETALL', P .. 'schedstate:' .. name)
+end
+return out
+
+-- name: finished_counts
+-- ARGV: prefix, since minute. Returns minute, field, count triples.
+local out = {}
+for _, minute in ipairs(redis.call('ZRANGEBYSCORE', P .. 'finishedminutes', ARGV[2], '+inf')) do
+  local counts = redis.call('HGETALL', P .. 'finished:' .. minute)
+  for k = 1, #counts, 2 do
+    out[#out + 1] = minute
+    out[#out + 1] = counts[k]
+    out[#out + 1] = counts[k + 1]
+  end
+end
+return out
+
+-- name: sample_depth
+-- ARGV: prefix, minute, ttl. Returns 1 if this call stored the minute's sample.
+local key = P .. 'depth:' .. ARGV[2]
+if redis.call('EXISTS', key) == 1 then return 0 end
+local sample = {}
+for _, queue in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
+  for _, status in ipairs({'queued', 'scheduled', 'running'}) do
+    local n = redis.call('ZCARD', idx_key(queue, status))
+    if n > 0 then sample[#sample + 1] = {queue, status, n} end
+  end
+end
+redis.call('SET', key, #sample > 0 and cjson.encode(sample) or '[]', 'EX', ARGV[3])
+redis.call('ZADD', P .. 'depthminutes', ARGV[2], ARGV[2])
+return 1
+
+-- name: depth_samples
+-- ARGV: prefix, since minute. Returns minute, JSON pairs.
+local out = {}
+for _, minute in ipairs(redis.call('ZRANGEBYSCORE', P .. 'depthminutes', ARGV[2], '+inf')) do
+  local sample = redis.call('GET', P .. 'depth:' .. minute)
+  if sample then
+    out[#out + 1] = minute
+    out[#out + 1] = sample
+  end
+end
+return out
+
 -- name: counts
 -- ARGV: prefix. Returns queue, status, count triples for every non-empty pair.
 local out = {}
@@ -457,7 +599,7 @@ return out
 -- name: next_eta
 -- ARGV: prefix, queues (none: all). Returns the earliest eta as text, or nil.
 local best, text = nil, false
-for _, queue in ipairs(queues_from(2)) do
+for _, queue in ipairs(serving_from(2)) do
   for _, p in ipairs(redis.call('SMEMBERS', prios_key(queue))) do
     local head = redis.call('ZRANGE', wait_key(queue, p), 0, 0, 'WITHSCORES')
     if #head > 0 and (best == nil or tonumber(head[2]) < best) then
@@ -538,6 +680,19 @@ end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'workers', '-inf', ARGV[2])) do
   redis.call('ZREM', P .. 'workers', id)
   redis.call('HDEL', P .. 'workerinfo', id)
+end
+local cut = '(' .. string.format('%d', math.floor(tonumber(ARGV[2]) / 60))
+for _, kind in ipairs({'finished', 'depth'}) do
+  for _, minute in ipairs(redis.call('ZRANGEBYSCORE', P .. kind .. 'minutes', '(0', cut)) do
+    if kind == 'finished' then
+      -- Minute 0 keeps the counts of every minute pruned: totals since the start stay known.
+      local counts = redis.call('HGETALL', P .. 'finished:' .. minute)
+      for k = 1, #counts, 2 do redis.call('HINCRBY', P .. 'finished:0', counts[k], counts[k + 1]) end
+      if #counts > 0 then redis.call('ZADD', P .. 'finishedminutes', 0, '0') end
+    end
+    redis.call('DEL', P .. kind .. ':' .. minute)
+    redis.call('ZREM', P .. kind .. 'minutes', minute)
+  end
 end
 for _, queue in ipairs(queues) do
   for _, p in ipairs(redis.call('SMEMBERS', prios_key(queue))) do

@@ -55,7 +55,9 @@ from .base import (
     Backend,
     JobRecord,
     JobStatus,
+    ScheduleState,
     claimed_only,
+    minute_of,
 )
 from .patience import given_up, marked
 from .patience import patience as limited_patience
@@ -76,6 +78,8 @@ EXPIRY_SLACK = 86400.0
 DEFAULT_RESULT_TTL = 7 * 86400.0
 #: How many jobs one prune or purge script handles before giving Redis back to others.
 BATCH = 500
+#: How many jobs one page of a task's jobs looks at, at most, to find those of the task.
+PAGE_BUDGET = 2000
 #: How long the watcher waits on the wake channel before checking whether it was closed.
 WATCH_TIMEOUT = 1.0
 #: Connection settings the URL's query can override.
@@ -428,6 +432,19 @@ class RedisBackend(Backend):
         args = [status or "", queue or "", limit, offset]
         return [_lenient(flat) for flat in self._run("list_jobs", args, CALLER_PATIENCE)]
 
+    def job_page(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> tuple[list[JobRecord], int | None]:
+        args = [status or "", queue or "", task or "", limit, "" if before is None else before]
+        records, last = self._run("job_page", [*args, PAGE_BUDGET], CALLER_PATIENCE)
+        return [_lenient(flat) for flat in records], int(last) if last else None
+
     def counts(self) -> dict[tuple[str, str], int]:
         reply = self._run("counts", [], CALLER_PATIENCE)
         return {
@@ -440,6 +457,66 @@ class RedisBackend(Backend):
             return None
         reply = self._run("next_eta", list(queues or ()))
         return None if reply is None else float(reply)
+
+    # -- queues and schedules, as people change them ---------------------------
+
+    def pause_queue(self, queue: str, now: float) -> None:
+        self._run("pause_queue", [queue], CALLER_PATIENCE)
+
+    def resume_queue(self, queue: str) -> None:
+        self._run("resume_queue", [queue], CALLER_PATIENCE)
+        self._notify()
+
+    def paused_queues(self) -> set[str]:
+        members = self._retrying(
+            lambda: self._execute("SMEMBERS", self._key("paused")),
+            "to list paused queues",
+            CALLER_PATIENCE,
+        )
+        return {name.decode() for name in members}
+
+    def set_schedule_paused(self, schedule: str, paused: bool, now: float) -> None:
+        self._run("set_schedule_paused", [schedule, "1" if paused else "0", repr(now)])
+
+    def set_schedule_timing(
+        self, schedule: str, every: float | None, cron: str | None, now: float
+    ) -> None:
+        timing = ["" if every is None else repr(float(every)), cron or ""]
+        self._run("set_schedule_timing", [schedule, *timing, repr(now)])
+
+    def schedule_states(self) -> dict[str, ScheduleState]:
+        reply = self._run("schedule_states", [], CALLER_PATIENCE)
+        states = {}
+        for i in range(0, len(reply), 2):
+            flat = reply[i + 1]
+            fields = {flat[k].decode(): flat[k + 1].decode() for k in range(0, len(flat), 2)}
+            states[reply[i].decode()] = ScheduleState(
+                paused=fields.get("paused") == "1",
+                every=float(fields["every"]) if "every" in fields else None,
+                cron=fields.get("cron"),
+                since=float(fields.get("since", 0.0)),
+            )
+        return states
+
+    # -- figures for charts and metrics ----------------------------------------
+
+    def finished_counts(self, since_minute: int) -> list[tuple[int, str, str, str, int]]:
+        reply = self._run("finished_counts", [since_minute], CALLER_PATIENCE)
+        rows = []
+        for i in range(0, len(reply), 3):
+            queue, task, outcome = reply[i + 1].decode().split("\n")
+            rows.append((int(reply[i]), queue, task, outcome, int(reply[i + 2])))
+        return sorted(rows)
+
+    def sample_depth(self, now: float) -> bool:
+        return bool(self._run("sample_depth", [minute_of(now), self._expiry]) == 1)
+
+    def depth_samples(self, since_minute: int) -> dict[int, dict[tuple[str, str], int]]:
+        reply = self._run("depth_samples", [since_minute], CALLER_PATIENCE)
+        return {
+            int(reply[i]): {(queue, status): n for queue, status, n in json.loads(reply[i + 1])}
+            for i in range(0, len(reply), 2)
+        }
 
     # -- housekeeping --------------------------------------------------------
 

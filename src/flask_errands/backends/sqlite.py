@@ -43,7 +43,11 @@ from .base import (
     Backend,
     JobRecord,
     JobStatus,
+    ScheduleState,
     claimed_only,
+    minute_of,
+    page_filters,
+    page_of,
 )
 from .patience import given_up, marked
 from .queries import load_queries
@@ -54,9 +58,12 @@ T = TypeVar("T")
 QUERIES = load_queries("sqlite.sql")
 SCHEMA = tuple(QUERIES[name] for name in QUERIES if name.startswith("create_"))
 #: The schema's version, kept in ``PRAGMA user_version`` (0 in files made before it was).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The statements that bring the tables from the version before to each version.
-MIGRATIONS = {2: (QUERIES["migrate_2_lost_leases"],)}
+MIGRATIONS = {
+    2: (QUERIES["migrate_2_lost_leases"],),
+    3: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_3_")),
+}
 
 logger = logging.getLogger("flask_errands")
 
@@ -415,6 +422,20 @@ class SQLiteBackend(Backend):
         params = {"status": status, "queue": queue, "limit": limit, "offset": offset}
         return [_record(row) for row in self._read(QUERIES["list_jobs"], params)]
 
+    def job_page(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> tuple[list[JobRecord], int | None]:
+        filters, params = page_filters(":{}", limit, before, status=status, queue=queue, task=task)
+        return page_of(
+            self._read(QUERIES["job_page"].format(filters=filters), params), limit, _record
+        )
+
     def counts(self) -> dict[tuple[str, str], int]:
         return {(queue, status): n for queue, status, n in self._read(QUERIES["counts"])}
 
@@ -422,6 +443,56 @@ class SQLiteBackend(Backend):
         queue_filter, params = _queue_filter(queues)
         rows = self._read(QUERIES["next_eta"].format(queue_filter=queue_filter), params)
         return rows[0][0] if rows else None
+
+    # -- queues and schedules, as people change them ---------------------------
+
+    def pause_queue(self, queue: str, now: float) -> None:
+        self._statement(lambda db: db.execute(QUERIES["pause_queue"], (queue, now)))
+
+    def resume_queue(self, queue: str) -> None:
+        self._statement(lambda db: db.execute(QUERIES["resume_queue"], (queue,)))
+        self._notify()
+
+    def paused_queues(self) -> set[str]:
+        return {row[0] for row in self._read(QUERIES["paused_queues"])}
+
+    def set_schedule_paused(self, schedule: str, paused: bool, now: float) -> None:
+        params = {"schedule": schedule, "paused": paused, "now": now}
+        self._statement(lambda db: db.execute(QUERIES["set_schedule_paused"], params))
+
+    def set_schedule_timing(
+        self, schedule: str, every: float | None, cron: str | None, now: float
+    ) -> None:
+        params = {"schedule": schedule, "every": every, "cron": cron, "now": now}
+        self._statement(lambda db: db.execute(QUERIES["set_schedule_timing"], params))
+
+    def schedule_states(self) -> dict[str, ScheduleState]:
+        return {
+            row["schedule"]: ScheduleState(
+                paused=bool(row["paused"]),
+                every=row["every"],
+                cron=row["cron"],
+                since=row["since"],
+            )
+            for row in self._read(QUERIES["schedule_states"])
+        }
+
+    # -- figures for charts and metrics ----------------------------------------
+
+    def finished_counts(self, since_minute: int) -> list[tuple[int, str, str, str, int]]:
+        rows = self._read(QUERIES["finished_counts"], (since_minute,))
+        return [(row[0], row[1], row[2], row[3], row[4]) for row in rows]
+
+    def sample_depth(self, now: float) -> bool:
+        params = {"minute": minute_of(now)}
+        added = self._statement(lambda db: db.execute(QUERIES["sample_depth"], params).rowcount)
+        return bool(added == 1)
+
+    def depth_samples(self, since_minute: int) -> dict[int, dict[tuple[str, str], int]]:
+        return {
+            row["minute"]: {(queue, status): n for queue, status, n in json.loads(row["sample"])}
+            for row in self._read(QUERIES["depth_samples"], (since_minute,))
+        }
 
     # -- housekeeping --------------------------------------------------------
 
@@ -450,6 +521,9 @@ class SQLiteBackend(Backend):
         def prune(db: sqlite3.Connection) -> int:
             db.execute(QUERIES["prune_ticks"], (finished_before,))
             db.execute(QUERIES["prune_workers"], (finished_before,))
+            db.execute(QUERIES["roll_up_figures"], (minute_of(finished_before),))
+            db.execute(QUERIES["prune_figures"], (minute_of(finished_before),))
+            db.execute(QUERIES["prune_samples"], (minute_of(finished_before),))
             return db.execute(QUERIES["prune_jobs"], (finished_before,)).rowcount
 
         return self._transaction(prune)
