@@ -179,7 +179,7 @@ def test_a_paused_queue_keeps_its_jobs_until_resumed(
     assert queues["empty"].to_dict() == {
         "name": "empty",
         "paused": True,
-        "counts": dict.fromkeys([s.value for s in JobStatus], 0),
+        "counts": dict.fromkeys([s.value for s in STATUSES], 0),
     }
     admin.resume_queue("emails")
     assert errands.drain() == 1
