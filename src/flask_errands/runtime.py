@@ -239,6 +239,7 @@ class Runtime:
             self.runner,
             queues=queues,
             concurrency=concurrency,
+            async_concurrency=self.settings.async_concurrency,
             lease_seconds=self.settings.lease_seconds,
             max_lost_leases=self.settings.max_lost_leases,
             result_ttl=self.settings.result_ttl,

@@ -209,6 +209,8 @@ class Task(Generic[P, R]):
         self.name = name
         self.default_options = options
         self.signature = inspect.signature(func)
+        #: An ``async def`` task runs on the worker's event loop, not on one of its threads.
+        self.is_async = inspect.iscoroutinefunction(func)
         self._bound = BoundTask(self, options)
         self.__doc__ = func.__doc__
         self.__wrapped__ = func
