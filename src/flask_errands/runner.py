@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import aio, serialization, signals
-from .backends.base import CANCELLED, FAILED, SCHEDULED, SUCCEEDED, Backend, JobRecord
+from .backends.base import CANCELLED, FAILED, SCHEDULED, SUCCEEDED, Backend, Flow, JobRecord
 from .backends.patience import forget_interrupt
 from .context import RunningJob, _current
 from .exceptions import BackendUnavailable, JobCancelled, Retry
@@ -281,7 +281,24 @@ class Runner:
         if signals.job_started.receivers:
             signals.job_started.send(self.app, job=Job(record, self.backend))
         payload = serialization.loads(record.payload)
-        return payload["args"], payload["kwargs"]
+        args: list[Any] = payload["args"]
+        if record.flow is not None:
+            flow = Flow.loads(record.flow)
+            if flow.inputs or flow.gather:
+                args = [self._inputs(record, flow), *args]
+        return args, payload["kwargs"]
+
+    def _inputs(self, record: JobRecord, flow: Flow) -> Any:
+        """A workflow step's first argument: its upstream result, or their list in order."""
+        stored = self.backend.step_inputs(record.id)
+        missing = [position for position in range(flow.inputs) if position not in stored]
+        if missing:
+            raise RuntimeError(
+                f"workflow step {record.id} started without the results of "
+                f"{len(missing)} of its {flow.inputs} upstream steps"
+            )
+        values = [serialization.loads(stored[position]) for position in range(flow.inputs)]
+        return values if flow.gather else values[0]
 
     def conclude(
         self, execution: Execution, outcome: Outcome, *, claimed: bool = False

@@ -8,6 +8,8 @@ import enum
 class JobStatus(str, enum.Enum):
     """Where a job is in its life; members compare equal to their string values."""
 
+    #: A workflow step waiting for its upstream steps to succeed: stored, never reserved.
+    BLOCKED = "blocked"
     QUEUED = "queued"
     SCHEDULED = "scheduled"
     RUNNING = "running"

@@ -96,14 +96,30 @@ CREATE TABLE IF NOT EXISTS errands_workers (
 -- name: migrate_2_lost_leases
 ALTER TABLE errands_jobs ADD COLUMN IF NOT EXISTS lost_leases integer NOT NULL DEFAULT 0
 
+-- name: migrate_3_flow
+ALTER TABLE errands_jobs ADD COLUMN IF NOT EXISTS flow text
+
+-- name: migrate_3_blocked_by
+ALTER TABLE errands_jobs ADD COLUMN IF NOT EXISTS blocked_by integer NOT NULL DEFAULT 0
+
+-- name: migrate_3_inputs
+-- A workflow step's inputs: the results of its upstream steps, by position.
+CREATE TABLE IF NOT EXISTS errands_inputs (
+    job_id text NOT NULL REFERENCES errands_jobs (id) ON DELETE CASCADE,
+    position integer NOT NULL,
+    result text NOT NULL,
+    PRIMARY KEY (job_id, position)
+)
+
 -- name: insert_job
 WITH inserted AS (
     INSERT INTO errands_jobs (
         id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, unique_key, eta, enqueued_at
+        timeout, unique_key, eta, enqueued_at, flow, blocked_by
     ) VALUES (
         %(id)s, %(task)s, %(payload)s, %(queue)s, %(priority)s, %(status)s, %(attempts)s,
-        %(max_attempts)s, %(retry_delay)s, %(timeout)s, %(unique_key)s, %(eta)s, %(enqueued_at)s
+        %(max_attempts)s, %(retry_delay)s, %(timeout)s, %(unique_key)s, %(eta)s, %(enqueued_at)s,
+        %(flow)s, %(blocked_by)s
     )
     ON CONFLICT (unique_key)
         WHERE unique_key IS NOT NULL AND status IN ('queued', 'scheduled', 'running')
@@ -172,10 +188,51 @@ WITH finished AS (
         eta = coalesce(%(eta)s, eta),
         finished_at = CASE WHEN %(status)s = 'scheduled' THEN NULL ELSE %(now)s END,
         lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
-    WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s
+    WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s AND flow IS NULL
     RETURNING status
 )
 SELECT CASE WHEN status = 'scheduled' THEN pg_notify(%(channel)s, '') END FROM finished
+
+-- name: finish_step
+-- A workflow step's outcome; the caller moves its workflow on in the same transaction.
+UPDATE errands_jobs
+SET status = %(status)s, result = %(result)s, error = %(error)s, traceback = %(traceback)s,
+    eta = coalesce(%(eta)s, eta),
+    finished_at = CASE WHEN %(status)s = 'scheduled' THEN NULL ELSE %(now)s END,
+    lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
+WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s
+RETURNING task, flow
+
+-- name: add_input
+INSERT INTO errands_inputs (job_id, position, result)
+VALUES (%(id)s, %(position)s, %(result)s)
+ON CONFLICT DO NOTHING
+RETURNING job_id
+
+-- name: unblock
+WITH unblocked AS (
+    UPDATE errands_jobs
+    SET blocked_by = blocked_by - 1,
+        status = CASE WHEN blocked_by > 1 THEN status
+            WHEN eta > %(now)s THEN 'scheduled' ELSE 'queued' END
+    WHERE id = %(id)s AND status = 'blocked'
+    RETURNING status
+)
+SELECT status, CASE WHEN status <> 'blocked' THEN pg_notify(%(channel)s, '') END AS notified
+FROM unblocked
+
+-- name: cancel_blocked
+UPDATE errands_jobs SET status = 'cancelled', finished_at = %(now)s, error = %(error)s
+WHERE id = %(id)s AND status = 'blocked'
+RETURNING flow
+
+-- name: revive_cancelled
+UPDATE errands_jobs SET status = 'blocked', finished_at = NULL, error = NULL
+WHERE id = %(id)s AND status = 'cancelled' AND error LIKE %(pattern)s
+RETURNING flow
+
+-- name: step_inputs
+SELECT position, result FROM errands_inputs WHERE job_id = %s
 
 -- name: release
 WITH released AS (
@@ -192,19 +249,20 @@ UPDATE errands_jobs
 SET status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
     finished_at = CASE WHEN status = 'running' THEN finished_at ELSE %(now)s END,
     cancel_requested = cancel_requested OR status = 'running'
-WHERE id = %(id)s AND status IN ('queued', 'scheduled', 'running')
+WHERE id = %(id)s AND status IN ('queued', 'scheduled', 'blocked', 'running')
 RETURNING *
 
 -- name: requeue
 WITH requeued AS (
     UPDATE errands_jobs
-    SET status = 'queued', attempts = 0, eta = %(now)s, result = NULL, error = NULL,
+    SET status = CASE WHEN blocked_by > 0 THEN 'blocked' ELSE 'queued' END, attempts = 0,
+        eta = %(now)s, result = NULL, error = NULL,
         traceback = NULL, progress = NULL, progress_message = NULL, started_at = NULL,
         finished_at = NULL, worker_id = NULL, cancel_requested = false, lost_leases = 0
     WHERE id = %(id)s AND status IN ('succeeded', 'failed', 'cancelled')
-    RETURNING id
+    RETURNING id, flow
 )
-SELECT pg_notify(%(channel)s, '') FROM requeued
+SELECT flow, pg_notify(%(channel)s, '') AS notified FROM requeued
 
 -- name: get
 SELECT * FROM errands_jobs WHERE id = %s

@@ -70,13 +70,29 @@ CREATE TABLE IF NOT EXISTS errands_workers (
 -- name: migrate_2_lost_leases
 ALTER TABLE errands_jobs ADD COLUMN lost_leases INTEGER NOT NULL DEFAULT 0
 
+-- name: migrate_3_flow
+ALTER TABLE errands_jobs ADD COLUMN flow TEXT
+
+-- name: migrate_3_blocked_by
+ALTER TABLE errands_jobs ADD COLUMN blocked_by INTEGER NOT NULL DEFAULT 0
+
+-- name: migrate_3_inputs
+-- A workflow step's inputs: the results of its upstream steps, by position. Deleted with
+-- the step (PRAGMA foreign_keys is on for every connection).
+CREATE TABLE IF NOT EXISTS errands_inputs (
+    job_id TEXT NOT NULL REFERENCES errands_jobs (id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    result TEXT NOT NULL,
+    PRIMARY KEY (job_id, position)
+) WITHOUT ROWID
+
 -- name: insert_job
 INSERT INTO errands_jobs (
     id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay, timeout,
-    unique_key, eta, enqueued_at
+    unique_key, eta, enqueued_at, flow, blocked_by
 ) VALUES (
     :id, :task, :payload, :queue, :priority, :status, :attempts, :max_attempts, :retry_delay,
-    :timeout, :unique_key, :eta, :enqueued_at
+    :timeout, :unique_key, :eta, :enqueued_at, :flow, :blocked_by
 )
 ON CONFLICT (unique_key)
     WHERE unique_key IS NOT NULL AND status IN ('queued', 'scheduled', 'running')
@@ -136,11 +152,45 @@ UPDATE errands_jobs SET progress = :progress, progress_message = :message
 WHERE id = :id AND status = 'running'
 
 -- name: finish
+-- Not a workflow step's: finish_step records those, and moves their workflow on.
+UPDATE errands_jobs
+SET status = :status, result = :result, error = :error, traceback = :traceback,
+    eta = coalesce(:eta, eta), finished_at = CASE WHEN :status = 'scheduled' THEN NULL ELSE :now END,
+    lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
+WHERE id = :id AND status = 'running' AND lease_token = :token AND flow IS NULL
+
+-- name: finish_step
 UPDATE errands_jobs
 SET status = :status, result = :result, error = :error, traceback = :traceback,
     eta = coalesce(:eta, eta), finished_at = CASE WHEN :status = 'scheduled' THEN NULL ELSE :now END,
     lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
 WHERE id = :id AND status = 'running' AND lease_token = :token
+RETURNING task, flow
+
+-- name: add_input
+INSERT INTO errands_inputs (job_id, position, result) VALUES (:id, :position, :result)
+ON CONFLICT DO NOTHING
+RETURNING job_id
+
+-- name: unblock
+UPDATE errands_jobs
+SET blocked_by = blocked_by - 1,
+    status = CASE WHEN blocked_by > 1 THEN status WHEN eta > :now THEN 'scheduled' ELSE 'queued' END
+WHERE id = :id AND status = 'blocked'
+RETURNING status
+
+-- name: cancel_blocked
+UPDATE errands_jobs SET status = 'cancelled', finished_at = :now, error = :error
+WHERE id = :id AND status = 'blocked'
+RETURNING flow
+
+-- name: revive_cancelled
+UPDATE errands_jobs SET status = 'blocked', finished_at = NULL, error = NULL
+WHERE id = :id AND status = 'cancelled' AND error LIKE :pattern
+RETURNING flow
+
+-- name: step_inputs
+SELECT position, result FROM errands_inputs WHERE job_id = ?
 
 -- name: release
 UPDATE errands_jobs
@@ -150,17 +200,20 @@ WHERE id = :id AND status = 'running' AND lease_token = :token
 
 -- name: cancel_waiting
 UPDATE errands_jobs SET status = 'cancelled', finished_at = :now
-WHERE id = :id AND status IN ('queued', 'scheduled')
+WHERE id = :id AND status IN ('queued', 'scheduled', 'blocked')
+RETURNING task, flow
 
 -- name: cancel_running
 UPDATE errands_jobs SET cancel_requested = 1 WHERE id = :id AND status = 'running'
 
 -- name: requeue
 UPDATE errands_jobs
-SET status = 'queued', attempts = 0, eta = :now, result = NULL, error = NULL, traceback = NULL,
+SET status = CASE WHEN blocked_by > 0 THEN 'blocked' ELSE 'queued' END, attempts = 0, eta = :now,
+    result = NULL, error = NULL, traceback = NULL,
     progress = NULL, progress_message = NULL, started_at = NULL, finished_at = NULL,
     worker_id = NULL, cancel_requested = 0, lost_leases = 0
 WHERE id = :id AND status IN ('succeeded', 'failed', 'cancelled')
+RETURNING flow
 
 -- name: get
 SELECT * FROM errands_jobs WHERE id = ?
