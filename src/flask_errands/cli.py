@@ -229,9 +229,11 @@ def status(as_json: bool) -> None:
         _print_json({"queues": by_queue, "workers": [w.to_dict() for w in workers]})
         return
     click.echo(f"backend: {_clip(hide_password(_runtime().settings.url), 71)}\n")
-    click.echo(f"{'queue':<16}" + "".join(f"{s.value:>10}" for s in STATUSES))
+    # Each state's column is as wide as its name and a space: seven states fit in 80 columns.
+    click.echo(f"{'queue':<16}" + "".join(f" {s.value}" for s in STATUSES))
     for queue, row in counts.items():
-        click.echo(f"{_clip(queue, 16):<16}" + "".join(f"{row[s]:>10}" for s in STATUSES))
+        cells = "".join(f"{row[s]:>{len(s.value) + 1}}" for s in STATUSES)
+        click.echo(f"{_clip(queue, 16):<16}{cells}")
     if not counts:
         click.echo("(no jobs)")
     click.echo(f"\n{len(workers)} live worker(s)")

@@ -89,7 +89,11 @@ class _Node:
         return output, {job.id: job for job in jobs}, jobs
 
     def delay(self) -> WorkflowJob | GroupResult:
-        """Store every step at once; return the handle of the last step (or steps)."""
+        """Store every step at once; return the handle of the last step (or steps).
+
+        A :class:`WorkflowJob`, or a :class:`GroupResult` when the last step is a
+        group; both have ``status``, ``steps``, ``result()``, ``refresh()`` and ``cancel()``.
+        """
         (ids, many), by_id, steps = self._enqueue()
         if many:
             return GroupResult([by_id[i] for i in ids], steps)
@@ -233,6 +237,16 @@ class GroupResult:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             values.append(job.result(timeout=left))
         return values
+
+    def result(self, timeout: float | None = None) -> list[Any]:
+        """The group's result, the list of its jobs' results: as :meth:`results`."""
+        return self.results(timeout)
+
+    def refresh(self) -> GroupResult:
+        """Read every job's current state from the backend; returns the group itself."""
+        for job in self.jobs:
+            job.refresh()
+        return self
 
     def cancel(self) -> GroupResult:
         """Cancel every step not finished yet."""
