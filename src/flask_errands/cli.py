@@ -349,7 +349,10 @@ def retry(job_id: str | None, all_failed: bool, queue: str | None) -> None:
         _fail(str(exc))
     if job.status.finished:
         _fail(f"job {job_id} stays {job.status}: a live job holds its unique key")
-    click.echo(f"Job {job_id} queued again.")
+    if job.status == JobStatus.BLOCKED:
+        click.echo(f"Job {job_id} waits again for its upstream steps (blocked).")
+    else:
+        click.echo(f"Job {job_id} queued again.")
 
 
 @errands_cli.command()
