@@ -169,3 +169,30 @@ def test_inputs_go_with_their_step(backend: Backend) -> None:
     assert backend.purge(status="cancelled") == 1
     assert backend.step_inputs(second.id) == {}
     assert backend.step_inputs("no-such-job") == {}
+
+
+def test_a_sibling_finishing_after_the_failure_still_counts_when_resumed(
+    backend: Backend,
+) -> None:
+    header, callback = chord_of(2)
+    backend.enqueue([*header, callback])
+    first, second = reserve(backend, limit=2)
+    backend.finish(first.id, token(first), "failed", T0, error="ValueError: no")
+    assert stored(backend, callback.id).status == CANCELLED
+    backend.finish(second.id, token(second), "succeeded", T0, result='"late"')
+    assert stored(backend, callback.id).status == CANCELLED
+    backend.requeue(first.id, T0 + 1)
+    assert stored(backend, callback.id).status == BLOCKED
+    assert run(backend, now=T0 + 1, result='"again"') == first.id
+    assert stored(backend, callback.id).status == QUEUED
+    inputs = backend.step_inputs(callback.id)
+    assert sorted(inputs.values()) == ['"again"', '"late"']
+
+
+def test_a_step_whose_downstream_was_purged_still_finishes(backend: Backend) -> None:
+    first, second = chain_of(2)
+    backend.enqueue([first, second])
+    backend.cancel(second.id, T0)
+    assert backend.purge(status="cancelled") == 1
+    assert run(backend, result="1") == first.id
+    assert stored(backend, first.id).status == JobStatus.SUCCEEDED

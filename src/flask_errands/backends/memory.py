@@ -423,12 +423,11 @@ class MemoryBackend(Backend):
                 if step is None or position in inputs:
                     continue
                 inputs[position] = job.result or "null"
-                if step.status == BLOCKED:
-                    step.blocked_by -= 1
-                    if step.blocked_by <= 0:
-                        step.status = SCHEDULED if step.eta > now else QUEUED
-                        self._push(step)
-                        due = True
+                step.blocked_by -= 1  # even if cancelled: a re-run of its upstream revives it
+                if step.status == BLOCKED and step.blocked_by <= 0:
+                    step.status = SCHEDULED if step.eta > now else QUEUED
+                    self._push(step)
+                    due = True
             return due
         error = upstream_failed(job.id, job.task, job.status)
         for step in self._downstream(links, BLOCKED):

@@ -204,8 +204,10 @@ WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s
 RETURNING task, flow
 
 -- name: add_input
+-- Not for a step that was purged meanwhile.
 INSERT INTO errands_inputs (job_id, position, result)
-VALUES (%(id)s, %(position)s, %(result)s)
+SELECT %(id)s, %(position)s, %(result)s
+WHERE EXISTS (SELECT 1 FROM errands_jobs WHERE id = %(id)s)
 ON CONFLICT DO NOTHING
 RETURNING job_id
 
@@ -213,12 +215,13 @@ RETURNING job_id
 WITH unblocked AS (
     UPDATE errands_jobs
     SET blocked_by = blocked_by - 1,
-        status = CASE WHEN blocked_by > 1 THEN status
+        status = CASE WHEN status <> 'blocked' OR blocked_by > 1 THEN status
             WHEN eta > %(now)s THEN 'scheduled' ELSE 'queued' END
-    WHERE id = %(id)s AND status = 'blocked'
+    WHERE id = %(id)s
     RETURNING status
 )
-SELECT status, CASE WHEN status <> 'blocked' THEN pg_notify(%(channel)s, '') END AS notified
+SELECT status,
+    CASE WHEN status IN ('queued', 'scheduled') THEN pg_notify(%(channel)s, '') END AS notified
 FROM unblocked
 
 -- name: cancel_blocked

@@ -131,10 +131,12 @@ local function advance(id, status, now, ttl, template)
     local due = false
     for _, link in ipairs(links) do
       local step_id = link[1]
-      if redis.call('HSETNX', inputs_key(step_id), tostring(link[2]), result) == 1 then
-        local step = state(step_id)
-        if step and step.status == 'blocked'
-            and redis.call('HINCRBY', job_key(step_id), 'blocked_by', -1) <= 0 then
+      local step = state(step_id)
+      if step and redis.call('HSETNX', inputs_key(step_id), tostring(link[2]), result) == 1 then
+        -- One input fewer is missing, whatever its status: a cancelled step may be revived.
+        local left = redis.call('HINCRBY', job_key(step_id), 'blocked_by', -1)
+        if FINISHED[step.status] then redis.call('EXPIRE', inputs_key(step_id), ttl) end
+        if step.status == 'blocked' and left <= 0 then
           local next_status = tonumber(step.eta) > tonumber(now) and 'scheduled' or 'queued'
           index(step, next_status)
           redis.call('HSET', job_key(step_id), 'status', next_status)

@@ -168,15 +168,19 @@ WHERE id = :id AND status = 'running' AND lease_token = :token
 RETURNING task, flow
 
 -- name: add_input
-INSERT INTO errands_inputs (job_id, position, result) VALUES (:id, :position, :result)
+-- Not for a step that was purged meanwhile.
+INSERT INTO errands_inputs (job_id, position, result)
+SELECT :id, :position, :result WHERE EXISTS (SELECT 1 FROM errands_jobs WHERE id = :id)
 ON CONFLICT DO NOTHING
 RETURNING job_id
 
 -- name: unblock
+-- One input fewer is missing, whatever the step's status: a cancelled step may be revived.
 UPDATE errands_jobs
 SET blocked_by = blocked_by - 1,
-    status = CASE WHEN blocked_by > 1 THEN status WHEN eta > :now THEN 'scheduled' ELSE 'queued' END
-WHERE id = :id AND status = 'blocked'
+    status = CASE WHEN status != 'blocked' OR blocked_by > 1 THEN status
+        WHEN eta > :now THEN 'scheduled' ELSE 'queued' END
+WHERE id = :id
 RETURNING status
 
 -- name: cancel_blocked

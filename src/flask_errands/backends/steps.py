@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from .base import BLOCKED, CANCELLED, FAILED, SUCCEEDED, UPSTREAM_FAILED_PREFIX, Flow
+from .base import CANCELLED, FAILED, SUCCEEDED, UPSTREAM_FAILED_PREFIX, WAITING, Flow
 from .base import upstream_failed as upstream_failed_error
 
 Run = Callable[[str, Mapping[str, Any]], Sequence[Mapping[str, Any]]]
@@ -43,7 +43,7 @@ def advance(
             params = {"id": step_id, "position": position, "result": result or "null"}
             if run("add_input", params):
                 rows = run("unblock", {"id": step_id, "now": now})
-                due = due or any(row["status"] != BLOCKED for row in rows)
+                due = due or any(row["status"] in WAITING for row in rows)
         return due
     if status in (FAILED, CANCELLED):
         error = upstream_failed_error(job_id, task, status)
