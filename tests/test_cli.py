@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from flask_errands import BackendUnavailable
+from flask_errands import BackendUnavailable, JobStatus
 from tests.apps import worker_app
 from tests.helpers import free_port, require, wait_until
 from tests.processes import client_of
@@ -74,8 +74,9 @@ def test_status_counts_jobs_per_queue_and_state(app: Flask, cli: Callable[..., A
     result = cli("status")
     assert result.exit_code == 0
     lines = {line.split()[0]: line.split()[1:] for line in result.output.splitlines() if line}
-    assert lines["emails"] == ["1", "0", "0", "2", "0", "0"]
-    assert lines["default"] == ["0", "0", "0", "0", "1", "0"]
+    assert lines["queue"] == [s.value for s in JobStatus]
+    assert lines["emails"] == ["0", "1", "0", "0", "2", "0", "0"]
+    assert lines["default"] == ["0", "0", "0", "0", "0", "1", "0"]
     assert all(len(line) <= 80 for line in result.output.splitlines())
     data = json.loads(cli("status", "--json").output)
     assert data["queues"] == {"default": {"failed": 1}, "emails": {"queued": 1, "succeeded": 2}}

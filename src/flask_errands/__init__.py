@@ -23,17 +23,22 @@ from .jobs import Job
 from .logs import JobLogFilter
 from .signals import job_enqueued, job_failed, job_retrying, job_started, job_succeeded
 from .status import JobStatus
-from .tasks import BoundTask, Task, TaskOptions
+from .tasks import BoundTask, Signature, Task, TaskOptions
+from .workflows import Chain, Chord, Group, GroupResult, WorkflowJob, chain, chord, group
 
 __all__ = [
     "Admin",
     "BackendUnavailable",
     "BoundTask",
+    "Chain",
+    "Chord",
     "ConfigurationError",
     "DuplicateJob",
     "EnqueueError",
     "Errands",
     "ErrandsError",
+    "Group",
+    "GroupResult",
     "Job",
     "JobCancelled",
     "JobFailed",
@@ -47,12 +52,17 @@ __all__ = [
     "RunningJob",
     "ScheduleInfo",
     "ScheduleNotFound",
+    "Signature",
     "Stats",
     "Task",
     "TaskOptions",
     "UnknownTask",
     "WorkerInfo",
+    "WorkflowJob",
+    "chain",
+    "chord",
     "current_job",
+    "group",
     "job_enqueued",
     "job_failed",
     "job_retrying",

@@ -238,10 +238,12 @@ def status(as_json: bool) -> None:
         )
         return
     click.echo(f"backend: {_clip(hide_password(_runtime().settings.url), 71)}\n")
-    click.echo(f"{'queue':<16}" + "".join(f"{s.value:>10}" for s in STATUSES))
+    # Each state's column is as wide as its name and a space: seven states fit in 80 columns.
+    click.echo(f"{'queue':<16}" + "".join(f" {s.value}" for s in STATUSES))
     for row in queues:
         name = _clip(row.name, 14) + (" ‖" if row.paused else "")
-        click.echo(f"{name:<16}" + "".join(f"{row.counts[s]:>10}" for s in STATUSES))
+        cells = "".join(f"{row.counts[s]:>{len(s.value) + 1}}" for s in STATUSES)
+        click.echo(f"{name:<16}{cells}")
     if not queues:
         click.echo("(no jobs)")
     if paused:
@@ -437,7 +439,10 @@ def retry(job_id: str | None, all_failed: bool, queue: str | None) -> None:
         _fail(str(exc))
     if job.status.finished:
         _fail(f"job {job_id} stays {job.status}: a live job holds its unique key")
-    click.echo(f"Job {job_id} queued again.")
+    if job.status == JobStatus.BLOCKED:
+        click.echo(f"Job {job_id} waits again for its upstream steps (blocked).")
+    else:
+        click.echo(f"Job {job_id} queued again.")
 
 
 @errands_cli.command()

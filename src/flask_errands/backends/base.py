@@ -19,6 +19,7 @@ those checks.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -27,6 +28,7 @@ from typing import Any, Protocol
 
 from ..status import FINISHED, LIVE, STATUSES, WAITING, JobStatus
 
+BLOCKED = JobStatus.BLOCKED
 QUEUED = JobStatus.QUEUED
 SCHEDULED = JobStatus.SCHEDULED
 RUNNING = JobStatus.RUNNING
@@ -35,6 +37,7 @@ FAILED = JobStatus.FAILED
 CANCELLED = JobStatus.CANCELLED
 
 __all__ = [
+    "BLOCKED",
     "CANCELLED",
     "FAILED",
     "FINISHED",
@@ -44,9 +47,11 @@ __all__ = [
     "SCHEDULED",
     "STATUSES",
     "SUCCEEDED",
+    "UPSTREAM_FAILED",
     "WAITING",
     "Backend",
     "Cursor",
+    "Flow",
     "JobRecord",
     "JobStatus",
     "ScheduleState",
@@ -59,6 +64,11 @@ WORKER_LOST_ERROR = (
     "WorkerLost: worker {worker} died while running attempt {attempt} (its lease expired); "
     "the job lost {lost} leases in a row, so it is not run again"
 )
+
+#: The error of a workflow step cancelled because a step upstream of it failed or was cancelled.
+UPSTREAM_FAILED = "UpstreamFailed: upstream step {job} ({task}) {ended}; this step never ran"
+#: How an :data:`UPSTREAM_FAILED` error starts: re-running the upstream step revives such steps.
+UPSTREAM_FAILED_PREFIX = "UpstreamFailed: "
 
 logger = logging.getLogger("flask_errands")
 
@@ -93,6 +103,10 @@ class JobRecord:
     worker_id: str | None = None
     #: Leases lost in a row: reserve counts a claim of an expired lease; finish and release reset.
     lost_leases: int = 0
+    #: For a workflow step, its place in the workflow as :class:`Flow` JSON; None otherwise.
+    flow: str | None = None
+    #: For a blocked step, how many of its inputs (upstream results) are not stored yet.
+    blocked_by: int = 0
 
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any]) -> JobRecord:
@@ -107,6 +121,47 @@ class JobRecord:
 
 FIELDS = dataclasses.fields(JobRecord)
 FIELD_NAMES = tuple(f.name for f in FIELDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flow:
+    """A workflow step's links, fixed when the workflow is enqueued.
+
+    ``next`` lists the steps this one feeds, each with the position its result
+    takes among that step's inputs. A step with ``inputs`` takes the results of
+    that many upstream steps as its first argument: the one result itself, or
+    the list of them in position order when ``gather`` (after a group, a chord's
+    callback).
+    """
+
+    next: tuple[tuple[str, int], ...] = ()
+    inputs: int = 0
+    gather: bool = False
+
+    def dumps(self) -> str:
+        return json.dumps(
+            {
+                "next": [list(link) for link in self.next],
+                "inputs": self.inputs,
+                "gather": self.gather,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def loads(cls, text: str) -> Flow:
+        data = json.loads(text)
+        return cls(
+            next=tuple((str(job_id), int(position)) for job_id, position in data["next"]),
+            inputs=int(data["inputs"]),
+            gather=bool(data["gather"]),
+        )
+
+
+def upstream_failed(job_id: str, task: str, status: str) -> str:
+    """:data:`UPSTREAM_FAILED` for the steps downstream of ``job_id``, which ended ``status``."""
+    ended = "was cancelled" if status == CANCELLED else "failed"
+    return UPSTREAM_FAILED.format(job=job_id, task=task, ended=ended)
 
 
 def worker_lost_error(worker: str | None, attempt: int, lost: int) -> str:
@@ -215,6 +270,8 @@ class Backend(ABC):
         A job whose ``unique_key`` belongs to a live (queued, scheduled or
         running) job is not stored; the live job's record takes its place in
         the result. Either every job is stored or none is, and the call raises.
+        So a workflow's steps are stored together: those with upstream steps
+        ``blocked``, never reserved until :meth:`finish` unblocks them.
 
         Raises :class:`~flask_errands.exceptions.DuplicateJob` when a job's id
         is already stored (or given twice in ``jobs``), and
@@ -246,7 +303,9 @@ class Backend(ABC):
         that reaches ``max_lost_leases`` that way is not claimed but failed, in
         the same atomic step, with :data:`WORKER_LOST_ERROR` and no traceback:
         a task that kills its worker each time must not loop for ever. It is
-        not returned, and may count against ``limit``.
+        not returned, and may count against ``limit``. Such a workflow step
+        cancels its downstream steps as :meth:`finish` does (on SQL stores, in
+        a second transaction right after).
         """
 
     @abstractmethod
@@ -286,6 +345,17 @@ class Backend(ABC):
         count of attempts of the job's queue and task that ended so in the
         minute of ``now`` (:meth:`finished_counts`; ``scheduled`` counts as
         ``retried``), as does a reserve that fails a job for lost leases.
+
+        A workflow step's outcome moves its workflow on in the same atomic step
+        (one Lua script, one transaction, one lock), so a worker killed at any
+        point leaves either both or neither, and a chord's callback is queued
+        exactly once. ``succeeded``: the result is stored as an input of each
+        step in ``Flow.next`` (:meth:`step_inputs`), unless that input is
+        already there (a re-run), and each newly stored input takes one from
+        its step's ``blocked_by``; a blocked step at 0 becomes queued (or
+        scheduled, if its eta is later). ``failed`` or ``cancelled``: every
+        blocked step downstream, transitively, becomes cancelled with the
+        error :func:`upstream_failed` naming this job.
         """
 
     @abstractmethod
@@ -298,10 +368,12 @@ class Backend(ABC):
 
     @abstractmethod
     def cancel(self, job_id: str, now: float) -> JobRecord | None:
-        """Cancel a job: a waiting one never starts; a running one is asked to stop.
+        """Cancel a job: a waiting or blocked one never starts; a running one is asked to stop.
 
         Returns the job as it is afterwards, or None when there is no such job.
-        A finished job is returned unchanged.
+        A finished job is returned unchanged. Cancelling a waiting or blocked
+        workflow step cancels the blocked steps downstream of it as
+        :meth:`finish` does, in the same atomic step.
         """
 
     @abstractmethod
@@ -310,6 +382,18 @@ class Backend(ABC):
 
         The job is queued with its attempts, lost leases, result and error cleared. Returns
         the job afterwards (unchanged if it is still live), or None if unknown.
+
+        A workflow step resumes its workflow, atomically: it goes back to
+        ``blocked`` instead if inputs are still missing (``blocked_by > 0``),
+        and the steps downstream of it, transitively, that were cancelled with
+        an :func:`upstream_failed` error are blocked again, their stored inputs kept.
+        """
+
+    @abstractmethod
+    def step_inputs(self, job_id: str) -> dict[int, str]:
+        """Return the inputs stored for a workflow step: ``{position: result JSON}``.
+
+        Written by :meth:`finish` of its upstream steps; deleted with the step.
         """
 
     # -- in the app's own transaction -------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..exceptions import DuplicateJob
 from .base import (
+    BLOCKED,
     CANCELLED,
     DEFAULT_MAX_LOST_LEASES,
     FAILED,
@@ -25,13 +26,17 @@ from .base import (
     QUEUED,
     RUNNING,
     SCHEDULED,
+    SUCCEEDED,
+    UPSTREAM_FAILED_PREFIX,
     WAITING,
     Backend,
+    Flow,
     JobRecord,
     JobStatus,
     ScheduleState,
     claimed_only,
     minute_of,
+    upstream_failed,
     worker_lost_error,
 )
 
@@ -73,6 +78,8 @@ class MemoryBackend(Backend):
         self._schedule_states: dict[str, ScheduleState] = {}
         self._finished_counts: dict[tuple[int, str, str, str], int] = {}
         self._depth: dict[int, dict[tuple[str, str], int]] = {}
+        #: Workflow steps' inputs: ``{job id: {position: result JSON}}``.
+        self._inputs: dict[str, dict[int, str]] = {}
 
     def enqueue(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
         with self._lock:
@@ -169,13 +176,15 @@ class MemoryBackend(Backend):
             job.result, job.error, job.traceback = result, error, traceback
             job.lease_expires_at = job.lease_token = None
             job.lost_leases = 0
-            if status == SCHEDULED:
+            due = status == SCHEDULED
+            if due:
                 job.eta = now if eta is None else eta
                 self._push(job)
             else:
                 job.finished_at = now
                 self._forget_unique(job)
-        if status == SCHEDULED:
+                due = self._advance(job, now)
+        if due:
             self._notify()
         return True
 
@@ -198,10 +207,11 @@ class MemoryBackend(Backend):
             job = self._jobs.get(job_id)
             if job is None:
                 return None
-            if job.status in WAITING:
+            if job.status in WAITING or job.status == BLOCKED:
                 job.status = CANCELLED
                 job.finished_at = now
                 self._forget_unique(job)
+                self._advance(job, now)
             elif job.status == RUNNING:
                 job.cancel_requested = True
             return _copy(job)
@@ -220,10 +230,18 @@ class MemoryBackend(Backend):
                 job.lost_leases = 0
                 if job.unique_key is not None:
                     self._unique[job.unique_key] = job.id
-                self._push(job)
+                if job.blocked_by > 0:
+                    job.status = BLOCKED
+                else:
+                    self._push(job)
+                self._revive(job)
             result = _copy(job)
         self._notify()
         return result
+
+    def step_inputs(self, job_id: str) -> dict[int, str]:
+        with self._lock:
+            return dict(self._inputs.get(job_id, {}))
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:
@@ -462,7 +480,8 @@ class MemoryBackend(Backend):
             self._seq[job.id] = next(self._counter)
             if job.unique_key is not None:
                 self._unique[job.unique_key] = job.id
-            self._push(job)
+            if job.status != BLOCKED:
+                self._push(job)
             stored.append(_copy(job))
         return stored
 
@@ -507,6 +526,57 @@ class MemoryBackend(Backend):
         job.error = worker_lost_error(job.worker_id, job.attempts, job.lost_leases)
         job.traceback = job.lease_expires_at = job.lease_token = None
         self._forget_unique(job)
+        self._advance(job, now)
+
+    def _advance(self, job: JobRecord, now: float) -> bool:
+        """Move a finished step's workflow on (see ``Backend.finish``); True if a step fell due."""
+        if job.flow is None:
+            return False
+        links = Flow.loads(job.flow).next
+        if job.status == SUCCEEDED:
+            due = False
+            for step_id, position in links:
+                step, inputs = self._jobs.get(step_id), self._inputs.setdefault(step_id, {})
+                if step is None or position in inputs:
+                    continue
+                inputs[position] = job.result or "null"
+                step.blocked_by -= 1  # even if cancelled: a re-run of its upstream revives it
+                if step.status == BLOCKED and step.blocked_by <= 0:
+                    step.status = SCHEDULED if step.eta > now else QUEUED
+                    self._push(step)
+                    due = True
+            return due
+        error = upstream_failed(job.id, job.task, job.status)
+        for step in self._downstream(links, BLOCKED):
+            step.status, step.finished_at, step.error = CANCELLED, now, error
+        return False
+
+    def _revive(self, job: JobRecord) -> None:
+        """Block again the steps downstream of a re-run step that its failure cancelled."""
+        if job.flow is None:
+            return
+        for step in self._downstream(Flow.loads(job.flow).next, CANCELLED, UPSTREAM_FAILED_PREFIX):
+            step.status, step.finished_at, step.error = BLOCKED, None, None
+
+    def _downstream(
+        self, links: tuple[tuple[str, int], ...], status: str, error_prefix: str = ""
+    ) -> list[JobRecord]:
+        """The steps reachable through ``links`` (and theirs) that are in ``status``."""
+        found: dict[str, JobRecord] = {}
+        pending = [step_id for step_id, _ in links]
+        while pending:
+            step = self._jobs.get(pending.pop())
+            if (
+                step is None
+                or step.id in found
+                or step.status != status
+                or not (step.error or "").startswith(error_prefix)
+            ):
+                continue
+            found[step.id] = step
+            if step.flow is not None:
+                pending.extend(step_id for step_id, _ in Flow.loads(step.flow).next)
+        return list(found.values())
 
     def _owned(self, job_id: str, lease_token: str) -> JobRecord | None:
         job = self._jobs.get(job_id)
@@ -524,6 +594,7 @@ class MemoryBackend(Backend):
         for job_id in job_ids:
             job = self._jobs.pop(job_id)
             del self._seq[job_id]
+            self._inputs.pop(job_id, None)
             self._forget_unique(job)
 
     def _forget_unique(self, job: JobRecord) -> None:

@@ -54,6 +54,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..exceptions import BackendUnavailable, ConfigurationError, DuplicateJob, EnqueueError
+from . import steps
 from .base import (
     DEFAULT_MAX_LOST_LEASES,
     SCHEDULED,
@@ -95,12 +96,13 @@ class Connection(psycopg.Connection[DictRow]):
 
 
 QUERIES = load_queries("postgres.sql")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: The statements that bring a schema from the version before to each version.
 MIGRATIONS = {
     1: tuple(QUERIES[name] for name in QUERIES if name.startswith("create_")),
     2: (QUERIES["migrate_2_lost_leases"],),
     3: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_3_")),
+    4: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_4_")),
 }
 
 #: Settings read from (and removed from) the URL's query, with their defaults.
@@ -380,7 +382,13 @@ class PostgresBackend(Backend):
         with self._connection() as conn:
             rows = conn.execute(query, params).fetchall()
         rows.sort(key=lambda row: (-row["priority"], row["eta"], row["seq"]))
-        return claimed_only([_record(row) for row in rows])
+        records = [_record(row) for row in rows]
+        for record in records:
+            if record.status == "failed" and record.flow is not None:  # lost too many leases
+                with self._connection() as conn, conn.transaction():
+                    run = self._runner(conn)
+                    steps.advance(run, record.id, record.task, "failed", record.flow, None, now)
+        return claimed_only(records)
 
     def heartbeat(self, leases: Mapping[str, str], lease_seconds: float, now: float) -> set[str]:
         if not leases:
@@ -424,9 +432,26 @@ class PostgresBackend(Backend):
                 "channel": self._channel,
             }
             applied = conn.execute(QUERIES["finish"], params).rowcount == 1
-        if applied and status == SCHEDULED:
+            due = False
+            if not applied:  # a workflow step (or a lost lease): record it, move its workflow on
+                with conn.transaction():
+                    row = conn.execute(QUERIES["finish_step"], params).fetchone()
+                    if row is not None:
+                        applied, run = True, self._runner(conn)
+                        task, flow = row["task"], row["flow"]
+                        due = steps.advance(run, job_id, task, status, flow, result, now)
+        if applied and (status == SCHEDULED or due):
             self._notify()
         return applied
+
+    def _runner(self, conn: Connection) -> steps.Run:
+        """Run this backend's named queries on ``conn``, for :mod:`steps`."""
+        channel = self._channel
+
+        def run(name: str, params: Mapping[str, Any]) -> list[DictRow]:
+            return conn.execute(QUERIES[name], {**params, "channel": channel}).fetchall()
+
+        return run
 
     def release(self, job_id: str, lease_token: str, now: float) -> bool:
         with self._connection() as conn:
@@ -437,8 +462,11 @@ class PostgresBackend(Backend):
         return applied
 
     def cancel(self, job_id: str, now: float) -> JobRecord | None:
-        with self._connection() as conn:
+        with self._connection() as conn, conn.transaction():
             row = conn.execute(QUERIES["cancel"], {"id": job_id, "now": now}).fetchone()
+            if row is not None and row["status"] == "cancelled":
+                run = self._runner(conn)
+                steps.advance(run, job_id, row["task"], "cancelled", row["flow"], None, now)
             if row is None:  # unknown, or already finished and left as it is
                 row = conn.execute(QUERIES["get"], (job_id,)).fetchone()
         return None if row is None else _record(row)
@@ -447,13 +475,22 @@ class PostgresBackend(Backend):
         with self._connection() as conn:
             params = {"id": job_id, "now": now, "channel": self._channel}
             try:
-                requeued = conn.execute(QUERIES["requeue"], params).rowcount == 1
+                with conn.transaction():
+                    rows = conn.execute(QUERIES["requeue"], params).fetchall()
+                    for requeued_row in rows:
+                        steps.revive(self._runner(conn), requeued_row["flow"])
+                requeued = bool(rows)
             except UniqueViolation:
                 requeued = False  # a live job holds its unique key: this one stays finished
             row = conn.execute(QUERIES["get"], (job_id,)).fetchone()
         if requeued:
             self._notify()
         return None if row is None else _record(row)
+
+    def step_inputs(self, job_id: str) -> dict[int, str]:
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["step_inputs"], (job_id,)).fetchall()
+        return {row["position"]: row["result"] for row in rows}
 
     # -- looking at jobs -----------------------------------------------------
 

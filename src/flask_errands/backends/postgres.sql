@@ -199,16 +199,33 @@ CREATE INDEX IF NOT EXISTS errands_jobs_by_queue ON errands_jobs (queue, seq)
 -- name: migrate_3_task_index
 CREATE INDEX IF NOT EXISTS errands_jobs_by_task ON errands_jobs (task, seq)
 
+-- name: migrate_4_flow
+-- Version 4: workflows (a step's place in its workflow, its missing inputs, its inputs).
+ALTER TABLE errands_jobs ADD COLUMN IF NOT EXISTS flow text
+
+-- name: migrate_4_blocked_by
+ALTER TABLE errands_jobs ADD COLUMN IF NOT EXISTS blocked_by integer NOT NULL DEFAULT 0
+
+-- name: migrate_4_inputs
+-- A workflow step's inputs: the results of its upstream steps, by position.
+CREATE TABLE IF NOT EXISTS errands_inputs (
+    job_id text NOT NULL REFERENCES errands_jobs (id) ON DELETE CASCADE,
+    position integer NOT NULL,
+    result text NOT NULL,
+    PRIMARY KEY (job_id, position)
+)
+
 -- name: insert_job
 -- {jobs} is the table, qualified with the store's schema when written through an app's
 -- connection, whose search_path may differ.
 WITH inserted AS (
     INSERT INTO {jobs} (
         id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, unique_key, eta, enqueued_at
+        timeout, unique_key, eta, enqueued_at, flow, blocked_by
     ) VALUES (
         %(id)s, %(task)s, %(payload)s, %(queue)s, %(priority)s, %(status)s, %(attempts)s,
-        %(max_attempts)s, %(retry_delay)s, %(timeout)s, %(unique_key)s, %(eta)s, %(enqueued_at)s
+        %(max_attempts)s, %(retry_delay)s, %(timeout)s, %(unique_key)s, %(eta)s, %(enqueued_at)s,
+        %(flow)s, %(blocked_by)s
     )
     ON CONFLICT (unique_key)
         WHERE unique_key IS NOT NULL AND status IN ('queued', 'scheduled', 'running')
@@ -286,7 +303,7 @@ WITH finished AS (
         eta = coalesce(%(eta)s, eta),
         finished_at = CASE WHEN %(status)s = 'scheduled' THEN NULL ELSE %(now)s END,
         lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
-    WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s
+    WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s AND flow IS NULL
     RETURNING status, queue, task
 ), counted AS (
     -- The attempt's end, counted in its minute in the same statement.
@@ -297,6 +314,59 @@ WITH finished AS (
     ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + 1
 )
 SELECT CASE WHEN status = 'scheduled' THEN pg_notify(%(channel)s, '') END FROM finished
+
+-- name: finish_step
+-- A workflow step's outcome; the caller moves its workflow on in the same transaction.
+WITH finished AS (
+    UPDATE errands_jobs
+    SET status = %(status)s, result = %(result)s, error = %(error)s, traceback = %(traceback)s,
+        eta = coalesce(%(eta)s, eta),
+        finished_at = CASE WHEN %(status)s = 'scheduled' THEN NULL ELSE %(now)s END,
+        lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
+    WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s
+    RETURNING status, queue, task, flow
+), counted AS (
+    INSERT INTO errands_finished_counts AS c (minute, queue, task, outcome, shard, n)
+    SELECT floor(%(now)s / 60)::bigint, queue, task,
+        CASE WHEN status = 'scheduled' THEN 'retried' ELSE status END, pg_backend_pid() %% 8, 1
+    FROM finished
+    ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + 1
+)
+SELECT task, flow FROM finished
+
+-- name: add_input
+-- Not for a step that was purged meanwhile.
+INSERT INTO errands_inputs (job_id, position, result)
+SELECT %(id)s, %(position)s, %(result)s
+WHERE EXISTS (SELECT 1 FROM errands_jobs WHERE id = %(id)s)
+ON CONFLICT DO NOTHING
+RETURNING job_id
+
+-- name: unblock
+WITH unblocked AS (
+    UPDATE errands_jobs
+    SET blocked_by = blocked_by - 1,
+        status = CASE WHEN status <> 'blocked' OR blocked_by > 1 THEN status
+            WHEN eta > %(now)s THEN 'scheduled' ELSE 'queued' END
+    WHERE id = %(id)s
+    RETURNING status
+)
+SELECT status,
+    CASE WHEN status IN ('queued', 'scheduled') THEN pg_notify(%(channel)s, '') END AS notified
+FROM unblocked
+
+-- name: cancel_blocked
+UPDATE errands_jobs SET status = 'cancelled', finished_at = %(now)s, error = %(error)s
+WHERE id = %(id)s AND status = 'blocked'
+RETURNING flow
+
+-- name: revive_cancelled
+UPDATE errands_jobs SET status = 'blocked', finished_at = NULL, error = NULL
+WHERE id = %(id)s AND status = 'cancelled' AND error LIKE %(pattern)s
+RETURNING flow
+
+-- name: step_inputs
+SELECT position, result FROM errands_inputs WHERE job_id = %s
 
 -- name: release
 WITH released AS (
@@ -313,19 +383,20 @@ UPDATE errands_jobs
 SET status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
     finished_at = CASE WHEN status = 'running' THEN finished_at ELSE %(now)s END,
     cancel_requested = cancel_requested OR status = 'running'
-WHERE id = %(id)s AND status IN ('queued', 'scheduled', 'running')
+WHERE id = %(id)s AND status IN ('queued', 'scheduled', 'blocked', 'running')
 RETURNING *
 
 -- name: requeue
 WITH requeued AS (
     UPDATE errands_jobs
-    SET status = 'queued', attempts = 0, eta = %(now)s, result = NULL, error = NULL,
+    SET status = CASE WHEN blocked_by > 0 THEN 'blocked' ELSE 'queued' END, attempts = 0,
+        eta = %(now)s, result = NULL, error = NULL,
         traceback = NULL, progress = NULL, progress_message = NULL, started_at = NULL,
         finished_at = NULL, worker_id = NULL, cancel_requested = false, lost_leases = 0
     WHERE id = %(id)s AND status IN ('succeeded', 'failed', 'cancelled')
-    RETURNING id
+    RETURNING id, flow
 )
-SELECT pg_notify(%(channel)s, '') FROM requeued
+SELECT flow, pg_notify(%(channel)s, '') AS notified FROM requeued
 
 -- name: get
 SELECT * FROM errands_jobs WHERE id = %s
@@ -341,7 +412,7 @@ ORDER BY seq DESC LIMIT %(limit)s OFFSET %(offset)s
 
 -- name: counts
 SELECT queue, status, count(*) AS n FROM errands_jobs
-WHERE status IN ('queued', 'scheduled', 'running') GROUP BY queue, status
+WHERE status IN ('blocked', 'queued', 'scheduled', 'running') GROUP BY queue, status
 UNION ALL
 SELECT queue, status, sum(n) AS n FROM errands_finished_totals
 GROUP BY queue, status HAVING sum(n) > 0

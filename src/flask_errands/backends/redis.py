@@ -51,6 +51,8 @@ from .base import (
     RUNNING,
     SCHEDULED,
     STATUSES,
+    UPSTREAM_FAILED,
+    UPSTREAM_FAILED_PREFIX,
     WORKER_LOST_ERROR,
     Backend,
     JobRecord,
@@ -102,7 +104,7 @@ URL_OPTIONS = frozenset(
 )
 
 _TRANSIENT = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "MISCONF")
-_INTS = {"priority", "attempts", "max_attempts", "lost_leases"}
+_INTS = {"priority", "attempts", "max_attempts", "lost_leases", "blocked_by"}
 _FLOATS = {
     "retry_delay",
     "eta",
@@ -130,6 +132,7 @@ _DEFAULTS: dict[str, Any] = {
     "retry_delay": 1.0,
     "cancel_requested": False,
     "lost_leases": 0,
+    "blocked_by": 0,
 }
 _NO_DEFAULT = object()
 _OPTIONAL = tuple(
@@ -347,7 +350,8 @@ class RedisBackend(Backend):
             return []
         token = os.urandom(8).hex() + ":"
         args = [now, now + lease_seconds, worker_id, limit, token]
-        args += (max_lost_leases, self._expiry, WORKER_LOST_ERROR, *(queues or ()))
+        args += (max_lost_leases, self._expiry, WORKER_LOST_ERROR, UPSTREAM_FAILED)
+        args += tuple(queues or ())
         reply = self._run("reserve", args)
         claimed = []
         for i in range(0, len(reply), 2):
@@ -394,10 +398,10 @@ class RedisBackend(Backend):
     ) -> bool:
         fields = _fields({"result": result, "error": error, "traceback": traceback})
         args = [job_id, lease_token, status, now, now if eta is None else eta, self._expiry]
-        applied = bool(self._run("finish", [*args, *fields]) == 1)
-        if applied and status == SCHEDULED:
+        reply = self._run("finish", [*args, UPSTREAM_FAILED, *fields])
+        if reply == 2 or (reply == 1 and status == SCHEDULED):
             self._notify()
-        return applied
+        return bool(reply)
 
     def release(self, job_id: str, lease_token: str, now: float) -> bool:
         applied = bool(self._run("release", [job_id, lease_token]) == 1)
@@ -405,13 +409,19 @@ class RedisBackend(Backend):
         return applied
 
     def cancel(self, job_id: str, now: float) -> JobRecord | None:
-        reply = self._run("cancel", [job_id, now, self._expiry], CALLER_PATIENCE)
+        args = [job_id, now, self._expiry, UPSTREAM_FAILED]
+        reply = self._run("cancel", args, CALLER_PATIENCE)
         return None if reply is None else _lenient(reply, job_id)
 
     def requeue(self, job_id: str, now: float) -> JobRecord | None:
-        reply = self._run("requeue", [job_id, now], CALLER_PATIENCE)
+        reply = self._run("requeue", [job_id, now, UPSTREAM_FAILED_PREFIX], CALLER_PATIENCE)
         self._notify()
         return None if reply is None else _lenient(reply, job_id)
+
+    def step_inputs(self, job_id: str) -> dict[int, str]:
+        key = self._key("inputs", job_id)
+        found = self._retrying(lambda: self._execute("HGETALL", key), "to read", WORKER_PATIENCE)
+        return {int(position): result.decode() for position, result in found.items()}
 
     # -- looking at jobs -----------------------------------------------------
 

@@ -174,13 +174,30 @@ CREATE INDEX IF NOT EXISTS errands_jobs_by_queue ON errands_jobs (queue, seq)
 -- name: migrate_3_task_index
 CREATE INDEX IF NOT EXISTS errands_jobs_by_task ON errands_jobs (task, seq)
 
+-- name: migrate_4_flow
+-- Version 4: workflows (a step's place in its workflow, its missing inputs, its inputs).
+ALTER TABLE errands_jobs ADD COLUMN flow TEXT
+
+-- name: migrate_4_blocked_by
+ALTER TABLE errands_jobs ADD COLUMN blocked_by INTEGER NOT NULL DEFAULT 0
+
+-- name: migrate_4_inputs
+-- A workflow step's inputs: the results of its upstream steps, by position. Deleted with
+-- the step (PRAGMA foreign_keys is on for every connection).
+CREATE TABLE IF NOT EXISTS errands_inputs (
+    job_id TEXT NOT NULL REFERENCES errands_jobs (id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    result TEXT NOT NULL,
+    PRIMARY KEY (job_id, position)
+) WITHOUT ROWID
+
 -- name: insert_job
 INSERT INTO errands_jobs (
     id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay, timeout,
-    unique_key, eta, enqueued_at
+    unique_key, eta, enqueued_at, flow, blocked_by
 ) VALUES (
     :id, :task, :payload, :queue, :priority, :status, :attempts, :max_attempts, :retry_delay,
-    :timeout, :unique_key, :eta, :enqueued_at
+    :timeout, :unique_key, :eta, :enqueued_at, :flow, :blocked_by
 )
 ON CONFLICT (unique_key)
     WHERE unique_key IS NOT NULL AND status IN ('queued', 'scheduled', 'running')
@@ -242,11 +259,49 @@ UPDATE errands_jobs SET progress = :progress, progress_message = :message
 WHERE id = :id AND status = 'running'
 
 -- name: finish
+-- Not a workflow step's: finish_step records those, and moves their workflow on.
+UPDATE errands_jobs
+SET status = :status, result = :result, error = :error, traceback = :traceback,
+    eta = coalesce(:eta, eta), finished_at = CASE WHEN :status = 'scheduled' THEN NULL ELSE :now END,
+    ended_at = :now, lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
+WHERE id = :id AND status = 'running' AND lease_token = :token AND flow IS NULL
+
+-- name: finish_step
 UPDATE errands_jobs
 SET status = :status, result = :result, error = :error, traceback = :traceback,
     eta = coalesce(:eta, eta), finished_at = CASE WHEN :status = 'scheduled' THEN NULL ELSE :now END,
     ended_at = :now, lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
 WHERE id = :id AND status = 'running' AND lease_token = :token
+RETURNING task, flow
+
+-- name: add_input
+-- Not for a step that was purged meanwhile.
+INSERT INTO errands_inputs (job_id, position, result)
+SELECT :id, :position, :result WHERE EXISTS (SELECT 1 FROM errands_jobs WHERE id = :id)
+ON CONFLICT DO NOTHING
+RETURNING job_id
+
+-- name: unblock
+-- One input fewer is missing, whatever the step's status: a cancelled step may be revived.
+UPDATE errands_jobs
+SET blocked_by = blocked_by - 1,
+    status = CASE WHEN status != 'blocked' OR blocked_by > 1 THEN status
+        WHEN eta > :now THEN 'scheduled' ELSE 'queued' END
+WHERE id = :id
+RETURNING status
+
+-- name: cancel_blocked
+UPDATE errands_jobs SET status = 'cancelled', finished_at = :now, error = :error
+WHERE id = :id AND status = 'blocked'
+RETURNING flow
+
+-- name: revive_cancelled
+UPDATE errands_jobs SET status = 'blocked', finished_at = NULL, error = NULL
+WHERE id = :id AND status = 'cancelled' AND error LIKE :pattern
+RETURNING flow
+
+-- name: step_inputs
+SELECT position, result FROM errands_inputs WHERE job_id = ?
 
 -- name: release
 UPDATE errands_jobs
@@ -256,17 +311,20 @@ WHERE id = :id AND status = 'running' AND lease_token = :token
 
 -- name: cancel_waiting
 UPDATE errands_jobs SET status = 'cancelled', finished_at = :now
-WHERE id = :id AND status IN ('queued', 'scheduled')
+WHERE id = :id AND status IN ('queued', 'scheduled', 'blocked')
+RETURNING task, flow
 
 -- name: cancel_running
 UPDATE errands_jobs SET cancel_requested = 1 WHERE id = :id AND status = 'running'
 
 -- name: requeue
 UPDATE errands_jobs
-SET status = 'queued', attempts = 0, eta = :now, result = NULL, error = NULL, traceback = NULL,
+SET status = CASE WHEN blocked_by > 0 THEN 'blocked' ELSE 'queued' END, attempts = 0, eta = :now,
+    result = NULL, error = NULL, traceback = NULL,
     progress = NULL, progress_message = NULL, started_at = NULL, finished_at = NULL,
     worker_id = NULL, cancel_requested = 0, lost_leases = 0
 WHERE id = :id AND status IN ('succeeded', 'failed', 'cancelled')
+RETURNING flow
 
 -- name: get
 SELECT * FROM errands_jobs WHERE id = ?
@@ -278,7 +336,7 @@ ORDER BY seq DESC LIMIT :limit OFFSET :offset
 
 -- name: counts
 SELECT queue, status, count(*) FROM errands_jobs
-WHERE status IN ('queued', 'scheduled', 'running') GROUP BY queue, status
+WHERE status IN ('blocked', 'queued', 'scheduled', 'running') GROUP BY queue, status
 UNION ALL
 SELECT queue, status, n FROM errands_finished_totals WHERE n > 0
 
