@@ -61,7 +61,7 @@ from .base import (
     JobRecord,
     claimed_only,
 )
-from .patience import patience, store_call
+from .patience import STORE_CALL, patience
 from .queries import load_queries
 from .urls import hide_password
 
@@ -229,7 +229,7 @@ class PostgresBackend(Backend):
         wait = max(0.0, min(patience(self._pool_timeout), deadline - time.monotonic()))
         try:
             with (
-                store_call(),
+                STORE_CALL,
                 self._get_pool().connection(timeout=wait) as conn,
                 self._watchdog.bound(conn, deadline),
             ):
