@@ -24,6 +24,7 @@ import flask_errands
 from flask_errands import ConfigurationError
 from flask_errands.backends import backend_from_url
 from flask_errands.backends.sqlite import QUERIES as SQLITE_QUERIES
+from flask_errands.backends.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from tests.apps import worker_app
 from tests.helpers import wait_until
 from tests.processes import client_of
@@ -131,7 +132,7 @@ def test_a_sqlite_file_of_schema_version_1_gains_the_lost_lease_count(tmp_path: 
     old.close()
     lose_the_old_job(f"sqlite:///{path}", str(tmp_path))
     reopened = sqlite3.connect(path)
-    assert reopened.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert reopened.execute("PRAGMA user_version").fetchone()[0] == SQLITE_SCHEMA_VERSION
     reopened.close()
 
 

@@ -56,9 +56,18 @@ T = TypeVar("T")
 QUERIES = load_queries("sqlite.sql")
 SCHEMA = tuple(QUERIES[name] for name in QUERIES if name.startswith("create_"))
 #: The schema's version, kept in ``PRAGMA user_version`` (0 in files made before it was).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The statements that bring the tables from the version before to each version.
-MIGRATIONS = {2: (QUERIES["migrate_2_lost_leases"],)}
+MIGRATIONS = {
+    2: (QUERIES["migrate_2_lost_leases"],),
+    # The partial indexes over three statuses, with OR instead of IN (see sqlite.sql).
+    3: (
+        QUERIES["migrate_3_drop_unique_index"],
+        QUERIES["create_unique_index"],
+        QUERIES["migrate_3_drop_finished_index"],
+        QUERIES["create_finished_index"],
+    ),
+}
 
 logger = logging.getLogger("flask_errands")
 
