@@ -15,13 +15,8 @@ connection: :func:`interrupt` delivers it as the call returns instead.
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 from collections.abc import Callable, Iterator
-from typing import ParamSpec, TypeVar
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 _limit = threading.local()
 
@@ -124,14 +119,3 @@ def forget_interrupt() -> None:
     if _pending:  # nearly always empty: no lock taken then
         with _guard:
             _pending.pop(_get_ident(), None)
-
-
-def marked(call: Callable[P, T]) -> Callable[P, T]:
-    """Run every call of ``call`` (a store's one way in) under :data:`STORE_CALL`."""
-
-    @functools.wraps(call)
-    def run_marked(*args: P.args, **kwargs: P.kwargs) -> T:
-        with STORE_CALL:
-            return call(*args, **kwargs)
-
-    return run_marked
