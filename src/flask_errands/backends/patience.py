@@ -18,13 +18,21 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator
 
-_limit = threading.local()
+
+class _Limit(threading.local):
+    """This thread's limit, ``None`` outside :func:`limited`: a class default, so reading it
+    never costs the ``AttributeError`` that ``getattr`` with a default raises and catches."""
+
+    value: tuple[float, threading.Event | None] | None = None
+
+
+_limit = _Limit()
 
 
 @contextlib.contextmanager
 def limited(seconds: float, stop: threading.Event | None = None) -> Iterator[None]:
     """Here, this thread's store calls retry for ``seconds`` at most, none once ``stop`` is set."""
-    previous = getattr(_limit, "value", None)
+    previous = _limit.value
     _limit.value = (seconds, stop)
     try:
         yield
@@ -34,7 +42,7 @@ def limited(seconds: float, stop: threading.Event | None = None) -> Iterator[Non
 
 def patience(default: float) -> float:
     """How long a store call in this thread may retry: ``default``, less under :func:`limited`."""
-    value: tuple[float, threading.Event | None] | None = getattr(_limit, "value", None)
+    value = _limit.value
     if value is None:
         return default
     seconds, stop = value
@@ -43,7 +51,7 @@ def patience(default: float) -> float:
 
 def given_up() -> bool:
     """Whether the stop event of the enclosing :func:`limited` block is set."""
-    value: tuple[float, threading.Event | None] | None = getattr(_limit, "value", None)
+    value = _limit.value
     return value is not None and value[1] is not None and value[1].is_set()
 
 
