@@ -60,11 +60,12 @@ SCHEMA_VERSION = 3
 #: The statements that bring the tables from the version before to each version.
 MIGRATIONS = {
     2: (QUERIES["migrate_2_lost_leases"],),
-    # The partial indexes over three statuses, with OR instead of IN (see sqlite.sql).
+    # The partial indexes over three statuses, with OR instead of IN (see sqlite.sql); the
+    # query names carry no version number, so this step can be renumbered as it is.
     3: (
-        QUERIES["migrate_3_drop_unique_index"],
+        QUERIES["migrate_or_drop_unique_index"],
         QUERIES["create_unique_index"],
-        QUERIES["migrate_3_drop_finished_index"],
+        QUERIES["migrate_or_drop_finished_index"],
         QUERIES["create_finished_index"],
     ),
 }

@@ -79,10 +79,10 @@ CREATE TABLE IF NOT EXISTS errands_workers (
 -- name: migrate_2_lost_leases
 ALTER TABLE errands_jobs ADD COLUMN lost_leases INTEGER NOT NULL DEFAULT 0
 
--- name: migrate_3_drop_unique_index
+-- name: migrate_or_drop_unique_index
 DROP INDEX IF EXISTS errands_jobs_unique
 
--- name: migrate_3_drop_finished_index
+-- name: migrate_or_drop_finished_index
 DROP INDEX IF EXISTS errands_jobs_finished
 
 -- name: insert_job
