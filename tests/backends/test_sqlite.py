@@ -281,7 +281,11 @@ def test_a_file_of_schema_version_2_keeps_its_jobs_unique_keys_and_pruning(
         backend.close()
     reopened = sqlite3.connect(path)
     assert reopened.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    indexes = [sql for (sql,) in reopened.execute("SELECT sql FROM sqlite_master") if sql]
+    indexes = [
+        sql
+        for (sql,) in reopened.execute("SELECT sql FROM sqlite_master WHERE type = 'index'")
+        if sql
+    ]
     in_lists = ("IN ('queued', 'scheduled', 'running')", "IN ('succeeded', 'failed', 'cancelled')")
     assert not [sql for sql in indexes if any(in_list in sql for in_list in in_lists)]
     reopened.close()
