@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .admin import Admin, ScheduleInfo, WorkerInfo
 from .context import RunningJob, current_job
+from .dashboard import BasicAuth
 from .exceptions import (
     BackendUnavailable,
     ConfigurationError,
@@ -27,6 +28,7 @@ from .tasks import BoundTask, Task, TaskOptions
 __all__ = [
     "Admin",
     "BackendUnavailable",
+    "BasicAuth",
     "BoundTask",
     "ConfigurationError",
     "DuplicateJob",
