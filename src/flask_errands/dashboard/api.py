@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, request
-from werkzeug.exceptions import BadRequest, Conflict
+from werkzeug.exceptions import BadRequest, Conflict, NotFound
 
 from ..admin import Admin
 from . import csrf
@@ -23,7 +23,7 @@ Json = tuple[dict[str, Any], int] | dict[str, Any]
 
 def name(value: str) -> str:
     if not is_name(value):
-        raise BadRequest("not a valid name")
+        raise NotFound("no such name")
     return value
 
 

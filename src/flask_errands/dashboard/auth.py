@@ -39,7 +39,9 @@ class BasicAuth:
             **{name: (hashed, "viewer") for name, hashed in viewers.items()},
             **{name: (hashed, "admin") for name, hashed in admins.items()},
         }
-        self._dummy = generate_password_hash("no user has this password")
+        # Made with the users' own method, so an unknown name costs what a known one does.
+        method = next((h.split("$", 1)[0] for h, _ in self._users.values()), "scrypt")
+        self._dummy = generate_password_hash("no user has this password", method=method)
         #: The ``WWW-Authenticate`` header the dashboard sends with a 401.
         self.challenge = f'Basic realm="{realm}", charset="UTF-8"'
 

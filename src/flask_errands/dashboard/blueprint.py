@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, g, render_template, request
+from flask import Blueprint, Response, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from ..admin import Admin
@@ -13,6 +13,8 @@ from . import api, csrf, pages
 from .auth import ROLES, Authorize, challenge_for
 
 NAME = "errands_dashboard"
+#: Where a request keeps the role authorize gave it (``g`` may outlive the request).
+ROLE_KEY = "flask_errands.role"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 #: No inline script or style, nothing from another origin, never framed.
@@ -71,7 +73,7 @@ def make_blueprint(admin: Callable[[], Admin], authorize: Authorize) -> Blueprin
             if challenge is not None:
                 return error_response(401, "sign in", {"WWW-Authenticate": challenge})
             return error_response(403, "you may not see this dashboard")
-        g.errands_role = role
+        request.environ[ROLE_KEY] = role
         if request.method not in SAFE_METHODS:
             if role != "admin":
                 return error_response(403, "viewers may look but not act")
@@ -100,8 +102,9 @@ def make_blueprint(admin: Callable[[], Admin], authorize: Authorize) -> Blueprin
     def context() -> dict[str, Any]:
         return {
             "csrf_token": csrf.token,
-            "role": g.get("errands_role"),
+            "role": request.environ.get(ROLE_KEY),
             "pretty": pages.pretty,
+            "page_url": pages.page_url,
             "when": pages.when,
         }
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, flash, redirect, render_template, request, url_for
-from werkzeug.exceptions import BadRequest
+from werkzeug.exceptions import BadRequest, NotFound
 from werkzeug.wrappers import Response
 
 from ..admin import Admin
@@ -16,7 +16,7 @@ from ..status import STATUSES, JobStatus
 from .params import JobFilters, is_name
 from .present import pretty
 
-__all__ = ["pretty", "register", "when"]
+__all__ = ["page_url", "pretty", "register", "when"]
 
 
 def when(value: dt.datetime | None, zone: dt.tzinfo | None = dt.timezone.utc) -> str:
@@ -27,9 +27,15 @@ def when(value: dt.datetime | None, zone: dt.tzinfo | None = dt.timezone.utc) ->
 
 
 def checked_name(name: str) -> str:
+    """A job id, queue or schedule name from the path; one no store could hold is not found."""
     if not is_name(name):
-        raise BadRequest("not a valid name")
+        raise NotFound("no such name")
     return name
+
+
+def page_url(endpoint: str, filters: JobFilters, cursor: str | None) -> str:
+    """The link to another page of a listing, with the same filters."""
+    return url_for(f".{endpoint}", **filters.query(cursor=cursor))
 
 
 def parse_every(raw: str) -> float:
