@@ -256,6 +256,6 @@ def test_no_get_changes_anything(dashboard: Dashboard) -> None:
     job_id = failed_job(dashboard)
     before = snapshot(dashboard, job_id)
     admin = dashboard.client("ada")
-    for method, url in routes(dashboard.app, fill(job_id)):
+    for _, url in routes(dashboard.app, fill(job_id)):
         admin.get(url).close()  # actions answer 405 to GET; pages only look
     assert snapshot(dashboard, job_id) == before
