@@ -15,6 +15,7 @@ from tests.dashboard.conftest import PREFIX, Dashboard, basic
 from tests.helpers import MakeApp
 
 SAFE = {"GET", "HEAD", "OPTIONS"}
+URL_ATTRIBUTES = {"href", "src", "action", "formaction", "xlink:href", "srcset", "poster"}
 HEADERS = {
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
@@ -202,9 +203,8 @@ def scripts_and_handlers(page: str) -> str:
     class Finder(html.parser.HTMLParser):
         def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
             for name, value in attrs:
-                if name.startswith("on") or (value or "").strip().lower().startswith(
-                    "javascript:"
-                ):
+                url = name in URL_ATTRIBUTES and (value or "").strip().lower()
+                if name.startswith("on") or (url and url.startswith(("javascript:", "data:"))):
                     found.append(f" {name}={value}")
             if tag == "script" and not dict(attrs).get("src"):
                 found.append(" inline <script>")
