@@ -217,7 +217,9 @@ def test_editing_a_schedules_cron_moves_its_next_run(live: Live) -> None:
     live.shot("schedules-edited")
 
 
-@pytest.mark.parametrize("live", [lambda e: (browser_tasks(e), hostile(e))], indirect=True)
+@pytest.mark.parametrize(
+    "live", [lambda e: (browser_tasks(e), hostile(e))], ids=["hostile"], indirect=True
+)
 def test_attack_strings_never_open_a_dialog(live: Live) -> None:
     admin = live.admin
     jobs = []
