@@ -14,6 +14,7 @@ from flask import Blueprint, request
 from werkzeug.exceptions import BadRequest, Conflict, NotFound
 
 from ..admin import Admin
+from ..exceptions import ErrandsError
 from . import csrf
 from .params import JobFilters, is_name
 from .present import job_detail, job_summary, queue_dict, schedule_dict, worker_dict
@@ -91,12 +92,18 @@ def register(bp: Blueprint, admin: Callable[[], Admin]) -> None:
 
     @bp.post("/api/queues/<path:queue>/pause")
     def api_pause_queue(queue: str) -> Json:
-        admin().pause_queue(name(queue))
+        try:
+            admin().pause_queue(name(queue))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         return {"name": queue, "paused": True}
 
     @bp.post("/api/queues/<path:queue>/resume")
     def api_resume_queue(queue: str) -> Json:
-        admin().resume_queue(name(queue))
+        try:
+            admin().resume_queue(name(queue))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         return {"name": queue, "paused": False}
 
     @bp.get("/api/schedules")
@@ -121,7 +128,13 @@ def register(bp: Blueprint, admin: Callable[[], Admin]) -> None:
 
     @bp.post("/api/schedules/<path:schedule>/run")
     def api_run_schedule(schedule: str) -> Json:
-        return job_detail(admin().run_schedule(name(schedule))), 202
+        try:
+            return job_detail(admin().run_schedule(name(schedule))), 202
+        except LookupError:
+            raise
+        except (ValueError, ErrandsError) as exc:
+            # max_running holds it back, its task is not registered here, or it just fired.
+            raise Conflict(str(exc)) from None
 
     @bp.patch("/api/schedules/<path:schedule>")
     def api_change_schedule(schedule: str) -> Json:

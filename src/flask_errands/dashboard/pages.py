@@ -12,6 +12,7 @@ from werkzeug.exceptions import BadRequest, NotFound
 from werkzeug.wrappers import Response
 
 from ..admin import Admin
+from ..exceptions import ErrandsError
 from ..status import STATUSES, JobStatus
 from .params import JobFilters, is_name
 from .present import pretty
@@ -155,14 +156,20 @@ def register(bp: Blueprint, admin: Callable[[], Admin]) -> None:
 
     @bp.post("/queues/<path:name>/pause")
     def pause_queue(name: str) -> Response:
-        admin().pause_queue(checked_name(name))
-        flash(f"Queue {name} paused: workers take nothing from it.", "ok")
+        try:
+            admin().pause_queue(checked_name(name))
+            flash(f"Queue {name} paused: workers take nothing from it.", "ok")
+        except ValueError as exc:
+            flash(str(exc), "error")
         return redirect(url_for(".queues"))
 
     @bp.post("/queues/<path:name>/resume")
     def resume_queue(name: str) -> Response:
-        admin().resume_queue(checked_name(name))
-        flash(f"Queue {name} resumed.", "ok")
+        try:
+            admin().resume_queue(checked_name(name))
+            flash(f"Queue {name} resumed.", "ok")
+        except ValueError as exc:
+            flash(str(exc), "error")
         return redirect(url_for(".queues"))
 
     @bp.get("/schedules")
@@ -183,7 +190,13 @@ def register(bp: Blueprint, admin: Callable[[], Admin]) -> None:
 
     @bp.post("/schedules/<path:name>/run")
     def run_schedule(name: str) -> Response:
-        job = admin().run_schedule(checked_name(name))
+        try:
+            job = admin().run_schedule(checked_name(name))
+        except LookupError:
+            raise
+        except (ValueError, ErrandsError) as exc:
+            flash(f"Schedule {name} did not run: {exc}", "error")
+            return redirect(url_for(".schedules"))
         flash(f"Schedule {name} enqueued job {job.id}.", "ok")
         return redirect(url_for(".job", job_id=job.id))
 

@@ -145,13 +145,23 @@
         });
       }
     } else {
+      // A minute nobody sampled is null: the line breaks there instead of dropping to 0.
       series.forEach(function (s) {
-        const points = [];
+        let points = [];
+        const flush = function () {
+          if (points.length === 1) points.push(points[0]);
+          if (points.length) {
+            svgEl("polyline", { points: points.join(" "), class: "line series-" + s.name }, svg);
+          }
+          points = [];
+        };
         for (let i = 0; i < n; i++) {
-          const v = Number(s.values[i]) || 0;
-          points.push((L + i * step + step / 2).toFixed(1) + "," + (T + plotH - scale(v)).toFixed(1));
+          const raw = s.values[i];
+          if (raw === null || raw === undefined || !isFinite(Number(raw))) { flush(); continue; }
+          const x = (L + i * step + step / 2).toFixed(1);
+          points.push(x + "," + (T + plotH - scale(Number(raw))).toFixed(1));
         }
-        svgEl("polyline", { points: points.join(" "), class: "line series-" + s.name }, svg);
+        flush();
       });
     }
     box.replaceChildren(svg);
