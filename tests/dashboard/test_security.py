@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from flask import Flask
 from werkzeug.routing import Rule
-from werkzeug.test import TestResponse
+from werkzeug.wrappers import Response
 
 from flask_errands import JobStatus
 from tests.dashboard.conftest import PREFIX, Dashboard, basic
@@ -182,7 +182,7 @@ def test_every_page_carries_the_token_and_the_security_headers(dashboard: Dashbo
             check_page(response, url, token)
 
 
-def check_page(response: TestResponse, url: str, token: str) -> None:
+def check_page(response: Response, url: str, token: str) -> None:
     """The security headers are there; a page has the token and no inline script."""
     assert response.status_code == 200, url
     for name, value in HEADERS.items():

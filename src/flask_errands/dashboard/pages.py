@@ -36,7 +36,8 @@ def checked_name(name: str) -> str:
 
 def page_url(endpoint: str, filters: JobFilters, cursor: str | None) -> str:
     """The link to another page of a listing, with the same filters."""
-    return url_for(f".{endpoint}", **filters.query(cursor=cursor))
+    values: dict[str, Any] = filters.query(cursor=cursor)
+    return url_for(f".{endpoint}", **values)
 
 
 def parse_every(raw: str) -> float:

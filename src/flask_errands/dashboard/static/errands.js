@@ -149,8 +149,10 @@
       series.forEach(function (s) {
         let points = [];
         const flush = function () {
-          if (points.length === 1) points.push(points[0]);
-          if (points.length) {
+          if (points.length === 1) {
+            const xy = points[0].split(",");
+            svgEl("circle", { cx: xy[0], cy: xy[1], r: 2.5, class: "dot series-" + s.name }, svg);
+          } else if (points.length > 1) {
             svgEl("polyline", { points: points.join(" "), class: "line series-" + s.name }, svg);
           }
           points = [];
