@@ -77,10 +77,6 @@ class Live:
         if message.type == "error":  # a CSP refusal or a failed request shows up here
             self.problems.append(f"console: {message.text}")
 
-    def _console(self, message: Any) -> None:
-        if message.type == "error":  # a CSP refusal or a failed request shows up here
-            self.problems.append(f"console: {message.text}")
-
     def _dialog(self, dialog: Any) -> None:
         self.problems.append(f"a {dialog.type} dialog opened: {dialog.message}")
         dialog.dismiss()
