@@ -108,7 +108,7 @@
     const W = 600, H = 170, L = 34, R = 6, T = 8, B = 20;
     const n = minutes.length;
     const plotW = W - L - R, plotH = H - T - B;
-    let top = 1;
+    let top = 2;
     for (let i = 0; i < n; i++) {
       let sum = 0;
       series.forEach(function (s) {
@@ -117,6 +117,7 @@
       });
       top = Math.max(top, sum);
     }
+    if (top % 2) top += 1;  // the middle gridline then has a whole number
     const svg = svgEl("svg", { viewBox: "0 0 " + W + " " + H, class: "chart-svg",
                                preserveAspectRatio: "none" });
     [0, 0.5, 1].forEach(function (f) {
