@@ -83,7 +83,6 @@ def register(bp: Blueprint, admin: Callable[[], Admin]) -> None:
             page=page,
             filters=filters,
             statuses=STATUSES,
-            queues=sorted(admin().counts()),
         )
 
     @bp.get("/jobs/<job_id>")
@@ -117,7 +116,6 @@ def register(bp: Blueprint, admin: Callable[[], Admin]) -> None:
             "errands_dashboard/failed.html",
             page=page,
             filters=filters,
-            queues=sorted(admin().counts()),
         )
 
     @bp.post("/failed/retry")
