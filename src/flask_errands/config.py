@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "ERRANDS_SCHEDULER": True,
     "ERRANDS_SHUTDOWN_GRACE": 25,  # seconds the embedded worker's jobs get when the process ends
     "ERRANDS_REDIS_PREFIX": "errands:",  # a ?prefix= in a redis:// ERRANDS_URL wins
+    "ERRANDS_OUTBOX_URL": None,  # the app's database (SQLAlchemy URL), for the outbox
 }
 
 EMBEDDED_SCHEMES = ("memory", "sqlite")
@@ -58,6 +59,7 @@ class Settings:
     schedule: tuple[Mapping[str, Any], ...]
     scheduler: bool
     shutdown_grace: float = 25.0
+    outbox_url: str | None = None
 
     @classmethod
     def from_config(
@@ -85,6 +87,7 @@ class Settings:
             schedule=tuple(config["ERRANDS_SCHEDULE"] or ()),
             scheduler=boolean(config["ERRANDS_SCHEDULER"], "ERRANDS_SCHEDULER"),
             shutdown_grace=seconds(config["ERRANDS_SHUTDOWN_GRACE"], "ERRANDS_SHUTDOWN_GRACE"),
+            outbox_url=config["ERRANDS_OUTBOX_URL"] or None,
         )
 
 

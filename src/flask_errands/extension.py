@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, overload
 
 from flask import Blueprint, Flask, current_app
 
+from . import transactions
 from .admin import Admin
 from .backends import Backend, JobRecord, backend_from_url
 from .cli import errands_cli
@@ -18,6 +20,7 @@ from .jobs import Job
 from .runtime import EMBEDDED_GRACE, Runtime
 from .schedules import Schedule, check_call, schedules_from_config
 from .tasks import P, R, Task, TaskOptions
+from .transactions import Transaction
 from .worker import Worker
 
 
@@ -209,6 +212,18 @@ class Errands:
     def enqueue(self, records: list[JobRecord]) -> list[Job]:
         """Store new job records for the current app and return their jobs; ``delay()`` uses it."""
         return self.runtime.enqueue(records)
+
+    def transaction(self, session_or_connection: Any) -> AbstractContextManager[Transaction]:
+        """Make the jobs enqueued in the block, in this thread, part of the app's transaction.
+
+        Takes a SQLAlchemy ``Session`` (``db.session``), a SQLAlchemy
+        ``Connection`` or a psycopg 3 connection; commits nothing itself. On
+        PostgreSQL in the same database the jobs are written in the
+        transaction; elsewhere a session's jobs are enqueued right after its
+        commit and dropped on rollback. Until the commit, ``job.status`` is
+        ``pending``.
+        """
+        return transactions.transaction(session_or_connection)
 
     def job(self, job_id: str) -> Job | None:
         """Find any job by id, from any process sharing the backend; None if unknown."""

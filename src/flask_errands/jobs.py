@@ -37,6 +37,7 @@ class Job:
 
     @property
     def status(self) -> JobStatus:
+        """Where the job is; ``pending`` until the transaction it was enqueued in commits."""
         return self._record.status
 
     @property
@@ -102,8 +103,15 @@ class Job:
     def finished_at(self) -> dt.datetime | None:
         return _datetime(self._record.finished_at)
 
+    def _become(self, stored: Job) -> None:
+        """Take the state and store of ``stored``: this job, held until a commit, now stored."""
+        self._record, self._backend = stored._record, stored._backend
+
     def refresh(self) -> Job:
-        """Read the job's current state from the backend; returns the job itself."""
+        """Read the job's current state from the backend; returns the job itself.
+
+        A job still ``pending`` (its transaction has not committed) stays so.
+        """
         record = self._backend.get(self.id)
         if record is not None:
             self._record = record
@@ -132,7 +140,12 @@ class Job:
             pause = min(pause * 1.5, 0.1)
             record = self._backend.get(self.id)
             if record is None:
-                raise ErrandsError(f"job {self.id} no longer exists (pruned or purged)")
+                raise ErrandsError(
+                    f"job {self.id} is not stored: the transaction it was enqueued in has not "
+                    "committed, or was rolled back"
+                    if self.status == JobStatus.PENDING
+                    else f"job {self.id} no longer exists (pruned or purged)"
+                )
             self._record = record
         record = self._record
         if record.status == SUCCEEDED:

@@ -18,12 +18,12 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from flask import Flask
 
-from . import serving, signals
+from . import serving, signals, transactions
 from .backends import Backend, JobRecord
 from .backends.base import QUEUED
 from .backends.memory import MemoryBackend
@@ -36,6 +36,9 @@ from .schedules import Schedule
 from .service import Service
 from .tasks import Task, check_size
 from .worker import Worker, new_worker_id
+
+if TYPE_CHECKING:
+    from .backends.outbox import Outbox
 
 logger = logging.getLogger("flask_errands")
 
@@ -70,6 +73,16 @@ class Runtime:
             if self.eager_backend is not None
             else None
         )
+        self.outbox: Outbox | None = None
+        if settings.outbox_url is not None:
+            try:
+                from .backends.outbox import Outbox  # SQLAlchemy, only when asked for
+            except ImportError as exc:
+                raise ConfigurationError(
+                    f"ERRANDS_OUTBOX_URL needs SQLAlchemy ({exc.name or exc}); "
+                    "pip install 'flask-errands[sqlalchemy]'"
+                ) from exc
+            self.outbox = Outbox(settings.outbox_url)
         self._embedded: Service | None = None
         self._embedded_pid: int | None = None
         self._lock = threading.Lock()
@@ -90,12 +103,27 @@ class Runtime:
     # -- the one enqueue path --------------------------------------------------
 
     def enqueue(self, records: list[JobRecord]) -> list[Job]:
-        """Check and store new jobs, start the embedded worker if due, send ``job_enqueued``."""
+        """Check new jobs, then store them now, or in (or after) ``errands.transaction()``'s."""
         self._check(records)
+        transaction = transactions.current()
+        if transaction is not None:
+            return transaction.enqueue(self, records)
+        return self.store(records)
+
+    @property
+    def eager(self) -> bool:
+        """Whether jobs run inline (``ERRANDS_EAGER``) instead of going to the store."""
+        return self.eager_backend is not None
+
+    def store(self, records: list[JobRecord]) -> list[Job]:
+        """Store checked jobs now (run them, when eager) and return their handles."""
         if self.eager_backend is not None:
             return self._run_eagerly(records)
-        stored = self.backend.enqueue(records)
-        jobs = [Job(record, self.backend) for record in stored]
+        return self.written(self.backend.enqueue(records))
+
+    def written(self, records: list[JobRecord]) -> list[Job]:
+        """Handles on jobs just written: start the embedded worker if due; ``job_enqueued``."""
+        jobs = [Job(record, self.backend) for record in records]
         if (
             self.settings.embedded_worker
             and not self.worker_started_here
@@ -245,7 +273,12 @@ class Runtime:
             kind=kind,
             hard_timeouts=hard_timeouts,
         )
-        return Service(worker, Scheduler(self) if scheduler else None)
+        relay = None
+        if self.outbox is not None:
+            from .backends.outbox import Relay
+
+            relay = Relay(self.outbox, self.backend)
+        return Service(worker, Scheduler(self) if scheduler else None, relay)
 
     @property
     def worker(self) -> Worker | None:

@@ -7,22 +7,32 @@ or fire periodic jobs.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .scheduler import Scheduler
 from .worker import Worker
 
+if TYPE_CHECKING:
+    from .backends.outbox import Relay
+
 
 class Service:
-    """Job threads plus, optionally, the scheduler that fires periodic jobs."""
+    """Job threads plus, optionally, the scheduler and the outbox relay."""
 
-    def __init__(self, worker: Worker, scheduler: Scheduler | None) -> None:
+    def __init__(
+        self, worker: Worker, scheduler: Scheduler | None, relay: Relay | None = None
+    ) -> None:
         self.worker = worker
         self.scheduler = scheduler
+        self.relay = relay
 
     def start(self) -> Service:
-        """Start the job threads and the scheduler; returns at once."""
+        """Start the job threads, the scheduler and the relay; returns at once."""
         self.worker.start()
         if self.scheduler is not None:
             self.scheduler.start()
+        if self.relay is not None:
+            self.relay.start()
         return self
 
     def stop(self, grace: float, *, wait: bool = True) -> None:
@@ -32,6 +42,8 @@ class Service:
         """
         if self.scheduler is not None:
             self.scheduler.stop(wait=False)
+        if self.relay is not None:
+            self.relay.stop(wait=False)
         self.worker.stop(grace, wait=wait)
 
     def join(self) -> None:
@@ -39,6 +51,8 @@ class Service:
         self.worker.join()
         if self.scheduler is not None:
             self.scheduler.stop()
+        if self.relay is not None:
+            self.relay.stop()
 
     @property
     def running(self) -> bool:

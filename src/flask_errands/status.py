@@ -6,8 +6,13 @@ import enum
 
 
 class JobStatus(str, enum.Enum):
-    """Where a job is in its life; members compare equal to their string values."""
+    """Where a job is in its life; members compare equal to their string values.
 
+    ``pending`` is never stored: it is the status of a job enqueued inside
+    ``errands.transaction()`` whose transaction has not committed yet.
+    """
+
+    PENDING = "pending"
     QUEUED = "queued"
     SCHEDULED = "scheduled"
     RUNNING = "running"
@@ -37,8 +42,8 @@ class JobStatus(str, enum.Enum):
         return self in FINISHED
 
 
-#: Every status, in the order a job passes through them.
-STATUSES = tuple(JobStatus)
+#: Every status a store holds, in the order a job passes through them.
+STATUSES = tuple(status for status in JobStatus if status is not JobStatus.PENDING)
 WAITING = (JobStatus.QUEUED, JobStatus.SCHEDULED)
 LIVE = (*WAITING, JobStatus.RUNNING)
 FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)

@@ -23,7 +23,7 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from ..status import FINISHED, LIVE, STATUSES, WAITING, JobStatus
 
@@ -46,6 +46,7 @@ __all__ = [
     "SUCCEEDED",
     "WAITING",
     "Backend",
+    "Cursor",
     "JobRecord",
     "JobStatus",
 ]
@@ -131,6 +132,19 @@ def claimed_only(records: Sequence[JobRecord]) -> list[JobRecord]:
 
 
 WakeCallback = Callable[[], None]
+
+
+class Cursor(Protocol):
+    """A DB-API cursor of the app's own connection (psycopg's), for writes in its transaction."""
+
+    @property
+    def description(self) -> Any: ...
+
+    def execute(self, query: Any, params: Any = ..., /) -> Any: ...
+
+    def executemany(self, query: Any, params_seq: Any, /) -> Any: ...
+
+    def fetchone(self) -> Any: ...
 
 
 class Backend(ABC):
@@ -243,6 +257,26 @@ class Backend(ABC):
         The job is queued with its attempts, lost leases, result and error cleared. Returns
         the job afterwards (unchanged if it is still live), or None if unknown.
         """
+
+    # -- in the app's own transaction -------------------------------------------
+
+    def shares_database(self, cursor: Cursor) -> bool:
+        """Whether ``cursor``'s connection reaches the very database this store keeps jobs in.
+
+        Only then can :meth:`enqueue_in` write jobs in that connection's
+        transaction; other stores answer False, and ``errands.transaction()``
+        holds the jobs until the app's commit instead.
+        """
+        return False
+
+    def enqueue_in(self, cursor: Cursor, jobs: Sequence[JobRecord]) -> list[JobRecord]:
+        """Write jobs through ``cursor``, in its connection's open transaction, committing nothing.
+
+        As :meth:`enqueue`, but the app's commit stores them and its rollback
+        drops them; no worker sees them before the commit, and the wake-up is
+        sent at commit. Only for a cursor for which :meth:`shares_database` is true.
+        """
+        raise NotImplementedError(f"{type(self).__name__} keeps jobs apart from the app's data")
 
     # -- looking at jobs -----------------------------------------------------
 

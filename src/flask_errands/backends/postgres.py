@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from functools import cache
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -58,6 +59,7 @@ from .base import (
     SCHEDULED,
     WORKER_LOST_ERROR,
     Backend,
+    Cursor,
     JobRecord,
     claimed_only,
 )
@@ -160,6 +162,9 @@ class PostgresBackend(Backend):
         # kept alive and never touched, lest closing them end the parent's sessions.
         self._inherited: list[ConnectionPool[Connection]] = []
         self._channel: str | None = None
+        #: The jobs table qualified with the store's schema, once the tables are made.
+        self._jobs_table = "errands_jobs"
+        self._identity: dict[str, Any] | None = None
         self._closed = threading.Event()
 
     # -- connections -----------------------------------------------------------
@@ -286,6 +291,7 @@ class PostgresBackend(Backend):
                 for statement in MIGRATIONS[target]:
                     conn.execute(statement)
                 conn.execute(QUERIES["set_schema_version"], (target,))
+        self._jobs_table = '"{}".errands_jobs'.format(schema.replace('"', '""'))
         return _channel_name(schema)
 
     # -- life of a job -------------------------------------------------------
@@ -296,8 +302,11 @@ class PostgresBackend(Backend):
             with self._connection(EnqueueError) as conn:
                 sent = True  # from here on, jobs may be stored whatever the reply says
                 # One job is one statement (or an insert and a read): atomic without BEGIN.
-                with nullcontext() if len(jobs) == 1 else conn.transaction():
-                    stored = self._insert(conn, jobs)
+                with (
+                    nullcontext() if len(jobs) == 1 else conn.transaction(),
+                    conn.cursor() as cursor,
+                ):
+                    stored = self._insert(cursor, jobs)
         except EnqueueError as exc:
             if not sent:
                 raise
@@ -345,7 +354,8 @@ class PostgresBackend(Backend):
             if job.id in found and not _same_job(found[job.id], job):
                 raise DuplicateJob(f"job id already stored: {job.id}")
         missing = [job for job in jobs if job.id not in found]
-        inserted = iter(self._insert(conn, missing) if missing else ())
+        with conn.cursor() as cursor:
+            inserted = iter(self._insert(cursor, missing) if missing else ())
         return [dataclasses.replace(job) if job.id in found else next(inserted) for job in jobs]
 
     def reserve(
@@ -477,7 +487,8 @@ class PostgresBackend(Backend):
         with self._connection() as conn, conn.transaction():
             fired = conn.execute(QUERIES["fire_tick"], (schedule, fire_time, now)).rowcount == 1
             if fired:
-                [stored] = self._insert(conn, [job])
+                with conn.cursor() as cursor:
+                    [stored] = self._insert(cursor, [job])
                 conn.execute(QUERIES["set_tick_job"], (stored.id, schedule, fire_time))
         if fired:
             self._notify()
@@ -527,34 +538,74 @@ class PostgresBackend(Backend):
                 pool.close()
         self._watchdog.close()
 
+    # -- in the app's own transaction -------------------------------------------
+
+    def shares_database(self, cursor: Cursor) -> bool:
+        """Compare the server and database ``cursor`` reaches with this store's.
+
+        The server says who it is (database, port, start time), so a host
+        written ``localhost`` on one side and ``127.0.0.1`` on the other, or a
+        socket, still match. A restarted server is asked again.
+        """
+        cursor.execute(QUERIES["server_identity"])
+        theirs = _fetch_mapping(cursor)
+        if theirs != self._identity:  # not asked yet, or the store's server restarted since
+            with self._connection() as conn:
+                self._identity = conn.execute(QUERIES["server_identity"]).fetchone()
+        return theirs == self._identity
+
+    def enqueue_in(self, cursor: Cursor, jobs: Sequence[JobRecord]) -> list[JobRecord]:
+        if self._channel is None:
+            with self._connection(EnqueueError):
+                pass  # the tables exist and their schema is known from here on
+        try:
+            return self._insert(cursor, jobs, self._jobs_table)
+        except psycopg.OperationalError as exc:
+            raise EnqueueError(
+                f"job not enqueued, the app's PostgreSQL connection failed: {_one_line(str(exc))}"
+            ) from exc
+
     # -- storing new jobs ------------------------------------------------------
 
-    def _insert(self, conn: Connection, jobs: Sequence[JobRecord]) -> list[JobRecord]:
-        """Insert ``jobs`` (several: in the caller's transaction); a live unique job stands in."""
-        rows = [{**job.to_dict(), "channel": self._channel} for job in jobs]
+    def _insert(
+        self, cursor: Cursor, jobs: Sequence[JobRecord], table: str = "errands_jobs"
+    ) -> list[JobRecord]:
+        """Insert ``jobs`` (several: in the caller's transaction); a live unique job stands in.
+
+        ``cursor`` is a pooled connection's, or the app's (any row type) with
+        ``table`` qualified by the store's schema.
+        """
+        insert, live = _job_queries(table)
+        rows = [
+            {**job.to_dict(), "status": str(job.status), "channel": self._channel} for job in jobs
+        ]
         try:
-            if len(jobs) == 1 and jobs[0].unique_key is None:
-                conn.execute(QUERIES["insert_job"], rows[0])
-                return [dataclasses.replace(jobs[0])]
             if all(job.unique_key is None for job in jobs):
-                with conn.cursor() as cursor:
-                    cursor.executemany(QUERIES["insert_job"], rows)
+                if len(rows) == 1:
+                    cursor.execute(insert, rows[0])
+                else:
+                    cursor.executemany(insert, rows)
                 return [dataclasses.replace(job) for job in jobs]
             return [
-                self._insert_unique(conn, job, row) for job, row in zip(jobs, rows, strict=True)
+                self._insert_unique(cursor, job, row, insert, live)
+                for job, row in zip(jobs, rows, strict=True)
             ]
         except UniqueViolation as exc:
             if exc.diag.constraint_name != "errands_jobs_id_key":
                 raise
             raise DuplicateJob(f"job id already stored: {exc.diag.message_detail}") from exc
 
-    def _insert_unique(self, conn: Connection, job: JobRecord, row: dict[str, Any]) -> JobRecord:
+    def _insert_unique(
+        self, cursor: Cursor, job: JobRecord, row: dict[str, Any], insert: str, live: str
+    ) -> JobRecord:
         for _ in range(UNIQUE_RACE_RETRIES):
-            if conn.execute(QUERIES["insert_job"], row).fetchone() is not None:
+            cursor.execute(insert, row)
+            if cursor.fetchone() is not None:
                 return dataclasses.replace(job)
-            live = conn.execute(QUERIES["live_unique"], (job.unique_key,)).fetchone()
-            if live is not None:
-                return _record(live)
+            cursor.execute(live, (job.unique_key,))
+            holder = _fetch_mapping(cursor)
+            if holder is not None:
+                return _record(holder)
             # The job holding the key finished between the two statements: try again.
         raise BackendUnavailable(
             f"unique key {job.unique_key!r} kept changing hands; job {job.id} was not stored"
@@ -682,6 +733,20 @@ def _same_job(row: Mapping[str, Any], job: JobRecord) -> bool:
 
 def _record(row: Mapping[str, Any]) -> JobRecord:
     return JobRecord.from_mapping(row)
+
+
+@cache
+def _job_queries(table: str) -> tuple[str, str]:
+    """The insert and live-unique queries on ``table``, bare or schema-qualified."""
+    return QUERIES["insert_job"].format(jobs=table), QUERIES["live_unique"].format(jobs=table)
+
+
+def _fetch_mapping(cursor: Cursor) -> Mapping[str, Any] | None:
+    """The next row as a mapping, whatever rows the cursor's connection makes (tuples, dicts)."""
+    row = cursor.fetchone()
+    if row is None or isinstance(row, Mapping):
+        return row
+    return dict(zip((column[0] for column in cursor.description), row, strict=True))
 
 
 def _value(row: DictRow | None) -> Any:

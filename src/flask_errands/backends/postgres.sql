@@ -6,6 +6,13 @@
 -- name: lock_schema
 SELECT pg_advisory_xact_lock(1163023940, hashtext(coalesce(current_schema(), '')))
 
+-- name: server_identity
+-- Which database of which server a connection reaches, however it was addressed
+-- (localhost or 127.0.0.1, a socket, a pooler): two servers never start in the same
+-- microsecond on the same port.
+SELECT current_database() AS dbname, current_setting('port') AS port,
+    pg_postmaster_start_time()::text AS started
+
 -- name: current_schema
 SELECT current_schema() AS schema
 
@@ -97,8 +104,10 @@ CREATE TABLE IF NOT EXISTS errands_workers (
 ALTER TABLE errands_jobs ADD COLUMN IF NOT EXISTS lost_leases integer NOT NULL DEFAULT 0
 
 -- name: insert_job
+-- {jobs} is the table, qualified with the store's schema when written through an app's
+-- connection, whose search_path may differ.
 WITH inserted AS (
-    INSERT INTO errands_jobs (
+    INSERT INTO {jobs} (
         id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
         timeout, unique_key, eta, enqueued_at
     ) VALUES (
@@ -113,7 +122,7 @@ WITH inserted AS (
 SELECT id, pg_notify(%(channel)s, '') FROM inserted
 
 -- name: live_unique
-SELECT * FROM errands_jobs
+SELECT * FROM {jobs}
 WHERE unique_key = %s AND status IN ('queued', 'scheduled', 'running')
 
 -- name: reserve
