@@ -221,3 +221,19 @@ def test_attack_strings_are_shown_as_text_and_never_run(attacked: Dashboard) -> 
     assert api.headers["X-Content-Type-Options"] == "nosniff"
     tasks = {job["task"] for job in body(api)["jobs"]}
     assert set(PAYLOADS) <= tasks
+
+
+def test_a_viewer_sees_the_pages_with_every_action_button_disabled(dashboard: Dashboard) -> None:
+    admin = dashboard.errands.admin
+    job = admin.enqueue("boom")
+    dashboard.errands.drain()
+    viewer, owner = dashboard.client("vic"), dashboard.client("ada")
+    for path in (f"/jobs/{job.id}", "/failed", "/schedules", "/queues"):
+        seen = viewer.get(PREFIX + path).text
+        actions = [b for b in re.findall(r"<button[^>]*>", seen) if "filter" not in b]
+        assert actions and all("disabled" in button for button in actions), path
+        assert ">vic<" not in seen and ">viewer<" in seen
+        assert any(
+            "disabled" not in b
+            for b in re.findall(r"<button[^>]*>", owner.get(PREFIX + path).text)
+        )

@@ -69,12 +69,14 @@
     return finished;
   }
 
+  // A job page polls every second; each live row of a listing every two.
   function watchJob(root) {
     const url = root.getAttribute("data-api");
-    let delay = 1000;
+    const base = root.tagName === "TR" ? 2000 : 1000;
+    let delay = base;
     function poll() {
       getJSON(url).then(function (job) {
-        delay = 1000;
+        delay = base;
         if (!showJob(root, job)) setTimeout(poll, delay);
       }).catch(function () {
         delay = Math.min(delay * 2, 30000);
