@@ -30,7 +30,8 @@ def job_detail(job: Job) -> dict[str, Any]:
 
 
 def counts_dict(counts: Mapping[Any, int]) -> dict[str, int]:
-    return {str(status): n for status, n in counts.items()}
+    """Counts keyed by status name, as JSON numbers whatever number type the store gave."""
+    return {str(status): int(n) for status, n in counts.items()}
 
 
 def queue_dict(queue: Any) -> dict[str, Any]:
