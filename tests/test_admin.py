@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -13,6 +14,7 @@ from flask_errands import (
     Errands,
     JobNotFound,
     JobStatus,
+    ScheduleNotFound,
     UnknownTask,
     WorkerInfo,
 )
@@ -155,3 +157,128 @@ def test_a_store_object_can_be_handed_in_instead_of_a_url(
             assert errands.drain() == 1 and job.result() == "ok"
     finally:
         store.close()
+
+
+# -- what the dashboard shows and does ------------------------------------------------
+
+
+def test_a_paused_queue_keeps_its_jobs_until_resumed(
+    admin_app: tuple[Flask, Errands, Admin],
+) -> None:
+    _, errands, admin = admin_app
+    admin.pause_queue("emails")
+    admin.pause_queue("empty")
+    held = admin.enqueue("ok", queue="emails")
+    ran = admin.enqueue("ok", queue="reports")
+    assert errands.drain() == 1
+    assert (admin.job(held.id).status, admin.job(ran.id).status) == ("queued", "succeeded")
+    queues = {info.name: info for info in admin.queues()}
+    assert list(queues) == ["emails", "empty", "reports"]
+    assert [info.paused for info in queues.values()] == [True, True, False]
+    assert queues["emails"].counts[JobStatus.QUEUED] == 1
+    assert queues["empty"].to_dict() == {
+        "name": "empty",
+        "paused": True,
+        "counts": dict.fromkeys([s.value for s in STATUSES], 0),
+    }
+    admin.resume_queue("emails")
+    assert errands.drain() == 1
+    assert admin.job(held.id).status == "succeeded"
+    with pytest.raises(ValueError, match="queue must be 1 to"):
+        admin.pause_queue("")
+
+
+def test_job_page_follows_cursors_and_refuses_bad_values(
+    admin_app: tuple[Flask, Errands, Admin],
+) -> None:
+    _, errands, admin = admin_app
+    made = [
+        admin.enqueue("ok", [n], queue="q") if n % 2 else admin.enqueue("broken", queue="q")
+        for n in range(7)
+    ]
+    errands.drain()
+    seen, cursor = [], None
+    while True:
+        page = admin.job_page(limit=3, cursor=cursor)
+        seen += [job.id for job in page.jobs]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+        assert cursor.replace("-", "").replace("_", "").isalnum()  # URL-safe as it is
+    assert seen == [job.id for job in reversed(made)]
+    failed = admin.job_page("failed", "q", "broken", limit=500)
+    assert [job.id for job in failed.jobs] == [job.id for job in reversed(made[::2])]
+    assert failed.next_cursor is None
+    data = admin.job_page(task="ok", limit=1).to_dict()
+    assert data["jobs"][0]["id"] == made[5].id and data["next_cursor"]
+    assert data["jobs"][0]["worker_id"]  # the worker that ran it
+    for bad in [{"limit": 0}, {"limit": 501}, {"status": "done"}, {"cursor": "x"}]:
+        with pytest.raises(ValueError):
+            admin.job_page(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="malformed cursor"):
+        admin.job_page(cursor="!" * 11)
+
+
+def test_stats_give_an_hour_of_throughput_and_depth_per_minute(
+    admin_app: tuple[Flask, Errands, Admin],
+) -> None:
+    _, errands, admin = admin_app
+    admin.enqueue("ok")
+    admin.enqueue("broken")
+    admin.enqueue("ok", delay=600)
+    before = time.time()
+    errands.drain()
+    stats = admin.stats()
+    assert len(stats.minutes) == 60
+    assert stats.minutes[-1] == dt.datetime.fromtimestamp(before // 60 * 60, dt.timezone.utc)
+    assert sum(stats.succeeded) == 1 and sum(stats.failed) == 1
+    assert (stats.queued[-1], stats.scheduled[-1], stats.running[-1]) == (0, 1, 0)
+    assert stats.queued[0] is None  # nobody sampled that minute
+    data = stats.to_dict()
+    assert data["minutes"][-1].endswith("+00:00") and data["queued"][0] is None
+
+
+def test_schedules_paused_run_and_changed_at_run_time(
+    admin_app: tuple[Flask, Errands, Admin],
+) -> None:
+    _, errands, admin = admin_app
+
+    @errands.periodic(cron="0 3 * * *", timezone="Europe/Paris", name="nightly")
+    def nightly() -> str:
+        return "done"
+
+    admin.pause_schedule("nightly")
+    assert admin.schedule("nightly").paused
+    job = admin.run_schedule("nightly")
+    assert errands.drain() == 1 and job.result() == "done"
+    assert admin.schedule("nightly").last_job == job
+    info = admin.change_schedule("nightly", cron="30 4 * * 1")
+    assert (info.schedule.cron, info.next_run.hour, info.next_run.minute) == ("30 4 * * 1", 4, 30)
+    assert info.next_run.weekday() == 0 and str(info.next_run.tzinfo) == "Europe/Paris"
+    assert info.paused and info.to_dict()["timezone"] == "Europe/Paris"
+    every = admin.change_schedule("nightly", every=dt.timedelta(minutes=5))
+    assert every.to_dict()["every"] == 300.0 and every.to_dict()["cron"] is None
+    admin.resume_schedule("nightly")
+    assert not admin.schedules()[0].paused
+    with pytest.raises(ValueError, match="hour must be 0-23"):
+        admin.change_schedule("nightly", cron="0 25 * * *")
+    with pytest.raises(ValueError, match="exactly one"):
+        admin.change_schedule("nightly", every=60, cron="* * * * *")
+    with pytest.raises(ValueError, match="positive"):
+        admin.change_schedule("nightly", every=-1)
+    for action in (admin.pause_schedule, admin.resume_schedule, admin.run_schedule):
+        with pytest.raises(ScheduleNotFound, match="no schedule named 'nope'"):
+            action("nope")
+    assert admin.schedule("nightly").schedule.every == 300.0  # bad changes changed nothing
+
+
+def test_workers_say_when_they_were_last_seen(admin_app: tuple[Flask, Errands, Admin]) -> None:
+    _, errands, admin = admin_app
+    errands.start_worker()
+    try:
+        (worker,) = wait_until(admin.workers, "the embedded worker to register")
+    finally:
+        errands.stop_worker(grace=5)
+    assert worker.last_seen is not None
+    assert abs(worker.last_seen.timestamp() - time.time()) < 60
+    assert worker.to_dict()["last_seen"] == worker.last_seen.isoformat()

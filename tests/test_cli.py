@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from flask_errands import BackendUnavailable
+from flask_errands import BackendUnavailable, JobStatus
 from tests.apps import worker_app
 from tests.helpers import free_port, require, wait_until
 from tests.processes import client_of
@@ -74,8 +74,9 @@ def test_status_counts_jobs_per_queue_and_state(app: Flask, cli: Callable[..., A
     result = cli("status")
     assert result.exit_code == 0
     lines = {line.split()[0]: line.split()[1:] for line in result.output.splitlines() if line}
-    assert lines["emails"] == ["1", "0", "0", "2", "0", "0"]
-    assert lines["default"] == ["0", "0", "0", "0", "1", "0"]
+    assert lines["queue"] == [s.value for s in JobStatus]
+    assert lines["emails"] == ["0", "1", "0", "0", "2", "0", "0"]
+    assert lines["default"] == ["0", "0", "0", "0", "0", "1", "0"]
     assert all(len(line) <= 80 for line in result.output.splitlines())
     data = json.loads(cli("status", "--json").output)
     assert data["queues"] == {"default": {"failed": 1}, "emails": {"queued": 1, "succeeded": 2}}
@@ -581,3 +582,88 @@ def test_a_worker_on_memory_warns_that_it_shares_nothing(tmp_path: Path) -> None
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+# -- pausing, resuming and changing ----------------------------------------------------
+
+
+def test_queue_pause_and_resume_show_in_status(app: Flask, cli: Callable[..., Any]) -> None:
+    paused = cli("queue", "pause", "emails")
+    assert paused.exit_code == 0, paused.output
+    assert "Queue emails paused" in paused.output
+    enqueue(app, worker_app.noop, queue="emails")
+    assert drain(app) == 0
+    status = cli("status")
+    [row] = [line for line in status.output.splitlines() if line.startswith("emails")]
+    assert row.split() == ["emails", "‖", "1", "0", "0", "0", "0", "0"]
+    assert "no worker claims from: emails" in status.output
+    assert json.loads(cli("status", "--json").output)["paused_queues"] == ["emails"]
+    assert cli("queue", "resume", "emails").output.strip() == "Queue emails resumed."
+    assert drain(app) == 1
+    assert "paused" not in cli("status").output
+    assert cli("queue", "pause", "").exit_code == 1
+
+
+def test_schedule_verbs_pause_resume_run_and_set(tmp_path: Path) -> None:
+    from flask_errands import Errands
+
+    app = Flask("schedule_verbs", instance_path=str(tmp_path))
+    app.config.update(ERRANDS_URL=f"sqlite:///{tmp_path}/s.db", ERRANDS_EMBEDDED_WORKER=False)
+    errands = Errands(app)
+
+    @errands.periodic(cron="0 3 * * *", timezone="Europe/Paris", name="nightly")
+    def nightly() -> str:
+        return "done"
+
+    runner = app.test_cli_runner()
+
+    def run(*args: str) -> Any:
+        return runner.invoke(args=["errands", "schedule", *args])
+
+    try:
+        assert run("pause", "nightly").output.strip() == "Schedule nightly paused."
+        assert "PAUSED" in runner.invoke(args=["errands", "schedules"]).output
+        job_id = run("run", "nightly").output.strip()
+        with app.app_context():
+            assert errands.drain() == 1
+            ran = errands.job(job_id)
+            assert ran is not None and ran.result() == "done"
+        changed = run("set", "nightly", "--cron", "30 4 * * *")
+        assert changed.exit_code == 0, changed.output
+        assert "cron 30 4 * * * (Europe/Paris); next run " in changed.output
+        assert "04:30:00 CE" in changed.output
+        assert "every 5m" not in run("set", "nightly", "--every", "5m").output  # shown in seconds
+        assert json.loads(runner.invoke(args=["errands", "schedules", "--json"]).output)[0][
+            "every"
+        ] == pytest.approx(300.0)
+        resumed = run("resume", "nightly")
+        assert resumed.output.startswith("Schedule nightly resumed; next run ")
+        bad = run("set", "nightly", "--cron", "0 25 * * *")
+        assert bad.exit_code == 1 and "hour must be 0-23, got 25" in bad.output
+        assert run("set", "nightly").exit_code == 2  # neither --every nor --cron
+        missing = run("pause", "nope")
+        assert missing.exit_code == 1 and "no schedule named 'nope'" in missing.output
+    finally:
+        app.extensions["errands"].backend.close()
+
+
+def test_a_worker_process_claims_nothing_from_a_paused_queue(
+    sqlite_url: str, tmp_path: Path, client_app: Flask
+) -> None:
+    flask = WorkerProcess(sqlite_url, tmp_path)
+    assert flask.run("queue", "pause", "emails").returncode == 0
+    ledger = tmp_path / "runs.txt"
+    held = enqueue(client_app, worker_app.record, str(ledger), 0.0, "held", queue="emails")
+    proc = flask.start("-c", "2")
+    try:
+        enqueue(client_app, worker_app.record, str(ledger), 0.0, "free")
+        wait_until(lambda: len(runs(ledger)) == 2, "the job of the other queue to run")
+        time.sleep(1.0)  # idle-wait turns: the paused queue's job stays where it is
+        assert [run[1] for run in runs(ledger)] == ["free", "free"]
+        assert job_of(client_app, held).status == "queued"
+        assert flask.run("queue", "resume", "emails").returncode == 0
+        wait_until(lambda: len(runs(ledger)) == 4, "the resumed queue's job to run")
+        assert job_of(client_app, held).refresh().status == "succeeded"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, flask.output()

@@ -16,13 +16,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "flask_errands"
 
 #: Bottom to top. Lower layers never know the ones above them exist.
 LAYERS: list[set[str]] = [
-    {"status", "exceptions", "serialization", "durations", "signals", "config"},
+    {"status", "exceptions", "serialization", "durations", "signals", "config", "aio"},
     {
         "backends.base",
         "backends.urls",
         "backends.queries",
         "backends.wakeup",
         "backends.patience",
+        "backends.steps",
         "backends.memory",
         "backends.sqlite",
         "backends.redis",
@@ -32,7 +33,7 @@ LAYERS: list[set[str]] = [
     },
     {"jobs", "context", "logs"},
     {"tasks", "outcomes", "transactions"},
-    {"schedules", "runner"},
+    {"schedules", "runner", "workflows"},
     {"worker", "scheduler"},
     {"service", "serving"},
     {"runtime"},

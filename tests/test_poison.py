@@ -24,6 +24,7 @@ import flask_errands
 from flask_errands import ConfigurationError
 from flask_errands.backends import backend_from_url
 from flask_errands.backends.sqlite import QUERIES as SQLITE_QUERIES
+from flask_errands.backends.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from tests.apps import worker_app
 from tests.helpers import wait_until
 from tests.processes import client_of
@@ -131,7 +132,7 @@ def test_a_sqlite_file_of_schema_version_1_gains_the_lost_lease_count(tmp_path: 
     old.close()
     lose_the_old_job(f"sqlite:///{path}", str(tmp_path))
     reopened = sqlite3.connect(path)
-    assert reopened.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert reopened.execute("PRAGMA user_version").fetchone()[0] == SQLITE_SCHEMA_VERSION
     reopened.close()
 
 
@@ -142,6 +143,7 @@ def test_postgres_tables_of_schema_version_1_gain_the_lost_lease_count(
     psycopg = pytest.importorskip("psycopg")
     from flask_errands.backends.postgres import MIGRATIONS
     from flask_errands.backends.postgres import QUERIES as POSTGRES_QUERIES
+    from flask_errands.backends.postgres import SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION
 
     with psycopg.connect(backend_url, autocommit=True) as old:
         for statement in MIGRATIONS[1]:
@@ -151,7 +153,7 @@ def test_postgres_tables_of_schema_version_1_gain_the_lost_lease_count(
     lose_the_old_job(backend_url, str(tmp_path))
     with psycopg.connect(backend_url, autocommit=True) as new:
         version = new.execute("SELECT max(version) FROM errands_schema").fetchone()
-        assert version == (2,)
+        assert version == (POSTGRES_SCHEMA_VERSION,)
 
 
 def claim_and_die(errands: Any, task: Any) -> str:

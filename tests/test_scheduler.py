@@ -407,3 +407,77 @@ def test_three_worker_processes_fire_each_tick_once(
     assert sum(won) == len(jobs)  # every tick was won by exactly one of the three schedulers
     assert ticks["ticker"][0] == fired_at[-1]
     assert sum(r.status == "succeeded" for r in jobs) >= 8
+
+
+# -- changed at run time, seen everywhere -------------------------------------------
+
+
+def test_a_paused_or_changed_schedule_is_seen_by_another_process_scheduler(
+    make_app: MakeApp, shared_backend_url: str
+) -> None:
+    """The admin of one app and the scheduler of another share only the store."""
+
+    def app_with_schedule() -> tuple[Flask, Errands, Any]:
+        app, errands = make_app(ERRANDS_URL=shared_backend_url, ERRANDS_EMBEDDED_WORKER=False)
+
+        @errands.periodic(every=60, name="refresh")
+        def refresh() -> None: ...
+
+        return app, errands, refresh
+
+    web, _, _ = app_with_schedule()
+    worker, _, refresh = app_with_schedule()
+    admin = Admin(state_of(web), clock=lambda: now)
+    scheduler = Scheduler(state_of(worker))
+    now = T0
+    scheduler.tick(T0 - 1)
+
+    admin.pause_schedule("refresh")
+    assert scheduler.tick(T0 + 60) == [] and scheduler.tick(T0 + 185) == []
+    now = T0 + 190
+    admin.resume_schedule("refresh")
+    assert scheduler.tick(T0 + 191) == []  # the ticks missed while paused never fire
+    [fired] = scheduler.tick(T0 + 240)
+    assert fired.fire_time == dt.datetime.fromtimestamp(T0 + 240, UTC)
+
+    now = T0 + 250
+    info = admin.change_schedule("refresh", every=300)
+    assert info.next_run_utc == dt.datetime.fromtimestamp(T0 + 300, UTC)
+    assert scheduler.tick(T0 + 260) == []
+    assert [f.fire_time.timestamp() for f in scheduler.tick(T0 + 301)] == [T0 + 300]
+    assert scheduler.tick(T0 + 360) == [] and scheduler.seconds_to_next_tick(T0 + 360) == 30.0
+
+    # A scheduler started afterwards (a restart) keeps the change: it is in the store.
+    restarted, _, _ = app_with_schedule()
+    later = Scheduler(state_of(restarted))
+    later.tick(T0 + 550)
+    assert [f.fire_time.timestamp() for f in later.tick(T0 + 600)] == [T0 + 600]
+    assert scheduler.tick(T0 + 601) == []  # once per tick, whichever scheduler
+    assert [j.scheduled_for.timestamp() for j in jobs_of(worker, refresh)] == [
+        T0 + 240,
+        T0 + 300,
+        T0 + 600,
+    ]
+
+
+def test_run_now_enqueues_once_through_the_tick_path_and_keeps_the_next_tick(
+    app_errands: tuple[Flask, Errands],
+) -> None:
+    app, errands = app_errands
+
+    @errands.periodic(every=60, name="refresh", max_running=1)
+    def refresh() -> None: ...
+
+    now = T0 + 10
+    admin = Admin(state_of(app), clock=lambda: now)
+    scheduler = Scheduler(state_of(app))
+    scheduler.tick(T0 - 1)
+    job = admin.run_schedule("refresh")
+    assert job.scheduled_for.timestamp() == T0 + 10 and job.status == "queued"
+    assert admin.schedule("refresh").last_run == dt.datetime.fromtimestamp(T0 + 10, UTC)
+    now = T0 + 11
+    with pytest.raises(ValueError, match="max_running=1"):
+        admin.run_schedule("refresh")
+    with app.app_context():
+        assert errands.drain() == 1
+    assert [f.fire_time.timestamp() for f in scheduler.tick(T0 + 60)] == [T0 + 60]

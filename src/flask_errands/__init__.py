@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .admin import Admin, ScheduleInfo, WorkerInfo
+from .admin import Admin, JobPage, QueueInfo, ScheduleInfo, Stats, WorkerInfo
 from .context import RunningJob, current_job
 from .dashboard import BasicAuth
 from .exceptions import (
@@ -16,6 +16,7 @@ from .exceptions import (
     JobNotFound,
     PayloadTooLarge,
     Retry,
+    ScheduleNotFound,
     UnknownTask,
 )
 from .extension import Errands
@@ -23,33 +24,47 @@ from .jobs import Job
 from .logs import JobLogFilter
 from .signals import job_enqueued, job_failed, job_retrying, job_started, job_succeeded
 from .status import JobStatus
-from .tasks import BoundTask, Task, TaskOptions
+from .tasks import BoundTask, Signature, Task, TaskOptions
+from .workflows import Chain, Chord, Group, GroupResult, WorkflowJob, chain, chord, group
 
 __all__ = [
     "Admin",
     "BackendUnavailable",
     "BasicAuth",
     "BoundTask",
+    "Chain",
+    "Chord",
     "ConfigurationError",
     "DuplicateJob",
     "EnqueueError",
     "Errands",
     "ErrandsError",
+    "Group",
+    "GroupResult",
     "Job",
     "JobCancelled",
     "JobFailed",
     "JobLogFilter",
     "JobNotFound",
+    "JobPage",
     "JobStatus",
     "PayloadTooLarge",
+    "QueueInfo",
     "Retry",
     "RunningJob",
     "ScheduleInfo",
+    "ScheduleNotFound",
+    "Signature",
+    "Stats",
     "Task",
     "TaskOptions",
     "UnknownTask",
     "WorkerInfo",
+    "WorkflowJob",
+    "chain",
+    "chord",
     "current_job",
+    "group",
     "job_enqueued",
     "job_failed",
     "job_retrying",

@@ -7,17 +7,27 @@ dashboard will too, so every surface shows and does the same things.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from .exceptions import JobNotFound, UnknownTask
+from .backends.base import ScheduleState, minute_of
+from .exceptions import ErrandsError, JobNotFound, ScheduleNotFound, UnknownTask
 from .jobs import Job
 from .runtime import Runtime
 from .schedules import UTC, Schedule
 from .status import FINISHED, STATUSES, JobStatus
+from .tasks import check_queue
+
+#: The largest page :meth:`Admin.job_page` returns.
+MAX_PAGE = 500
+_CURSOR = re.compile(r"[A-Za-z0-9_-]{10}[AEIMQUYcgkosw048]")
+#: How many minutes :meth:`Admin.stats` covers, the current one last.
+STATS_MINUTES = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +43,13 @@ class WorkerInfo:
     started_at: dt.datetime | None
     jobs_done: int
     current_jobs: tuple[str, ...]
+    #: When it last reported itself (its heartbeat), or None for a worker too old to say.
+    last_seen: dt.datetime | None = None
 
     @classmethod
     def from_report(cls, report: Mapping[str, Any]) -> WorkerInfo:
         started = report.get("started_at")
+        seen = report.get("last_seen")
         queues = report.get("queues")
         return cls(
             id=str(report["id"]),
@@ -48,6 +61,7 @@ class WorkerInfo:
             started_at=None if started is None else dt.datetime.fromtimestamp(started, UTC),
             jobs_done=int(report.get("jobs_done") or 0),
             current_jobs=tuple(report.get("current_jobs") or ()),
+            last_seen=None if seen is None else dt.datetime.fromtimestamp(seen, UTC),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -55,7 +69,58 @@ class WorkerInfo:
         data = dataclasses.asdict(self)
         data["queues"] = list(self.queues) if self.queues else None
         data["current_jobs"] = list(self.current_jobs)
-        data["started_at"] = None if self.started_at is None else self.started_at.isoformat()
+        data["started_at"] = _iso(self.started_at)
+        data["last_seen"] = _iso(self.last_seen)
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueInfo:
+    """A queue: whether it is paused, and its jobs per status (every status present)."""
+
+    name: str
+    paused: bool
+    counts: dict[JobStatus, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values, counts keyed by status name."""
+        counts = {status.value: n for status, n in self.counts.items()}
+        return {"name": self.name, "paused": self.paused, "counts": counts}
+
+
+@dataclasses.dataclass(frozen=True)
+class JobPage:
+    """One page of jobs, newest first, and the cursor of the next page (None on the last)."""
+
+    jobs: list[Job]
+    next_cursor: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values."""
+        return {"jobs": [job.to_dict() for job in self.jobs], "next_cursor": self.next_cursor}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """Figures for the last hour, one point per minute, the current minute last.
+
+    ``succeeded`` and ``failed`` count attempts that ended in that minute;
+    ``queued``, ``scheduled`` and ``running`` are the jobs in that state when
+    a worker sampled the minute (the current one is counted now if no worker
+    has yet), or None for a minute nobody sampled.
+    """
+
+    minutes: list[dt.datetime]
+    succeeded: list[int]
+    failed: list[int]
+    queued: list[int | None]
+    scheduled: list[int | None]
+    running: list[int | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values, minutes as ISO 8601 strings."""
+        data = dataclasses.asdict(self)
+        data["minutes"] = [minute.isoformat() for minute in self.minutes]
         return data
 
 
@@ -70,6 +135,8 @@ class ScheduleInfo:
     last_run: dt.datetime | None
     #: The job that tick enqueued, or None (no tick yet, or the job was pruned).
     last_job: Job | None
+    #: Paused at run time: it does not fire until resumed (``next_run`` is when it would).
+    paused: bool = False
 
     @property
     def name(self) -> str:
@@ -93,6 +160,10 @@ class ScheduleInfo:
             "name": self.name,
             "task": self.schedule.task,
             "description": self.description,
+            "every": self.schedule.every,
+            "cron": self.schedule.cron,
+            "timezone": str(self.schedule.zone),
+            "paused": self.paused,
             "next_run": self.next_run.isoformat(),
             "next_run_utc": self.next_run_utc.isoformat(),
             "last_run": None if self.last_run is None else self.last_run.isoformat(),
@@ -130,6 +201,34 @@ class Admin:
         state = None if status is None else JobStatus(status)
         records = self._backend.list_jobs(status=state, queue=queue, limit=limit, offset=offset)
         return [Job(record, self._backend) for record in records]
+
+    def job_page(
+        self,
+        status: JobStatus | str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """A page of jobs newest first, by status, queue and task; ``cursor`` from the last page.
+
+        Keyset pagination: a deep page costs what the first does. Raises
+        ``ValueError`` for a ``limit`` outside 1 to :data:`MAX_PAGE`, an unknown
+        status or a malformed cursor.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be a whole number from 1 to {MAX_PAGE}, not {limit!r}")
+        state = None if status is None or status == "" else _status(status)
+        for name, value in (("queue", queue), ("task", task)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, not {value!r}")
+        before = None if cursor is None or cursor == "" else decode_cursor(cursor)
+        records, position = self._backend.job_page(
+            state, queue or None, task or None, limit=limit, before=before
+        )
+        jobs = [Job(record, self._backend) for record in records]
+        return JobPage(jobs, None if position is None else encode_cursor(position))
 
     def enqueue(
         self,
@@ -222,25 +321,156 @@ class Admin:
             row[JobStatus(status)] += n
         return per_queue
 
+    def queues(self) -> list[QueueInfo]:
+        """Every queue that holds jobs or is paused, by name, with its counts."""
+        counts = self.counts()
+        paused = self._backend.paused_queues()
+        return [
+            QueueInfo(name, name in paused, counts.get(name) or dict.fromkeys(STATUSES, 0))
+            for name in sorted(set(counts) | paused)
+        ]
+
+    def pause_queue(self, name: str) -> None:
+        """Stop every worker claiming jobs of queue ``name`` until resumed; jobs still enqueue."""
+        check_queue(name)
+        self._backend.pause_queue(name, self._clock())
+
+    def resume_queue(self, name: str) -> None:
+        """Let workers claim jobs of queue ``name`` again."""
+        check_queue(name)
+        self._backend.resume_queue(name)
+
+    def stats(self, now: float | None = None) -> Stats:
+        """Throughput and queue depth over the last hour, one point per minute.
+
+        Reads the per-minute counts the store keeps as attempts end and the
+        depth samples workers take each minute; it writes nothing.
+        """
+        now = self._clock() if now is None else now
+        last = minute_of(now)
+        first = last - STATS_MINUTES + 1
+        ended = {"succeeded": [0] * STATS_MINUTES, "failed": [0] * STATS_MINUTES}
+        for minute, _queue, _task, outcome, n in self._backend.finished_counts(first):
+            if outcome in ended and first <= minute <= last:
+                ended[outcome][minute - first] += n
+        samples = self._backend.depth_samples(first)
+        if last not in samples:  # no worker sampled this minute yet: count now, store nothing
+            samples[last] = {
+                (queue, status): n
+                for (queue, status), n in self._backend.counts().items()
+                if not JobStatus(status).finished
+            }
+        depth: dict[str, list[int | None]] = {}
+        for status in ("queued", "scheduled", "running"):
+            depth[status] = [
+                None
+                if (sample := samples.get(minute)) is None
+                else sum(n for (_, state), n in sample.items() if state == status)
+                for minute in range(first, last + 1)
+            ]
+        return Stats(
+            minutes=[
+                dt.datetime.fromtimestamp(minute * 60, UTC) for minute in range(first, last + 1)
+            ],
+            succeeded=ended["succeeded"],
+            failed=ended["failed"],
+            queued=depth["queued"],
+            scheduled=depth["scheduled"],
+            running=depth["running"],
+        )
+
     def workers(self) -> list[WorkerInfo]:
         """Every live worker (its registration has not expired), by id."""
         reports = self._backend.list_workers(self._clock())
         return sorted((WorkerInfo.from_report(r) for r in reports), key=lambda w: w.id)
 
     def schedules(self, now: float | None = None) -> list[ScheduleInfo]:
-        """Every schedule of the app, by name, with its next run and its last tick's job."""
-        after = dt.datetime.fromtimestamp(self._clock() if now is None else now, UTC)
+        """Every schedule of the app, by name, as in force now, with its next run and last tick.
+
+        A schedule changed at run time shows its new timing, and whether it is paused.
+        """
+        states = self._backend.schedule_states()
         last_ticks = self._backend.last_ticks()
-        found = []
-        for name, schedule in sorted(self._runtime.schedules.items()):
-            last_run = last_job = None
-            if name in last_ticks:
-                fire_time, job_id = last_ticks[name]
-                last_run = dt.datetime.fromtimestamp(fire_time, schedule.zone)
-                last_job = None if job_id is None else self._runtime.job(job_id)
-            next_run = schedule.next_run(after).astimezone(schedule.zone)
-            found.append(ScheduleInfo(schedule, next_run, last_run, last_job))
-        return found
+        return [
+            self._info(schedule, states.get(name), last_ticks.get(name), now)
+            for name, schedule in sorted(self._runtime.schedules.items())
+        ]
+
+    def schedule(self, name: str, now: float | None = None) -> ScheduleInfo:
+        """The schedule ``name`` as :meth:`schedules` shows it; raises ``ScheduleNotFound``."""
+        schedule = self._schedule(name)
+        state = self._backend.schedule_states().get(name)
+        return self._info(schedule, state, self._backend.last_ticks().get(name), now)
+
+    def pause_schedule(self, name: str) -> None:
+        """Stop the schedule firing, in every process, until resumed."""
+        self._schedule(name)
+        self._backend.set_schedule_paused(name, True, self._clock())
+
+    def resume_schedule(self, name: str) -> None:
+        """Let a paused schedule fire again from its next tick; missed ticks never fire."""
+        self._schedule(name)
+        self._backend.set_schedule_paused(name, False, self._clock())
+
+    def run_schedule(self, name: str) -> Job:
+        """Enqueue the schedule's job now, once, as a tick does (it shows as its last run).
+
+        Raises ``ScheduleNotFound``, ``UnknownTask`` when its task is not
+        registered here, and ``ValueError`` when ``max_running=1`` holds it back.
+        """
+        schedule = self._schedule(name).with_state(self._backend.schedule_states().get(name))
+        if schedule.task not in self._runtime.tasks:
+            raise UnknownTask(f"schedule {name!r} runs {schedule.task!r}, which no task is here")
+        now = self._clock()
+        fired = self._runtime.fire(schedule, dt.datetime.fromtimestamp(now, UTC), now)
+        if fired is None:
+            raise ErrandsError(f"schedule {name!r} fired at this very instant already; try again")
+        if fired.job_id is None:
+            raise ValueError(
+                f"schedule {name!r} did not run: its previous run is still queued or running "
+                "(max_running=1)"
+            )
+        return self.job(fired.job_id)
+
+    def change_schedule(
+        self,
+        name: str,
+        *,
+        every: float | dt.timedelta | None = None,
+        cron: str | None = None,
+    ) -> ScheduleInfo:
+        """Give the schedule another timing, in every process, from its next tick on.
+
+        Exactly one of ``every`` (seconds or a timedelta) and ``cron``, checked
+        as at decoration (``ValueError``); a cron keeps the schedule's zone.
+        """
+        changed = self._schedule(name).retimed(every=every, cron=cron)
+        self._backend.set_schedule_timing(name, changed.every, changed.cron, self._clock())
+        return self.schedule(name)
+
+    def _schedule(self, name: str) -> Schedule:
+        schedule = self._runtime.schedules.get(name)
+        if schedule is None:
+            raise ScheduleNotFound(f"no schedule named {name!r}")
+        return schedule
+
+    def _info(
+        self,
+        schedule: Schedule,
+        state: ScheduleState | None,
+        last_tick: tuple[float, str | None] | None,
+        now: float | None,
+    ) -> ScheduleInfo:
+        schedule = schedule.with_state(state)
+        after = dt.datetime.fromtimestamp(self._clock() if now is None else now, UTC)
+        last_run = last_job = None
+        if last_tick is not None:
+            fire_time, job_id = last_tick
+            last_run = dt.datetime.fromtimestamp(fire_time, schedule.zone)
+            last_job = None if job_id is None else self._runtime.job(job_id)
+        next_run = schedule.next_run(after).astimezone(schedule.zone)
+        paused = state is not None and state.paused
+        return ScheduleInfo(schedule, next_run, last_run, last_job, paused)
 
     def due(self, queues: Sequence[str] | None = None) -> int:
         """How many jobs are waiting (queued or scheduled) in ``queues`` (None: all)."""
@@ -259,3 +489,27 @@ class Admin:
     ) -> int:
         """Run every due job now in this thread; ``on_job`` sees each job after its attempt."""
         return self._runtime.drain(queues, backoff=backoff, on_job=on_job)
+
+
+def encode_cursor(position: int) -> str:
+    """An opaque, URL-safe cursor for a store's page position."""
+    return base64.urlsafe_b64encode(position.to_bytes(8, "big", signed=True)).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The page position in a cursor from :func:`encode_cursor`; ``ValueError`` if malformed."""
+    if not isinstance(cursor, str) or not _CURSOR.fullmatch(cursor):
+        raise ValueError("malformed cursor; pass the next_cursor of a page, unchanged")
+    return int.from_bytes(base64.urlsafe_b64decode(cursor + "="), "big", signed=True)
+
+
+def _status(status: JobStatus | str) -> JobStatus:
+    try:
+        return JobStatus(status)
+    except ValueError:
+        names = ", ".join(s.value for s in STATUSES)
+        raise ValueError(f"unknown status {status!r}; use one of {names}") from None
+
+
+def _iso(moment: dt.datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()

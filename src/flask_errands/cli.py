@@ -12,21 +12,24 @@ import json
 import logging
 import os
 import sys
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import click
 from flask import current_app
 from flask.cli import AppGroup
 
 from . import durations, serialization
-from .admin import Admin
+from .admin import MAX_PAGE, Admin, ScheduleInfo
 from .backends import hide_password
 from .config import parse_queues
-from .exceptions import ErrandsError, JobNotFound, UnknownTask
+from .exceptions import ErrandsError, JobNotFound, ScheduleNotFound, UnknownTask
 from .jobs import Job
 from .process import WorkerOptions, queues_label, run_worker
 from .runtime import Runtime
 from .status import FINISHED, STATUSES, JobStatus
+
+T = TypeVar("T")
 
 _STATE = click.Choice([s.value for s in STATUSES])
 
@@ -219,21 +222,32 @@ def drain(queues: str | None) -> None:
 def status(as_json: bool) -> None:
     """Job counts per queue and state, and the live workers."""
     admin = _admin()
-    counts = admin.counts()
+    queues = admin.queues()
     workers = admin.workers()
+    paused = [row.name for row in queues if row.paused]
     if as_json:
         by_queue = {
-            queue: {status.value: n for status, n in row.items() if n}
-            for queue, row in counts.items()
+            row.name: {status.value: n for status, n in row.counts.items() if n} for row in queues
         }
-        _print_json({"queues": by_queue, "workers": [w.to_dict() for w in workers]})
+        _print_json(
+            {
+                "queues": by_queue,
+                "paused_queues": paused,
+                "workers": [w.to_dict() for w in workers],
+            }
+        )
         return
     click.echo(f"backend: {_clip(hide_password(_runtime().settings.url), 71)}\n")
-    click.echo(f"{'queue':<16}" + "".join(f"{s.value:>10}" for s in STATUSES))
-    for queue, row in counts.items():
-        click.echo(f"{_clip(queue, 16):<16}" + "".join(f"{row[s]:>10}" for s in STATUSES))
-    if not counts:
+    # Each state's column is as wide as its name and a space: seven states fit in 80 columns.
+    click.echo(f"{'queue':<16}" + "".join(f" {s.value}" for s in STATUSES))
+    for row in queues:
+        name = _clip(row.name, 14) + (" ‖" if row.paused else "")
+        cells = "".join(f"{row.counts[s]:>{len(s.value) + 1}}" for s in STATUSES)
+        click.echo(f"{name:<16}{cells}")
+    if not queues:
         click.echo("(no jobs)")
+    if paused:
+        click.echo(_clip(f"paused (‖), no worker claims from: {', '.join(paused)}", 80))
     click.echo(f"\n{len(workers)} live worker(s)")
     for info in workers:
         click.echo(
@@ -246,11 +260,14 @@ def status(as_json: bool) -> None:
 @errands_cli.command()
 @click.option("--state", "status_", type=_STATE, help="Only jobs in this state.")
 @click.option("--queue", help="Only jobs in this queue.")
-@click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--task", help="Only jobs of this task.")
+@click.option("--limit", type=click.IntRange(1, MAX_PAGE), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def jobs(status_: str | None, queue: str | None, limit: int, as_json: bool) -> None:
+def jobs(
+    status_: str | None, queue: str | None, task: str | None, limit: int, as_json: bool
+) -> None:
     """List jobs, newest first."""
-    found = _admin().jobs(status_, queue, limit=limit)
+    found = _admin().job_page(status_, queue, task, limit=limit).jobs
     if as_json:
         _print_json([job.to_dict() for job in found])
         return
@@ -313,7 +330,8 @@ def schedules(as_json: bool) -> None:
         click.echo("(no schedules)")
         return
     for info in infos:
-        click.echo(f"{_clip(info.name, 30):<30} {_clip(info.description, 49)}")
+        described = info.description + ("  PAUSED" if info.paused else "")
+        click.echo(f"{_clip(info.name, 30):<30} {_clip(described, 49)}")
         next_run = info.next_run.strftime("%Y-%m-%d %H:%M:%S %Z")
         line = f"  next: {next_run} ({info.next_run_utc:%H:%M:%S} UTC)"
         if info.last_run is not None:
@@ -323,6 +341,80 @@ def schedules(as_json: bool) -> None:
 
 
 # -- acting ---------------------------------------------------------------------
+
+
+@errands_cli.group()
+def queue() -> None:
+    """Pause and resume queues, for every worker of the app."""
+
+
+@queue.command("pause")
+@click.argument("name")
+def pause_queue(name: str) -> None:
+    """Stop workers claiming jobs of queue NAME (jobs still enqueue)."""
+    _admin().pause_queue(name)
+    click.echo(f"Queue {name} paused: no worker claims its jobs until it is resumed.")
+
+
+@queue.command("resume")
+@click.argument("name")
+def resume_queue(name: str) -> None:
+    """Let workers claim jobs of queue NAME again."""
+    _admin().resume_queue(name)
+    click.echo(f"Queue {name} resumed.")
+
+
+@errands_cli.group()
+def schedule() -> None:
+    """Pause, resume, run or re-time a schedule, for every process of the app."""
+
+
+@schedule.command("pause")
+@click.argument("name")
+def pause_schedule(name: str) -> None:
+    """Stop schedule NAME firing until it is resumed."""
+    _schedule_action(lambda admin: admin.pause_schedule(name))
+    click.echo(f"Schedule {name} paused.")
+
+
+@schedule.command("resume")
+@click.argument("name")
+def resume_schedule(name: str) -> None:
+    """Let schedule NAME fire again, from its next tick (missed ticks never fire)."""
+    _schedule_action(lambda admin: admin.resume_schedule(name))
+    info = _admin().schedule(name)
+    click.echo(f"Schedule {name} resumed; next run {_next_run(info)}.")
+
+
+@schedule.command("run")
+@click.argument("name")
+def run_schedule(name: str) -> None:
+    """Enqueue schedule NAME's job now, once; prints the job id."""
+    job = _schedule_action(lambda admin: admin.run_schedule(name))
+    click.echo(job.id)
+
+
+@schedule.command("set")
+@click.argument("name")
+@click.option("--every", type=duration, help="Fire every this long (90, 5m, 1h).")
+@click.option("--cron", help="Fire at the times of this cron expression, in the schedule's zone.")
+def set_schedule(name: str, every: float | None, cron: str | None) -> None:
+    """Change when schedule NAME fires (stored for every process, kept across restarts)."""
+    if (every is None) == (cron is None):
+        raise click.UsageError("give exactly one of --every and --cron")
+    info = _schedule_action(lambda admin: admin.change_schedule(name, every=every, cron=cron))
+    click.echo(f"Schedule {name}: {info.description}; next run {_next_run(info)}.")
+
+
+def _schedule_action(action: Callable[[Admin], T]) -> T:
+    try:
+        return action(_admin())
+    except (ScheduleNotFound, UnknownTask, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _next_run(info: ScheduleInfo) -> str:
+    return f"{info.next_run:%Y-%m-%d %H:%M:%S %Z} ({info.next_run_utc:%H:%M:%S} UTC)"
 
 
 @errands_cli.command()
@@ -347,7 +439,10 @@ def retry(job_id: str | None, all_failed: bool, queue: str | None) -> None:
         _fail(str(exc))
     if job.status.finished:
         _fail(f"job {job_id} stays {job.status}: a live job holds its unique key")
-    click.echo(f"Job {job_id} queued again.")
+    if job.status == JobStatus.BLOCKED:
+        click.echo(f"Job {job_id} waits again for its upstream steps (blocked).")
+    else:
+        click.echo(f"Job {job_id} queued again.")
 
 
 @errands_cli.command()

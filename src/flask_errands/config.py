@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "ERRANDS_URL": None,  # sqlite:///<instance_path>/errands.db
     "ERRANDS_EMBEDDED_WORKER": None,  # on for memory:// and sqlite://
     "ERRANDS_CONCURRENCY": 4,
+    "ERRANDS_ASYNC_CONCURRENCY": 100,  # async def jobs at once on each process's event loop
     "ERRANDS_QUEUES": None,  # all queues
     "ERRANDS_LEASE_SECONDS": 30,
     "ERRANDS_MAX_LOST_LEASES": 3,  # a job whose worker died this many times in a row fails
@@ -60,6 +61,7 @@ class Settings:
     scheduler: bool
     shutdown_grace: float = 25.0
     outbox_url: str | None = None
+    async_concurrency: int = 100
 
     @classmethod
     def from_config(
@@ -88,6 +90,7 @@ class Settings:
             scheduler=boolean(config["ERRANDS_SCHEDULER"], "ERRANDS_SCHEDULER"),
             shutdown_grace=seconds(config["ERRANDS_SHUTDOWN_GRACE"], "ERRANDS_SHUTDOWN_GRACE"),
             outbox_url=config["ERRANDS_OUTBOX_URL"] or None,
+            async_concurrency=_positive_int(config, "ERRANDS_ASYNC_CONCURRENCY"),
         )
 
 

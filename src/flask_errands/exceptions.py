@@ -10,6 +10,7 @@
     │   └── EnqueueError
     ├── UnknownTask
     ├── JobNotFound             (also LookupError)
+    ├── ScheduleNotFound        (also LookupError)
     ├── JobFailed
     └── JobCancelled
 
@@ -64,6 +65,10 @@ class UnknownTask(ErrandsError):
 
 class JobNotFound(ErrandsError, LookupError):
     """No job has this id in the app's store (it never existed, or was pruned)."""
+
+
+class ScheduleNotFound(ErrandsError, LookupError):
+    """No schedule of this app has this name (``Admin`` schedule actions)."""
 
 
 class JobFailed(ErrandsError):

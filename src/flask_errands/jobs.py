@@ -75,6 +75,11 @@ class Job:
         return self._record.traceback
 
     @property
+    def worker_id(self) -> str | None:
+        """The worker that runs or last ran the job (``host:pid:random``), or None."""
+        return self._record.worker_id
+
+    @property
     def cancel_requested(self) -> bool:
         return self._record.cancel_requested
 
@@ -174,6 +179,7 @@ class Job:
             "scheduled_for": self.scheduled_for.isoformat(),
             "started_at": _isoformat(self.started_at),
             "finished_at": _isoformat(self.finished_at),
+            "worker_id": record.worker_id,
         }
         if record.status == SUCCEEDED and record.result is not None:
             data["result"] = serialization.to_plain(serialization.loads(record.result))

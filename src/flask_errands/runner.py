@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import random
 import threading
@@ -10,8 +12,8 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import serialization, signals
-from .backends.base import CANCELLED, FAILED, SCHEDULED, SUCCEEDED, Backend, JobRecord
+from . import aio, serialization, signals
+from .backends.base import CANCELLED, FAILED, SCHEDULED, SUCCEEDED, Backend, Flow, JobRecord
 from .backends.patience import forget_interrupt
 from .context import RunningJob, _current
 from .exceptions import BackendUnavailable, JobCancelled, Retry
@@ -49,6 +51,8 @@ class Execution(RunningJob):
         self.deadline: float | None = None
         self.thread_id: int | None = None
         self._settle_lock = threading.Lock()
+        self._coroutine: asyncio.Task[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._settled = False
         self._started = False
 
@@ -60,16 +64,47 @@ class Execution(RunningJob):
     def started(self) -> bool:
         return self._started
 
-    def begin(self, now: float) -> bool:
-        """Mark the attempt as started, unless it was settled first; start its timeout."""
+    def begin(self, now: float, *, thread: bool = True) -> bool:
+        """Mark the attempt as started, unless it was settled first; start its timeout.
+
+        ``thread=False`` for a coroutine, which is stopped by cancelling it instead.
+        """
         with self._settle_lock:
             if self._settled:
                 return False
             self._started = True
-            self.thread_id = threading.get_ident()
+            self.thread_id = threading.get_ident() if thread else None
             if self.record.timeout is not None:
                 self.deadline = now + self.record.timeout
             return True
+
+    def attach(self, coroutine: asyncio.Task[Any] | None) -> None:
+        """Say which asyncio task awaits the job's coroutine, so it can be cancelled."""
+        self._coroutine = coroutine
+        self._loop = asyncio.get_running_loop()
+        if self.cancel_requested:
+            self.cancel_coroutine()
+
+    def detach(self) -> None:
+        """The coroutine has ended: nothing is left to cancel."""
+        self._coroutine = None
+
+    def cancel_coroutine(self) -> None:
+        """Cancel the job's coroutine, from any thread, if it is still being awaited."""
+        coroutine, loop = self._coroutine, self._loop
+        if coroutine is None or loop is None:
+            return
+
+        def cancel() -> None:
+            if self._coroutine is coroutine:  # not once it awaits the outcome's write
+                coroutine.cancel()
+
+        loop.call_soon_threadsafe(cancel)
+
+    def request_cancel(self) -> None:
+        """Ask the task to stop; a coroutine is cancelled, a thread sees ``cancel_requested``."""
+        super().request_cancel()
+        self.cancel_coroutine()
 
     def claim_unstarted(self) -> bool:
         """Claim an attempt that no thread has begun yet, so none ever will."""
@@ -88,6 +123,17 @@ class Execution(RunningJob):
             if then is not None:
                 then()
             return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended and what it left: the input of :meth:`Runner.conclude`."""
+
+    ending: Ending
+    result: str | None = None
+    error: str | None = None
+    trace: str | None = None
+    requested_delay: float | None = None
 
 
 class Runner:
@@ -115,70 +161,147 @@ class Runner:
     def start(self, record: JobRecord) -> Execution:
         return Execution(record, self.backend, self.clock())
 
+    def has_async_tasks(self) -> bool:
+        """Whether any task of the app is an ``async def`` function."""
+        return any(task.is_async for task in self.tasks.values())
+
+    def is_async(self, record: JobRecord) -> bool:
+        """Whether the job's task is an ``async def`` function, to run on an event loop."""
+        task = self.tasks.get(record.task)
+        return task is not None and task.is_async
+
     def run(self, execution: Execution) -> None:
-        """Run one attempt and record its outcome, unless a watchdog settled it first."""
+        """Run one attempt and record its outcome, unless a watchdog settled it first.
+
+        An ``async def`` task runs here to its end on a private event loop (eager
+        mode, ``drain()``); a worker runs it on its process's loop with :meth:`run_async`.
+        """
         record = execution.record
+        if self.is_async(record):
+            aio.run_here(self.run_async(execution))
+            return
         started = time.perf_counter()
         if not execution.begin(self.clock()):
             return  # released before a thread could take it
         task = self.tasks.get(record.task)
-        if execution.cancel_requested:  # cancelled while reserved ahead, or re-delivered
-            decision = self.conclude(execution, Ending.CANCELLED)
-        elif task is None:
-            decision = self.conclude(
-                execution,
-                Ending.REFUSED,
-                error=f"UnknownTask: no task named {record.task!r} is registered in this app; "
-                "deploy the code that defines it, then re-run the job",
-            )
-        else:
+        decision = self._refuse(execution, task)
+        if decision is None and task is not None:
             decision = self._call(execution, task)
         if decision is not None:  # else a watchdog settled it and logs it
             _log_outcome(execution, decision, time.perf_counter() - started)
 
+    async def run_async(self, execution: Execution) -> None:
+        """Run one attempt of an ``async def`` task on the running loop, as :meth:`run` does.
+
+        Its timeout and a cancel request cancel the coroutine. Store calls run in
+        the loop's executor, so a slow store never holds up the other coroutines.
+        """
+        started = time.perf_counter()
+        if not execution.begin(self.clock(), thread=False):
+            return
+        task = self.tasks[execution.record.task]
+        decision = await asyncio.to_thread(self._refuse, execution, task)
+        if decision is None:
+            decision = await self._await(execution, task)
+        if decision is not None:
+            _log_outcome(execution, decision, time.perf_counter() - started)
+
+    def _refuse(self, execution: Execution, task: Task[Any, Any] | None) -> Decision | None:
+        """End an attempt that must not call its task: cancelled already, or task unknown."""
+        if execution.cancel_requested:  # cancelled while reserved ahead, or re-delivered
+            return self.conclude(execution, Outcome(Ending.CANCELLED))
+        if task is None:
+            error = (
+                f"UnknownTask: no task named {execution.record.task!r} is registered in this "
+                "app; deploy the code that defines it, then re-run the job"
+            )
+            return self.conclude(execution, Outcome(Ending.REFUSED, error=error))
+        return None
+
     def _call(self, execution: Execution, task: Task[Any, Any]) -> Decision | None:
         """Call the task in the app context; return what was decided, or None if interrupted."""
-        record = execution.record
         with self.app.app_context():
             token = _current.set(execution)
             try:
-                if signals.job_started.receivers:
-                    signals.job_started.send(self.app, job=Job(record, self.backend))
-                payload = serialization.loads(record.payload)
-                value = task.func(*payload["args"], **payload["kwargs"])
-                result = serialization.dumps(value)
+                args, kwargs = self._arguments(execution)
+                outcome = Outcome(Ending.RETURNED, serialization.dumps(task.func(*args, **kwargs)))
             except JobInterrupt:
                 return None
-            except Retry as retry:
-                return self.conclude(
-                    execution,
-                    Ending.RETRY_REQUESTED,
-                    error=_describe(retry),
-                    requested_delay=retry.delay,
-                )
-            except JobCancelled:
-                return self.conclude(execution, Ending.CANCELLED)
             except BaseException as exc:  # SystemExit, CancelledError too: fail, keep the thread
-                trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-                trace = serialization.storable_text(trace)
-                return self.conclude(execution, Ending.RAISED, error=_describe(exc), trace=trace)
-            else:
-                return self.conclude(execution, Ending.RETURNED, result=result)
+                outcome = _failure(exc)
             finally:
                 _current.reset(token)
                 execution.thread_id = None
                 forget_interrupt()
+            return self.conclude(execution, outcome)
+
+    async def _await(self, execution: Execution, task: Task[Any, Any]) -> Decision | None:
+        """Await the coroutine in the app context under its timeout; None if a watchdog won."""
+        timeout = execution.record.timeout
+        expired = asyncio.Event()
+        with self.app.app_context():
+            token = _current.set(execution)
+            try:
+                args, kwargs = await asyncio.to_thread(self._arguments, execution)
+                awaiting = asyncio.current_task()
+                execution.attach(awaiting)
+                timer = None
+                if timeout is not None and awaiting is not None:
+
+                    def expire(coroutine: asyncio.Task[Any] = awaiting) -> None:
+                        expired.set()
+                        coroutine.cancel()
+
+                    timer = asyncio.get_running_loop().call_later(timeout, expire)
+                try:
+                    value = await task.func(*args, **kwargs)
+                finally:
+                    execution.detach()
+                    if timer is not None:
+                        timer.cancel()
+                outcome = Outcome(Ending.RETURNED, serialization.dumps(value))
+            except asyncio.CancelledError as exc:
+                if execution.settled:  # timed out or released by the worker, which records it
+                    return None
+                if expired.is_set():
+                    outcome = Outcome(Ending.TIMED_OUT, error=timeout_error(timeout))
+                elif execution.cancel_requested:
+                    outcome = Outcome(Ending.CANCELLED)
+                else:
+                    outcome = _failure(exc)
+            except BaseException as exc:
+                outcome = _failure(exc)
+            finally:
+                _current.reset(token)
+            return await asyncio.to_thread(self.conclude, execution, outcome)
+
+    def _arguments(self, execution: Execution) -> tuple[list[Any], dict[str, Any]]:
+        """Announce the start and decode the call's arguments."""
+        record = execution.record
+        if signals.job_started.receivers:
+            signals.job_started.send(self.app, job=Job(record, self.backend))
+        payload = serialization.loads(record.payload)
+        args: list[Any] = payload["args"]
+        if record.flow is not None:
+            flow = Flow.loads(record.flow)
+            if flow.inputs or flow.gather:
+                args = [self._inputs(record, flow), *args]
+        return args, payload["kwargs"]
+
+    def _inputs(self, record: JobRecord, flow: Flow) -> Any:
+        """A workflow step's first argument: its upstream result, or their list in order."""
+        stored = self.backend.step_inputs(record.id)
+        missing = [position for position in range(flow.inputs) if position not in stored]
+        if missing:
+            raise RuntimeError(
+                f"workflow step {record.id} started without the results of "
+                f"{len(missing)} of its {flow.inputs} upstream steps"
+            )
+        values = [serialization.loads(stored[position]) for position in range(flow.inputs)]
+        return values if flow.gather else values[0]
 
     def conclude(
-        self,
-        execution: Execution,
-        ending: Ending,
-        *,
-        result: str | None = None,
-        error: str | None = None,
-        trace: str | None = None,
-        requested_delay: float | None = None,
-        claimed: bool = False,
+        self, execution: Execution, outcome: Outcome, *, claimed: bool = False
     ) -> Decision | None:
         """Decide the attempt's outcome and write it; None if someone else settled it first.
 
@@ -187,6 +310,8 @@ class Runner:
         record = execution.record
         if not claimed and not execution.claim():
             return None
+        ending, requested_delay = outcome.ending, outcome.requested_delay
+        result, error, trace = outcome.result, outcome.error, outcome.trace
         decision = self.decide(execution, ending, requested_delay)
         if decision.retrying:
             # A cancel may have come in since the last heartbeat: never retry past it.
@@ -267,6 +392,21 @@ _SIGNALS = {
     FAILED: signals.job_failed,
     SCHEDULED: signals.job_retrying,
 }
+
+
+def _failure(exc: BaseException) -> Outcome:
+    """The outcome of an attempt that raised ``exc``."""
+    if isinstance(exc, Retry):
+        return Outcome(Ending.RETRY_REQUESTED, error=_describe(exc), requested_delay=exc.delay)
+    if isinstance(exc, JobCancelled):
+        return Outcome(Ending.CANCELLED)
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return Outcome(Ending.RAISED, error=_describe(exc), trace=serialization.storable_text(trace))
+
+
+def timeout_error(timeout: float | None) -> str:
+    """The error of an attempt stopped at its timeout."""
+    return f"TimeoutError: job exceeded its timeout of {timeout or 0:g}s"
 
 
 def _describe(exc: BaseException) -> str:

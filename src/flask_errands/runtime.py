@@ -25,7 +25,7 @@ from flask import Flask
 
 from . import serving, signals, transactions
 from .backends import Backend, JobRecord
-from .backends.base import QUEUED
+from .backends.base import BLOCKED, QUEUED
 from .backends.memory import MemoryBackend
 from .config import Settings
 from .exceptions import ConfigurationError
@@ -188,7 +188,9 @@ class Runtime:
         assert eager is not None and runner is not None
         now = time.time()
         for record in records:
-            record.eta, record.status = min(record.eta, now), QUEUED
+            record.eta = min(record.eta, now)
+            if record.status != BLOCKED:
+                record.status = QUEUED
         stored = eager.enqueue(records)
         self._announce([Job(record, eager) for record in stored])
         self._drain(eager, runner, None)
@@ -267,6 +269,7 @@ class Runtime:
             self.runner,
             queues=queues,
             concurrency=concurrency,
+            async_concurrency=self.settings.async_concurrency,
             lease_seconds=self.settings.lease_seconds,
             max_lost_leases=self.settings.max_lost_leases,
             result_ttl=self.settings.result_ttl,

@@ -63,6 +63,8 @@ class Scheduler:
         #: Ticks this scheduler won (another scheduler may have fired the rest).
         self.ticks_fired = 0
         self._watching_since: dict[str, float] = {}
+        #: The schedules in force at the last tick (changes made at run time applied), unpaused.
+        self._in_force: dict[str, Schedule] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -75,15 +77,29 @@ class Scheduler:
         tick in the backend yet. Missed ticks fire once, as that latest one
         (``catch_up=False`` skips them instead); a schedule this scheduler has
         just met with no tick recorded starts at its next fire time, never a past one.
+
+        Changes made at run time through the store (``Admin.pause_schedule``,
+        ``change_schedule``) apply here: a paused schedule does not fire, and
+        a tick before its latest resume or change is a past one.
         """
         now = self.clock() if now is None else now
         schedules = self.host.schedules
         if not schedules:
+            self._in_force = {}
             return []
+        states = self.host.backend.schedule_states()
         last_ticks = self.host.backend.last_ticks()
+        in_force = {}
+        for name, code in schedules.items():
+            state = states.get(name)
+            if state is None or not state.paused:
+                in_force[name] = code.with_state(state)
+        self._in_force = in_force
         fired = []
-        for schedule in schedules.values():
-            fire_time = self.due(schedule, now, last_ticks.get(schedule.name))
+        for schedule in in_force.values():
+            state = states.get(schedule.name)
+            since = 0.0 if state is None else state.since
+            fire_time = self.due(schedule, now, last_ticks.get(schedule.name), since=since)
             if fire_time is None:
                 continue
             try:
@@ -99,22 +115,37 @@ class Scheduler:
         return fired
 
     def due(
-        self, schedule: Schedule, now: float, last: tuple[float, str | None] | None
+        self,
+        schedule: Schedule,
+        now: float,
+        last: tuple[float, str | None] | None,
+        *,
+        since: float = 0.0,
     ) -> dt.datetime | None:
-        """The fire time ``schedule`` is due for at ``now``, or None; ``last`` is its last tick."""
-        since = self._watching_since.setdefault(schedule.name, now)
+        """The fire time ``schedule`` is due for at ``now``, or None; ``last`` is its last tick.
+
+        ``since`` is when it was last resumed or re-timed: a tick before it never fires.
+        """
+        watching = self._watching_since.setdefault(schedule.name, now)
         latest = schedule.latest_run(dt.datetime.fromtimestamp(now, UTC))
         at = latest.timestamp()
         if last is not None and at <= last[0]:
             return None
-        if (last is None or not schedule.catch_up) and at < since:
+        if (last is None or not schedule.catch_up) and at < watching:
             return None  # it fell before this scheduler was watching: a past tick
+        if at < since:
+            return None  # it fell while paused, or under the timing it had before
         return latest
 
     def seconds_to_next_tick(self, now: float) -> float:
-        """How long to sleep before the next fire time of any schedule, at most MAX_WAIT."""
+        """How long to sleep before the next fire time of any schedule, at most MAX_WAIT.
+
+        Uses the schedules in force at the last tick; a change made elsewhere
+        since is seen within MAX_WAIT.
+        """
         after = dt.datetime.fromtimestamp(now, UTC)
-        waits = [s.next_run(after).timestamp() - now for s in self.host.schedules.values()]
+        schedules = self.host.schedules if self._in_force is None else self._in_force
+        waits = [s.next_run(after).timestamp() - now for s in schedules.values()]
         return max(0.0, min([MAX_WAIT, *waits]))
 
     # -- the loop ------------------------------------------------------------

@@ -15,6 +15,7 @@ import dataclasses
 import datetime as dt
 import importlib
 import inspect
+import logging
 import math
 import zoneinfo
 from collections.abc import Callable, Mapping, Sequence
@@ -23,10 +24,13 @@ from typing import Any, NoReturn
 from cronsim import CronSim, CronSimError
 
 from . import serialization
+from .backends.base import ScheduleState
 from .exceptions import ConfigurationError
 from .tasks import Task, TaskOptions
 
 UTC = dt.timezone.utc
+
+logger = logging.getLogger("flask_errands")
 
 #: The ``@macros`` a cron expression may use, and the five fields each stands for.
 MACROS = {
@@ -168,6 +172,33 @@ class Schedule:
         while following.timestamp() <= moment:
             candidate, following = following, self.next_run(following)
         return candidate
+
+    def retimed(
+        self, *, every: float | dt.timedelta | None = None, cron: str | None = None
+    ) -> Schedule:
+        """This schedule with another timing, checked as at decoration (``ConfigurationError``).
+
+        Exactly one of ``every`` and ``cron``; a cron keeps this schedule's zone
+        (UTC for one that was ``every``), as ``every`` always counts in UTC.
+        """
+        if (every is None) == (cron is None):
+            self._invalid("give exactly one of every= (seconds) or cron= (an expression)")
+        zone = self.timezone if cron is not None else None
+        return dataclasses.replace(self, every=every, cron=cron, timezone=zone)  # type: ignore[arg-type]
+
+    def with_state(self, state: ScheduleState | None) -> Schedule:
+        """The schedule in force: its timing as changed at run time, if it was.
+
+        A stored timing this version refuses (it cannot be, unless written by
+        hand) is ignored with a warning, so one bad row never stops the others.
+        """
+        if state is None or (state.every is None and state.cron is None):
+            return self
+        try:
+            return self.retimed(every=state.every, cron=state.cron)
+        except ConfigurationError as exc:
+            logger.warning("%s; keeping the timing given in code", exc)
+            return self
 
     # -- validation ----------------------------------------------------------
 

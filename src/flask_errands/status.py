@@ -13,6 +13,8 @@ class JobStatus(str, enum.Enum):
     """
 
     PENDING = "pending"
+    #: A workflow step waiting for its upstream steps to succeed: stored, never reserved.
+    BLOCKED = "blocked"
     QUEUED = "queued"
     SCHEDULED = "scheduled"
     RUNNING = "running"

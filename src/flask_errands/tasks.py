@@ -209,6 +209,8 @@ class Task(Generic[P, R]):
         self.name = name
         self.default_options = options
         self.signature = inspect.signature(func)
+        #: An ``async def`` task runs on the worker's event loop, not on one of its threads.
+        self.is_async = inspect.iscoroutinefunction(func)
         self._bound = BoundTask(self, options)
         self.__doc__ = func.__doc__
         self.__wrapped__ = func
@@ -232,6 +234,14 @@ class Task(Generic[P, R]):
         """Return this task with options overridden for the calls made through it."""
         return BoundTask(self, dataclasses.replace(self.default_options, **overrides))
 
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A call to make later, as a step of a workflow (``chain``, ``group``, ``chord``).
+
+        A step after another receives its result (or a group's list of results)
+        before ``args``.
+        """
+        return self._bound.s(*args, **kwargs)
+
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
 
@@ -253,11 +263,25 @@ class BoundTask(Generic[P, R]):
         records = [self.build(*_split_call(call), now) for call in calls]
         return self.task.errands.enqueue(records) if records else []
 
-    def build(self, args: tuple[Any, ...], kwargs: dict[str, Any], now: float) -> JobRecord:
-        """Check and encode one call into a new job record; raise before anything is stored."""
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A call with these options, to make later as a workflow step; see :meth:`Task.s`."""
+        return Signature(self, args, kwargs)
+
+    def build(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        now: float,
+        *,
+        takes_input: bool = False,
+    ) -> JobRecord:
+        """Check and encode one call into a new job record; raise before anything is stored.
+
+        ``takes_input``: the call gets an upstream result as first argument when it runs.
+        """
         task, opts = self.task, self.opts
         try:
-            task.signature.bind(*args, **kwargs)
+            task.signature.bind(*((None,) if takes_input else ()), *args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"{task.name}.delay(): {exc}") from None
         payload = encode_call(task, args, kwargs)
@@ -280,6 +304,40 @@ class BoundTask(Generic[P, R]):
             eta=eta,
             enqueued_at=now,
         )
+
+
+class Signature:
+    """A task with its arguments and options, not enqueued: one step of a workflow."""
+
+    def __init__(
+        self, bound: BoundTask[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self.bound = bound
+        self.args = args
+        self.kwargs = kwargs
+
+    @property
+    def task(self) -> Task[Any, Any]:
+        return self.bound.task
+
+    def options(self, **overrides: Any) -> Signature:
+        """The same call with options overridden, as ``task.options()`` does."""
+        options = dataclasses.replace(self.bound.opts, **overrides)
+        return Signature(BoundTask(self.bound.task, options), self.args, self.kwargs)
+
+    def delay(self) -> Job:
+        """Enqueue the call alone and return its :class:`Job`."""
+        return self.bound.delay(*self.args, **self.kwargs)
+
+    def build(self, now: float, *, takes_input: bool) -> JobRecord:
+        """Check and encode this step into a new job record (see :meth:`BoundTask.build`)."""
+        if self.bound.opts.unique_key is not None:
+            raise ValueError(f"{self.task.name}: a workflow step cannot have a unique_key")
+        return self.bound.build(self.args, self.kwargs, now, takes_input=takes_input)
+
+    def __repr__(self) -> str:
+        call = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"{self.task.name}.s({', '.join(call)})"
 
 
 def check_size(record: JobRecord, max_payload: int) -> None:

@@ -4,7 +4,8 @@ One dispatcher thread reserves as many jobs as there are idle threads (and,
 while jobs are short, a batch ahead of them), keeps their leases alive, stops
 jobs past their timeout, and sleeps until the backend says new work may be
 due. ``run_once()`` is one step of that loop, so tests can drive it without
-threads.
+threads. Jobs of ``async def`` tasks run as coroutines on the process's event
+loop (``aio``), up to ``async_concurrency`` at once, beside the threads.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import uuid
 from collections.abc import Sequence
 from functools import partial
 
-from .backends.base import DEFAULT_MAX_LOST_LEASES
+from . import aio
+from .backends.base import DEFAULT_MAX_LOST_LEASES, minute_of
 from .backends.patience import interrupt, limited
 from .exceptions import BackendUnavailable
 from .outcomes import Ending
-from .runner import Execution, JobInterrupt, Runner, logger
+from .runner import Execution, JobInterrupt, Outcome, Runner, logger, timeout_error
 
 #: How often a reserved job's lease is extended and its cancellation checked, at most.
 HEARTBEAT_INTERVAL = 1.0
@@ -60,6 +62,7 @@ class Worker:
         *,
         queues: Sequence[str] | None = None,
         concurrency: int = 4,
+        async_concurrency: int = 100,
         lease_seconds: float = 30.0,
         max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
         result_ttl: float | None = None,
@@ -71,6 +74,8 @@ class Worker:
         self.backend = runner.backend
         self.queues = tuple(queues) if queues else None
         self.concurrency = concurrency
+        #: How many ``async def`` jobs run at once on the process's event loop.
+        self.async_concurrency = async_concurrency
         self.lease_seconds = lease_seconds
         self.max_lost_leases = max_lost_leases
         self.result_ttl = result_ttl
@@ -83,11 +88,15 @@ class Worker:
         self.stuck = False
         self._timed_out: dict[str, float] = {}
         self._next_register = 0.0
+        self._sampled_minute = -1
         self._drained = True
         self._typical_duration: float | None = None
         self._backend_down_since: float | None = None
         self._clock = runner.clock
         self._active: dict[str, Execution] = {}
+        #: Lease tokens of the active jobs that run as coroutines, not on a thread.
+        self._coroutines: set[str] = set()
+        self._async_coming = False
         self._active_lock = threading.Lock()
         self._inbox: queue.SimpleQueue[Execution | None] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -110,11 +119,14 @@ class Worker:
         behind the running ones, so one claim feeds several jobs; one that waits
         longer than ``HOLD_BACK_LIMIT`` for a thread goes back for other workers.
         """
-        held = len(self._active)
-        if held > self.concurrency or self._stopping.is_set():
+        if self._stopping.is_set():
             return 0
+        held = self._threads_held()
         short = self._typical_duration is not None and self._typical_duration < PREFETCH_BELOW
-        want = (2 if short else 1) * self.concurrency - held
+        want = (2 if short else 1) * self.concurrency - held if held <= self.concurrency else 0
+        # Room on the event loop is reserved for only while async jobs are coming in, so an
+        # app with async tasks does not reserve sync jobs its threads cannot take yet.
+        want = max(0, want) + (self._coroutine_room() if self._async_coming else 0)
         if want <= 0:
             return 0
         records = self.backend.reserve(
@@ -126,13 +138,37 @@ class Worker:
             max_lost_leases=self.max_lost_leases,
         )
         self._drained = len(records) < want
+        if records:
+            self._async_coming = any(self.runner.is_async(record) for record in records)
         for record in records:
             self._lease_ends[record.lease_token or ""] = record.lease_expires_at or float("inf")
             execution = self.runner.start(record)
+            # An async job beyond the loop's room runs on a thread, on a private loop.
+            coroutine = self.runner.is_async(record) and self._coroutine_room() > 0
             with self._active_lock:
                 self._active[execution.lease_token] = execution
-            self._inbox.put(execution)
+                if coroutine:
+                    self._coroutines.add(execution.lease_token)
+            if coroutine:
+                aio.submit(self._run_coroutine(execution))
+            else:
+                self._inbox.put(execution)
         return len(records)
+
+    def _threads_held(self) -> int:
+        """Jobs reserved for the threads: running, or waiting for one."""
+        return len(self._active) - len(self._coroutines)
+
+    def _coroutine_room(self) -> int:
+        """How many more ``async def`` jobs the event loop may take now."""
+        if not self.runner.has_async_tasks():
+            return 0
+        return max(0, self.async_concurrency - len(self._coroutines))
+
+    def _has_room(self) -> bool:
+        """Whether a thread (or its reserve-ahead) or the event loop could take another job."""
+        loop_room = self._async_coming and self._coroutine_room() > 0
+        return self._threads_held() <= self.concurrency or loop_room
 
     def maintain(self, now: float) -> None:
         """Extend leases, pass on cancellations, stop jobs past their timeout, prune."""
@@ -159,7 +195,13 @@ class Worker:
             self.backend.prune(now - self.result_ttl)
         if now >= self._next_register:
             self._next_register = now + REGISTER_INTERVAL
-            self.backend.register_worker(self.id, self.info(), REGISTER_INTERVAL * 3, now)
+            self.backend.register_worker(
+                self.id, {**self.info(), "last_seen": now}, REGISTER_INTERVAL * 3, now
+            )
+            if minute_of(now) != self._sampled_minute:
+                # One depth sample a minute for the dashboard's charts: the first worker wins.
+                self.backend.sample_depth(now)
+                self._sampled_minute = minute_of(now)
         self._check_stuck(active)
 
     def _warn_lapsed_leases(self, now: float) -> None:
@@ -189,6 +231,7 @@ class Worker:
             "kind": self.kind,
             "queues": list(self.queues) if self.queues else None,
             "concurrency": self.concurrency,
+            "async_concurrency": self.async_concurrency,
             "started_at": self.started_at,
             "jobs_done": self.jobs_done,
             "current_jobs": self.active_jobs(),
@@ -271,7 +314,7 @@ class Worker:
                     if self._backend_down_since is not None:
                         logger.warning("errands worker %s: the store is reachable again", self.id)
                         self._backend_down_since, pause = None, 0.5
-                    if reserved and not self._drained and len(self._active) <= self.concurrency:
+                    if reserved and not self._drained and self._has_room():
                         continue
                     self._wake.wait(self._idle_wait())
                 except BackendUnavailable as exc:
@@ -307,7 +350,10 @@ class Worker:
         if waiting_since:
             hold_back_ends = min(waiting_since) + HOLD_BACK_LIMIT - time.monotonic()
             wait = min(wait, max(0.0, hold_back_ends) + 0.01)
-        if self._drained and len(self._active) < self.concurrency:
+        if self._drained and (
+            self._threads_held() < self.concurrency
+            or (self._async_coming and self._coroutine_room() > 0)
+        ):
             eta = self.backend.next_eta(self.queues)
             if eta is not None:
                 wait = min(wait, max(0.0, eta - now))
@@ -379,20 +425,36 @@ class Worker:
                 try:
                     self.runner.run(execution)
                 finally:
-                    with self._active_lock:
-                        self._active.pop(execution.lease_token, None)
-                        held = len(self._active)
-                    if execution.started:
-                        self.jobs_done += 1
-                        self._note_duration(time.perf_counter() - started)
-                    if held <= self.concurrency:
-                        self._wake.set()
+                    self._ended(execution, started)
             except JobInterrupt:  # arrived after the job ended; its outcome is recorded
                 if execution is not None:
                     with self._active_lock:
                         self._active.pop(execution.lease_token, None)
             except BaseException:  # a job thread must outlive anything a job does
                 logger.exception("errands worker thread: unexpected error")
+
+    async def _run_coroutine(self, execution: Execution) -> None:
+        """Run an ``async def`` job on the event loop; the loop outlives anything it does."""
+        started = time.perf_counter()
+        try:
+            await self.runner.run_async(execution)
+        except BaseException:
+            logger.exception("errands worker: unexpected error running %s", execution.id)
+        finally:
+            self._ended(execution, started)
+
+    def _ended(self, execution: Execution, started: float) -> None:
+        """Forget a job whose attempt ended, and wake the dispatcher to fill its place."""
+        with self._active_lock:
+            self._active.pop(execution.lease_token, None)
+            coroutine = execution.lease_token in self._coroutines
+            self._coroutines.discard(execution.lease_token)
+        if execution.started:
+            self.jobs_done += 1
+            if not coroutine:
+                self._note_duration(time.perf_counter() - started)
+        if self._has_room():
+            self._wake.set()
 
     def _note_duration(self, seconds: float) -> None:
         typical = self._typical_duration
@@ -405,8 +467,8 @@ class Worker:
             return
         self._timed_out[execution.lease_token] = time.monotonic()
         # Claimed: write the outcome here, since the interrupted thread will not.
-        error = f"TimeoutError: job exceeded its timeout of {timeout:g}s"
-        decision = self.runner.conclude(execution, Ending.TIMED_OUT, error=error, claimed=True)
+        outcome = Outcome(Ending.TIMED_OUT, error=timeout_error(timeout))
+        decision = self.runner.conclude(execution, outcome, claimed=True)
         then = "" if decision is None or not decision.retrying else ", will retry"
         logger.warning(
             "%s %s timed out after %gs (attempt %d)%s",
@@ -428,6 +490,8 @@ class Worker:
         thread_id = execution.thread_id
         if thread_id is not None:
             interrupt(thread_id, JobInterrupt, partial(raise_in_thread, thread_id, JobInterrupt))
+        else:
+            execution.cancel_coroutine()
 
 
 def raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:

@@ -6,10 +6,12 @@ test can point it at any backend.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import time
 
-from flask import Flask
+from flask import Flask, current_app
 
 from flask_errands import Errands, current_job
 
@@ -53,3 +55,26 @@ def die(path: str) -> None:
     with open(path, "a") as runs:
         runs.write(f"{current_job.attempt} {os.getpid()}\n")
     os._exit(1)
+
+
+@errands.task(name="nap")
+async def nap(seconds: float) -> list[object]:
+    """Sleep on the event loop, saying so as progress; return where and how it ran."""
+    current_job.set_progress(0.5, "napping")
+    await asyncio.sleep(seconds)
+    return [current_app.name, os.getpid(), current_job.attempt]
+
+
+@errands.task(name="echo")
+def echo(value: object, seconds: float = 0.0) -> object:
+    """Return ``value`` after ``seconds``: a workflow step."""
+    time.sleep(seconds)
+    return value
+
+
+@errands.task(name="gather")
+def gather(values: list[object], path: str) -> int:
+    """Write down the results a chord's callback received, one line per run."""
+    with open(path, "a") as runs:
+        runs.write(json.dumps({"values": values, "attempt": current_job.attempt}) + "\n")
+    return len(values)

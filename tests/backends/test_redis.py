@@ -324,6 +324,10 @@ def test_finished_jobs_expire_and_prune_leaves_no_index_behind(backend_url: str)
     replay_guards = {key for key in keys if key.startswith("reserved:")}
     assert all(0 < client.ttl(backend.prefix + key) <= 60 for key in replay_guards)
     keys -= replay_guards
+    # This minute's count of finished attempts stays until prune passes the minute, and expires.
+    minute = f"finished:{int(now // 60)}"
+    assert 0 < client.ttl(backend.prefix + minute) <= 3600 + 86400
+    keys -= {minute, "finishedminutes"}
     assert keys == {"seq", "schedules", "ticks:nightly", "tickfired:nightly", "tickjob:nightly"}
     backend.close()
     client.close()

@@ -19,6 +19,7 @@ those checks.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -27,6 +28,7 @@ from typing import Any, Protocol
 
 from ..status import FINISHED, LIVE, STATUSES, WAITING, JobStatus
 
+BLOCKED = JobStatus.BLOCKED
 QUEUED = JobStatus.QUEUED
 SCHEDULED = JobStatus.SCHEDULED
 RUNNING = JobStatus.RUNNING
@@ -35,6 +37,7 @@ FAILED = JobStatus.FAILED
 CANCELLED = JobStatus.CANCELLED
 
 __all__ = [
+    "BLOCKED",
     "CANCELLED",
     "FAILED",
     "FINISHED",
@@ -44,11 +47,14 @@ __all__ = [
     "SCHEDULED",
     "STATUSES",
     "SUCCEEDED",
+    "UPSTREAM_FAILED",
     "WAITING",
     "Backend",
     "Cursor",
+    "Flow",
     "JobRecord",
     "JobStatus",
+    "ScheduleState",
 ]
 
 #: How many leases in a row a job may lose (its worker died running it) before it fails.
@@ -58,6 +64,11 @@ WORKER_LOST_ERROR = (
     "WorkerLost: worker {worker} died while running attempt {attempt} (its lease expired); "
     "the job lost {lost} leases in a row, so it is not run again"
 )
+
+#: The error of a workflow step cancelled because a step upstream of it failed or was cancelled.
+UPSTREAM_FAILED = "UpstreamFailed: upstream step {job} ({task}) {ended}; this step never ran"
+#: How an :data:`UPSTREAM_FAILED` error starts: re-running the upstream step revives such steps.
+UPSTREAM_FAILED_PREFIX = "UpstreamFailed: "
 
 logger = logging.getLogger("flask_errands")
 
@@ -92,6 +103,10 @@ class JobRecord:
     worker_id: str | None = None
     #: Leases lost in a row: reserve counts a claim of an expired lease; finish and release reset.
     lost_leases: int = 0
+    #: For a workflow step, its place in the workflow as :class:`Flow` JSON; None otherwise.
+    flow: str | None = None
+    #: For a blocked step, how many of its inputs (upstream results) are not stored yet.
+    blocked_by: int = 0
 
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any]) -> JobRecord:
@@ -106,6 +121,47 @@ class JobRecord:
 
 FIELDS = dataclasses.fields(JobRecord)
 FIELD_NAMES = tuple(f.name for f in FIELDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flow:
+    """A workflow step's links, fixed when the workflow is enqueued.
+
+    ``next`` lists the steps this one feeds, each with the position its result
+    takes among that step's inputs. A step with ``inputs`` takes the results of
+    that many upstream steps as its first argument: the one result itself, or
+    the list of them in position order when ``gather`` (after a group, a chord's
+    callback).
+    """
+
+    next: tuple[tuple[str, int], ...] = ()
+    inputs: int = 0
+    gather: bool = False
+
+    def dumps(self) -> str:
+        return json.dumps(
+            {
+                "next": [list(link) for link in self.next],
+                "inputs": self.inputs,
+                "gather": self.gather,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def loads(cls, text: str) -> Flow:
+        data = json.loads(text)
+        return cls(
+            next=tuple((str(job_id), int(position)) for job_id, position in data["next"]),
+            inputs=int(data["inputs"]),
+            gather=bool(data["gather"]),
+        )
+
+
+def upstream_failed(job_id: str, task: str, status: str) -> str:
+    """:data:`UPSTREAM_FAILED` for the steps downstream of ``job_id``, which ended ``status``."""
+    ended = "was cancelled" if status == CANCELLED else "failed"
+    return UPSTREAM_FAILED.format(job=job_id, task=task, ended=ended)
 
 
 def worker_lost_error(worker: str | None, attempt: int, lost: int) -> str:
@@ -129,6 +185,53 @@ def claimed_only(records: Sequence[JobRecord]) -> list[JobRecord]:
         else:
             claimed.append(record)
     return claimed
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleState:
+    """What people changed on a schedule at run time, as the store keeps it for every process.
+
+    ``every`` or ``cron`` (at most one set) replaces the timing the code gave;
+    ``since`` is when the schedule was last resumed or re-timed: a tick before
+    it is a past one, never fired late.
+    """
+
+    paused: bool = False
+    every: float | None = None
+    cron: str | None = None
+    since: float = 0.0
+
+
+#: The outcome an attempt's end counts as, by the status :meth:`Backend.finish` gives the job.
+OUTCOMES = {"succeeded": "succeeded", "failed": "failed", "cancelled": "cancelled"}
+OUTCOMES["scheduled"] = "retried"
+
+
+def minute_of(moment: float) -> int:
+    """The minute (Unix time // 60) that per-minute counts and samples file ``moment`` under."""
+    return int(moment // 60)
+
+
+def page_filters(
+    placeholder: str, limit: int, before: int | None, **filters: str | None
+) -> tuple[str, dict[str, Any]]:
+    """An SQL store's keyset page: an ``AND`` clause per filter given, and the parameters.
+
+    A clause only for each filter given lets each use its own index;
+    ``placeholder`` formats a parameter name (``:{}`` or ``%({})s``). One row
+    more than ``limit`` is asked for, for :func:`page_of` to see if another page follows.
+    """
+    given = {name: value for name, value in filters.items() if value}
+    clause = "".join(f" AND {name} = {placeholder.format(name)}" for name in given)
+    return clause, {**given, "limit": limit + 1, "before": 2**63 - 1 if before is None else before}
+
+
+def page_of(
+    rows: Sequence[Any], limit: int, record: Callable[[Any], JobRecord]
+) -> tuple[list[JobRecord], int | None]:
+    """The jobs of rows from a :func:`page_filters` query, and the position of the next page."""
+    more = len(rows) > limit
+    return [record(row) for row in rows[:limit]], rows[limit - 1]["seq"] if more else None
 
 
 WakeCallback = Callable[[], None]
@@ -167,6 +270,8 @@ class Backend(ABC):
         A job whose ``unique_key`` belongs to a live (queued, scheduled or
         running) job is not stored; the live job's record takes its place in
         the result. Either every job is stored or none is, and the call raises.
+        So a workflow's steps are stored together: those with upstream steps
+        ``blocked``, never reserved until :meth:`finish` unblocks them.
 
         Raises :class:`~flask_errands.exceptions.DuplicateJob` when a job's id
         is already stored (or given twice in ``jobs``), and
@@ -192,12 +297,15 @@ class Backend(ABC):
         ``eta``, then enqueue order. Each claimed job becomes running with
         ``attempts`` incremented, a fresh ``lease_token`` and
         ``lease_expires_at = now + lease_seconds``. ``queues=None`` means all.
+        A paused queue (:meth:`pause_queue`) is skipped, in the same atomic step.
 
         Claiming an expired lease adds one to the job's ``lost_leases``. A job
         that reaches ``max_lost_leases`` that way is not claimed but failed, in
         the same atomic step, with :data:`WORKER_LOST_ERROR` and no traceback:
         a task that kills its worker each time must not loop for ever. It is
-        not returned, and may count against ``limit``.
+        not returned, and may count against ``limit``. Such a workflow step
+        cancels its downstream steps as :meth:`finish` does (on SQL stores, in
+        a second transaction right after).
         """
 
     @abstractmethod
@@ -232,6 +340,22 @@ class Backend(ABC):
         whether it applied (False when the lease was lost and the job handed
         to another worker). Clears the unique key's claim unless rescheduled.
         Resets ``lost_leases``: the attempt ended with its worker alive.
+
+        When it applies, it also adds one, in the same atomic step, to the
+        count of attempts of the job's queue and task that ended so in the
+        minute of ``now`` (:meth:`finished_counts`; ``scheduled`` counts as
+        ``retried``), as does a reserve that fails a job for lost leases.
+
+        A workflow step's outcome moves its workflow on in the same atomic step
+        (one Lua script, one transaction, one lock), so a worker killed at any
+        point leaves either both or neither, and a chord's callback is queued
+        exactly once. ``succeeded``: the result is stored as an input of each
+        step in ``Flow.next`` (:meth:`step_inputs`), unless that input is
+        already there (a re-run), and each newly stored input takes one from
+        its step's ``blocked_by``; a blocked step at 0 becomes queued (or
+        scheduled, if its eta is later). ``failed`` or ``cancelled``: every
+        blocked step downstream, transitively, becomes cancelled with the
+        error :func:`upstream_failed` naming this job.
         """
 
     @abstractmethod
@@ -244,10 +368,12 @@ class Backend(ABC):
 
     @abstractmethod
     def cancel(self, job_id: str, now: float) -> JobRecord | None:
-        """Cancel a job: a waiting one never starts; a running one is asked to stop.
+        """Cancel a job: a waiting or blocked one never starts; a running one is asked to stop.
 
         Returns the job as it is afterwards, or None when there is no such job.
-        A finished job is returned unchanged.
+        A finished job is returned unchanged. Cancelling a waiting or blocked
+        workflow step cancels the blocked steps downstream of it as
+        :meth:`finish` does, in the same atomic step.
         """
 
     @abstractmethod
@@ -256,6 +382,18 @@ class Backend(ABC):
 
         The job is queued with its attempts, lost leases, result and error cleared. Returns
         the job afterwards (unchanged if it is still live), or None if unknown.
+
+        A workflow step resumes its workflow, atomically: it goes back to
+        ``blocked`` instead if inputs are still missing (``blocked_by > 0``),
+        and the steps downstream of it, transitively, that were cancelled with
+        an :func:`upstream_failed` error are blocked again, their stored inputs kept.
+        """
+
+    @abstractmethod
+    def step_inputs(self, job_id: str) -> dict[int, str]:
+        """Return the inputs stored for a workflow step: ``{position: result JSON}``.
+
+        Written by :meth:`finish` of its upstream steps; deleted with the step.
         """
 
     # -- in the app's own transaction -------------------------------------------
@@ -295,12 +433,95 @@ class Backend(ABC):
         """Return jobs, newest first, optionally only those in ``status`` and ``queue``."""
 
     @abstractmethod
+    def job_page(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> tuple[list[JobRecord], int | None]:
+        """One page of jobs, newest (latest enqueued in the store's order) first.
+
+        Keyset pagination, never an offset: ``before`` is the position a
+        previous page returned, and the page holds jobs enqueued before it.
+        Returns the jobs and the position to pass for the next page, or None
+        when no job is left. A page may hold fewer than ``limit`` jobs and still
+        have a next one (a store may bound how far it looks per call).
+        """
+
+    @abstractmethod
     def counts(self) -> dict[tuple[str, str], int]:
         """Return the number of jobs per ``(queue, status)``."""
 
     @abstractmethod
     def next_eta(self, queues: Sequence[str] | None) -> float | None:
-        """Return the earliest ``eta`` among waiting jobs of these queues, or None."""
+        """Return the earliest ``eta`` among waiting jobs of these queues, or None.
+
+        Paused queues are left out: their jobs are not due for any worker.
+        """
+
+    # -- queues and schedules, as people change them ---------------------------
+
+    @abstractmethod
+    def pause_queue(self, queue: str, now: float) -> None:
+        """Stop every worker from claiming jobs of ``queue`` until resumed; idempotent.
+
+        Jobs still enqueue to a paused queue, and running ones finish.
+        """
+
+    @abstractmethod
+    def resume_queue(self, queue: str) -> None:
+        """Let workers claim from ``queue`` again, and wake them; idempotent."""
+
+    @abstractmethod
+    def paused_queues(self) -> set[str]:
+        """The names of the paused queues, whether they hold jobs or not."""
+
+    @abstractmethod
+    def set_schedule_paused(self, schedule: str, paused: bool, now: float) -> None:
+        """Pause or resume a schedule for every scheduler; atomic, keeps its timing.
+
+        Resuming (from paused) sets ``since`` to ``now``, so the ticks missed meanwhile never fire.
+        """
+
+    @abstractmethod
+    def set_schedule_timing(
+        self, schedule: str, every: float | None, cron: str | None, now: float
+    ) -> None:
+        """Replace a schedule's timing (one of ``every`` and ``cron``) for every scheduler.
+
+        Atomic, keeps whether it is paused, and sets ``since`` to ``now``.
+        """
+
+    @abstractmethod
+    def schedule_states(self) -> dict[str, ScheduleState]:
+        """Every schedule changed at run time, by name."""
+
+    # -- figures for charts and metrics ----------------------------------------
+
+    @abstractmethod
+    def finished_counts(self, since_minute: int) -> list[tuple[int, str, str, str, int]]:
+        """Attempts that ended per minute, from ``since_minute`` (Unix time // 60) on.
+
+        Rows of ``(minute, queue, task, outcome, n)``, outcome one of
+        ``succeeded``, ``failed``, ``cancelled`` and ``retried``, as counted by
+        :meth:`finish`. :meth:`prune` folds the minutes before its cut-off into
+        minute 0, which so holds the counts since the store began (for metrics).
+        """
+
+    @abstractmethod
+    def sample_depth(self, now: float) -> bool:
+        """Record how many jobs each queue holds queued, scheduled and running, once a minute.
+
+        Keyed by the minute of ``now``: the first caller of the minute, in any
+        process, stores the sample and gets True; later ones store nothing.
+        """
+
+    @abstractmethod
+    def depth_samples(self, since_minute: int) -> dict[int, dict[tuple[str, str], int]]:
+        """The samples :meth:`sample_depth` stored, ``{minute: {(queue, status): n}}``."""
 
     # -- housekeeping --------------------------------------------------------
 
@@ -329,11 +550,13 @@ class Backend(ABC):
         """Delete what is older than ``finished_before``; return how many jobs were deleted.
 
         Deletes: jobs that finished (succeeded, failed or cancelled) before
-        ``finished_before``; schedule ticks fired before it, except the latest
-        tick of each schedule, which is kept so missed ticks can be found; and
-        worker registrations that expired at or before it. Waiting and running
-        jobs are never deleted. Redis also expires finished records by
-        themselves, a day after the result TTL; those count as deleted here.
+        ``finished_before``; the depth samples of minutes before it, and their
+        per-minute counts (added to minute 0 first); schedule ticks fired
+        before it, except the latest tick of each schedule, which is kept so
+        missed ticks can be found; and worker registrations that expired at or
+        before it. Waiting and running jobs are never deleted. Redis also
+        expires finished records by themselves, a day after the result TTL;
+        those count as deleted here.
         """
 
     @abstractmethod

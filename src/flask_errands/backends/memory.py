@@ -6,6 +6,7 @@ every other backend must behave as this one does under the conformance suite.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import threading
@@ -15,19 +16,27 @@ from typing import Any
 
 from ..exceptions import DuplicateJob
 from .base import (
+    BLOCKED,
     CANCELLED,
     DEFAULT_MAX_LOST_LEASES,
     FAILED,
     FINISHED,
     LIVE,
+    OUTCOMES,
     QUEUED,
     RUNNING,
     SCHEDULED,
+    SUCCEEDED,
+    UPSTREAM_FAILED_PREFIX,
     WAITING,
     Backend,
+    Flow,
     JobRecord,
     JobStatus,
+    ScheduleState,
     claimed_only,
+    minute_of,
+    upstream_failed,
     worker_lost_error,
 )
 
@@ -65,6 +74,12 @@ class MemoryBackend(Backend):
         self._running: set[str] = set()
         self._ticks: dict[tuple[str, float], tuple[float, str | None]] = {}
         self._workers: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._paused: set[str] = set()
+        self._schedule_states: dict[str, ScheduleState] = {}
+        self._finished_counts: dict[tuple[int, str, str, str], int] = {}
+        self._depth: dict[int, dict[tuple[str, str], int]] = {}
+        #: Workflow steps' inputs: ``{job id: {position: result JSON}}``.
+        self._inputs: dict[str, dict[int, str]] = {}
 
     def enqueue(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
         with self._lock:
@@ -91,13 +106,19 @@ class MemoryBackend(Backend):
                     len(claimed) + len(given_up) < limit
                     and (job.lease_expires_at or 0) <= now
                     and (queues is None or job.queue in queues)
+                    and job.queue not in self._paused
                 ):
                     job.lost_leases += 1
                     (given_up if job.lost_leases >= max_lost_leases else claimed).append(job)
             for job in given_up:
                 self._give_up(job, now)
+                self._count(job, "failed", now)
             names = list(self._delayed if queues is None else queues)
-            heaps = [self._promote(name, now) for name in names if name in self._delayed]
+            heaps = [
+                self._promote(name, now)
+                for name in names
+                if name in self._delayed and name not in self._paused
+            ]
             while len(claimed) < limit:
                 due = self._pop_due(heaps)
                 if due is None:
@@ -151,16 +172,19 @@ class MemoryBackend(Backend):
                 return False
             self._running.discard(job_id)
             job.status = status if type(status) is JobStatus else JobStatus(status)
+            self._count(job, status, now)
             job.result, job.error, job.traceback = result, error, traceback
             job.lease_expires_at = job.lease_token = None
             job.lost_leases = 0
-            if status == SCHEDULED:
+            due = status == SCHEDULED
+            if due:
                 job.eta = now if eta is None else eta
                 self._push(job)
             else:
                 job.finished_at = now
                 self._forget_unique(job)
-        if status == SCHEDULED:
+                due = self._advance(job, now)
+        if due:
             self._notify()
         return True
 
@@ -183,10 +207,11 @@ class MemoryBackend(Backend):
             job = self._jobs.get(job_id)
             if job is None:
                 return None
-            if job.status in WAITING:
+            if job.status in WAITING or job.status == BLOCKED:
                 job.status = CANCELLED
                 job.finished_at = now
                 self._forget_unique(job)
+                self._advance(job, now)
             elif job.status == RUNNING:
                 job.cancel_requested = True
             return _copy(job)
@@ -205,10 +230,18 @@ class MemoryBackend(Backend):
                 job.lost_leases = 0
                 if job.unique_key is not None:
                     self._unique[job.unique_key] = job.id
-                self._push(job)
+                if job.blocked_by > 0:
+                    job.status = BLOCKED
+                else:
+                    self._push(job)
+                self._revive(job)
             result = _copy(job)
         self._notify()
         return result
+
+    def step_inputs(self, job_id: str) -> dict[int, str]:
+        with self._lock:
+            return dict(self._inputs.get(job_id, {}))
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:
@@ -232,6 +265,32 @@ class MemoryBackend(Backend):
             matching.sort(key=lambda job: self._seq[job.id], reverse=True)
             return [_copy(job) for job in matching[offset : offset + limit]]
 
+    def job_page(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> tuple[list[JobRecord], int | None]:
+        with self._lock:
+            matching = sorted(
+                (
+                    (self._seq[job.id], job)
+                    for job in self._jobs.values()
+                    if (status is None or job.status == status)
+                    and (queue is None or job.queue == queue)
+                    and (task is None or job.task == task)
+                    and (before is None or self._seq[job.id] < before)
+                ),
+                key=lambda entry: entry[0],
+                reverse=True,
+            )
+            page = matching[:limit]
+            more = len(matching) > limit
+            return [_copy(job) for _, job in page], page[-1][0] if more else None
+
     def counts(self) -> dict[tuple[str, str], int]:
         totals: dict[tuple[str, str], int] = {}
         with self._lock:
@@ -247,18 +306,82 @@ class MemoryBackend(Backend):
             etas = [
                 entry[1]
                 for name, heap in self._ready.items()
-                if queues is None or name in queues
+                if (queues is None or name in queues) and name not in self._paused
                 for entry in heap
                 if self._current(entry)
             ]
             for name, delayed in self._delayed.items():
-                while delayed and (queues is None or name in queues):
+                while delayed and (queues is None or name in queues) and name not in self._paused:
                     entry = delayed[0]
                     if self._current((entry[1], entry[0], entry[2], entry[3])):
                         etas.append(entry[0])
                         break
                     heapq.heappop(delayed)
         return min(etas, default=None)
+
+    def pause_queue(self, queue: str, now: float) -> None:
+        with self._lock:
+            self._paused.add(queue)
+
+    def resume_queue(self, queue: str) -> None:
+        with self._lock:
+            self._paused.discard(queue)
+        self._notify()
+
+    def paused_queues(self) -> set[str]:
+        with self._lock:
+            return set(self._paused)
+
+    def set_schedule_paused(self, schedule: str, paused: bool, now: float) -> None:
+        with self._lock:
+            state = self._schedule_states.get(schedule, ScheduleState())
+            since = now if state.paused and not paused else state.since
+            self._schedule_states[schedule] = dataclasses.replace(
+                state, paused=paused, since=since
+            )
+
+    def set_schedule_timing(
+        self, schedule: str, every: float | None, cron: str | None, now: float
+    ) -> None:
+        with self._lock:
+            state = self._schedule_states.get(schedule, ScheduleState())
+            self._schedule_states[schedule] = dataclasses.replace(
+                state, every=every, cron=cron, since=now
+            )
+
+    def schedule_states(self) -> dict[str, ScheduleState]:
+        with self._lock:
+            return dict(self._schedule_states)
+
+    def finished_counts(self, since_minute: int) -> list[tuple[int, str, str, str, int]]:
+        with self._lock:
+            return sorted(
+                (*key, n) for key, n in self._finished_counts.items() if key[0] >= since_minute
+            )
+
+    def sample_depth(self, now: float) -> bool:
+        minute = minute_of(now)
+        with self._lock:
+            if minute in self._depth:
+                return False
+            sample: dict[tuple[str, str], int] = {}
+            for job_id in self._running:
+                key = (self._jobs[job_id].queue, RUNNING.value)
+                sample[key] = sample.get(key, 0) + 1
+            for job in self._jobs.values():
+                if job.status in WAITING:
+                    key = (job.queue, str(job.status))
+                    sample[key] = sample.get(key, 0) + 1
+            self._depth[minute] = sample
+            return True
+
+    def depth_samples(self, since_minute: int) -> dict[int, dict[tuple[str, str], int]]:
+        with self._lock:
+            return {
+                minute: dict(sample)
+                for minute, sample in self._depth.items()
+                if minute >= since_minute
+            }
 
     def fire_tick(self, schedule: str, fire_time: float, job: JobRecord, now: float) -> bool:
         with self._lock:
@@ -297,6 +420,13 @@ class MemoryBackend(Backend):
                 for key, value in self._ticks.items()
                 if value[0] >= finished_before or key in latest
             }
+            cut = minute_of(finished_before)
+            kept: dict[tuple[int, str, str, str], int] = {}
+            for (minute, queue, task, outcome), n in self._finished_counts.items():
+                key = (minute if minute >= cut else 0, queue, task, outcome)
+                kept[key] = kept.get(key, 0) + n
+            self._finished_counts = kept
+            self._depth = {minute: s for minute, s in self._depth.items() if minute >= cut}
         return len(old)
 
     def purge(
@@ -330,6 +460,11 @@ class MemoryBackend(Backend):
 
     # -- internals, called with the lock held --------------------------------
 
+    def _count(self, job: JobRecord, status: str, now: float) -> None:
+        """Add an attempt that ended so to its minute's count, as every store's finish does."""
+        key = (minute_of(now), job.queue, job.task, OUTCOMES[status])
+        self._finished_counts[key] = self._finished_counts.get(key, 0) + 1
+
     def _insert(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
         taken = [job.id for job in jobs if job.id in self._jobs]
         if taken or len({job.id for job in jobs}) < len(jobs):
@@ -345,7 +480,8 @@ class MemoryBackend(Backend):
             self._seq[job.id] = next(self._counter)
             if job.unique_key is not None:
                 self._unique[job.unique_key] = job.id
-            self._push(job)
+            if job.status != BLOCKED:
+                self._push(job)
             stored.append(_copy(job))
         return stored
 
@@ -390,6 +526,57 @@ class MemoryBackend(Backend):
         job.error = worker_lost_error(job.worker_id, job.attempts, job.lost_leases)
         job.traceback = job.lease_expires_at = job.lease_token = None
         self._forget_unique(job)
+        self._advance(job, now)
+
+    def _advance(self, job: JobRecord, now: float) -> bool:
+        """Move a finished step's workflow on (see ``Backend.finish``); True if a step fell due."""
+        if job.flow is None:
+            return False
+        links = Flow.loads(job.flow).next
+        if job.status == SUCCEEDED:
+            due = False
+            for step_id, position in links:
+                step, inputs = self._jobs.get(step_id), self._inputs.setdefault(step_id, {})
+                if step is None or position in inputs:
+                    continue
+                inputs[position] = job.result or "null"
+                step.blocked_by -= 1  # even if cancelled: a re-run of its upstream revives it
+                if step.status == BLOCKED and step.blocked_by <= 0:
+                    step.status = SCHEDULED if step.eta > now else QUEUED
+                    self._push(step)
+                    due = True
+            return due
+        error = upstream_failed(job.id, job.task, job.status)
+        for step in self._downstream(links, BLOCKED):
+            step.status, step.finished_at, step.error = CANCELLED, now, error
+        return False
+
+    def _revive(self, job: JobRecord) -> None:
+        """Block again the steps downstream of a re-run step that its failure cancelled."""
+        if job.flow is None:
+            return
+        for step in self._downstream(Flow.loads(job.flow).next, CANCELLED, UPSTREAM_FAILED_PREFIX):
+            step.status, step.finished_at, step.error = BLOCKED, None, None
+
+    def _downstream(
+        self, links: tuple[tuple[str, int], ...], status: str, error_prefix: str = ""
+    ) -> list[JobRecord]:
+        """The steps reachable through ``links`` (and theirs) that are in ``status``."""
+        found: dict[str, JobRecord] = {}
+        pending = [step_id for step_id, _ in links]
+        while pending:
+            step = self._jobs.get(pending.pop())
+            if (
+                step is None
+                or step.id in found
+                or step.status != status
+                or not (step.error or "").startswith(error_prefix)
+            ):
+                continue
+            found[step.id] = step
+            if step.flow is not None:
+                pending.extend(step_id for step_id, _ in Flow.loads(step.flow).next)
+        return list(found.values())
 
     def _owned(self, job_id: str, lease_token: str) -> JobRecord | None:
         job = self._jobs.get(job_id)
@@ -407,6 +594,7 @@ class MemoryBackend(Backend):
         for job_id in job_ids:
             job = self._jobs.pop(job_id)
             del self._seq[job_id]
+            self._inputs.pop(job_id, None)
             self._forget_unique(job)
 
     def _forget_unique(self, job: JobRecord) -> None:

@@ -54,6 +54,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..exceptions import BackendUnavailable, ConfigurationError, DuplicateJob, EnqueueError
+from . import steps
 from .base import (
     DEFAULT_MAX_LOST_LEASES,
     SCHEDULED,
@@ -61,7 +62,11 @@ from .base import (
     Backend,
     Cursor,
     JobRecord,
+    ScheduleState,
     claimed_only,
+    minute_of,
+    page_filters,
+    page_of,
 )
 from .patience import patience, store_call
 from .queries import load_queries
@@ -91,11 +96,13 @@ class Connection(psycopg.Connection[DictRow]):
 
 
 QUERIES = load_queries("postgres.sql")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 #: The statements that bring a schema from the version before to each version.
 MIGRATIONS = {
     1: tuple(QUERIES[name] for name in QUERIES if name.startswith("create_")),
     2: (QUERIES["migrate_2_lost_leases"],),
+    3: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_3_")),
+    4: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_4_")),
 }
 
 #: Settings read from (and removed from) the URL's query, with their defaults.
@@ -375,7 +382,13 @@ class PostgresBackend(Backend):
         with self._connection() as conn:
             rows = conn.execute(query, params).fetchall()
         rows.sort(key=lambda row: (-row["priority"], row["eta"], row["seq"]))
-        return claimed_only([_record(row) for row in rows])
+        records = [_record(row) for row in rows]
+        for record in records:
+            if record.status == "failed" and record.flow is not None:  # lost too many leases
+                with self._connection() as conn, conn.transaction():
+                    run = self._runner(conn)
+                    steps.advance(run, record.id, record.task, "failed", record.flow, None, now)
+        return claimed_only(records)
 
     def heartbeat(self, leases: Mapping[str, str], lease_seconds: float, now: float) -> set[str]:
         if not leases:
@@ -419,9 +432,26 @@ class PostgresBackend(Backend):
                 "channel": self._channel,
             }
             applied = conn.execute(QUERIES["finish"], params).rowcount == 1
-        if applied and status == SCHEDULED:
+            due = False
+            if not applied:  # a workflow step (or a lost lease): record it, move its workflow on
+                with conn.transaction():
+                    row = conn.execute(QUERIES["finish_step"], params).fetchone()
+                    if row is not None:
+                        applied, run = True, self._runner(conn)
+                        task, flow = row["task"], row["flow"]
+                        due = steps.advance(run, job_id, task, status, flow, result, now)
+        if applied and (status == SCHEDULED or due):
             self._notify()
         return applied
+
+    def _runner(self, conn: Connection) -> steps.Run:
+        """Run this backend's named queries on ``conn``, for :mod:`steps`."""
+        channel = self._channel
+
+        def run(name: str, params: Mapping[str, Any]) -> list[DictRow]:
+            return conn.execute(QUERIES[name], {**params, "channel": channel}).fetchall()
+
+        return run
 
     def release(self, job_id: str, lease_token: str, now: float) -> bool:
         with self._connection() as conn:
@@ -432,8 +462,11 @@ class PostgresBackend(Backend):
         return applied
 
     def cancel(self, job_id: str, now: float) -> JobRecord | None:
-        with self._connection() as conn:
+        with self._connection() as conn, conn.transaction():
             row = conn.execute(QUERIES["cancel"], {"id": job_id, "now": now}).fetchone()
+            if row is not None and row["status"] == "cancelled":
+                run = self._runner(conn)
+                steps.advance(run, job_id, row["task"], "cancelled", row["flow"], None, now)
             if row is None:  # unknown, or already finished and left as it is
                 row = conn.execute(QUERIES["get"], (job_id,)).fetchone()
         return None if row is None else _record(row)
@@ -442,13 +475,22 @@ class PostgresBackend(Backend):
         with self._connection() as conn:
             params = {"id": job_id, "now": now, "channel": self._channel}
             try:
-                requeued = conn.execute(QUERIES["requeue"], params).rowcount == 1
+                with conn.transaction():
+                    rows = conn.execute(QUERIES["requeue"], params).fetchall()
+                    for requeued_row in rows:
+                        steps.revive(self._runner(conn), requeued_row["flow"])
+                requeued = bool(rows)
             except UniqueViolation:
                 requeued = False  # a live job holds its unique key: this one stays finished
             row = conn.execute(QUERIES["get"], (job_id,)).fetchone()
         if requeued:
             self._notify()
         return None if row is None else _record(row)
+
+    def step_inputs(self, job_id: str) -> dict[int, str]:
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["step_inputs"], (job_id,)).fetchall()
+        return {row["position"]: row["result"] for row in rows}
 
     # -- looking at jobs -----------------------------------------------------
 
@@ -469,6 +511,22 @@ class PostgresBackend(Backend):
             rows = conn.execute(QUERIES["list_jobs"], params).fetchall()
         return [_record(row) for row in rows]
 
+    def job_page(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> tuple[list[JobRecord], int | None]:
+        filters, params = page_filters(
+            "%({})s", limit, before, status=status, queue=queue, task=task
+        )
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["job_page"].format(filters=filters), params).fetchall()
+        return page_of(rows, limit, _record)
+
     def counts(self) -> dict[tuple[str, str], int]:
         with self._connection() as conn:
             rows = conn.execute(QUERIES["counts"]).fetchall()
@@ -480,6 +538,64 @@ class PostgresBackend(Backend):
             row = conn.execute(QUERIES["next_eta"].format(queue_filter=queue_filter), params)
             eta: float | None = _value(row.fetchone())
         return eta
+
+    # -- queues and schedules, as people change them ---------------------------
+
+    def pause_queue(self, queue: str, now: float) -> None:
+        with self._connection() as conn:
+            conn.execute(QUERIES["pause_queue"], (queue, now))
+
+    def resume_queue(self, queue: str) -> None:
+        with self._connection() as conn:
+            conn.execute(QUERIES["resume_queue"], {"queue": queue, "channel": self._channel})
+        self._notify()
+
+    def paused_queues(self) -> set[str]:
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["paused_queues"]).fetchall()
+        return {row["queue"] for row in rows}
+
+    def set_schedule_paused(self, schedule: str, paused: bool, now: float) -> None:
+        params = {"schedule": schedule, "paused": paused, "now": now}
+        with self._connection() as conn:
+            conn.execute(QUERIES["set_schedule_paused"], params)
+
+    def set_schedule_timing(
+        self, schedule: str, every: float | None, cron: str | None, now: float
+    ) -> None:
+        params = {"schedule": schedule, "every": every, "cron": cron, "now": now}
+        with self._connection() as conn:
+            conn.execute(QUERIES["set_schedule_timing"], params)
+
+    def schedule_states(self) -> dict[str, ScheduleState]:
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["schedule_states"]).fetchall()
+        return {
+            row["schedule"]: ScheduleState(
+                paused=row["paused"], every=row["every"], cron=row["cron"], since=row["since"]
+            )
+            for row in rows
+        }
+
+    # -- figures for charts and metrics ----------------------------------------
+
+    def finished_counts(self, since_minute: int) -> list[tuple[int, str, str, str, int]]:
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["finished_counts"], (since_minute,)).fetchall()
+        return [(r["minute"], r["queue"], r["task"], r["outcome"], r["n"]) for r in rows]
+
+    def sample_depth(self, now: float) -> bool:
+        with self._connection() as conn:
+            cursor = conn.execute(QUERIES["sample_depth"], {"minute": minute_of(now)})
+            return cursor.rowcount == 1
+
+    def depth_samples(self, since_minute: int) -> dict[int, dict[tuple[str, str], int]]:
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["depth_samples"], (since_minute,)).fetchall()
+        return {
+            row["minute"]: {(queue, status): n for queue, status, n in row["sample"]}
+            for row in rows
+        }
 
     # -- housekeeping --------------------------------------------------------
 
@@ -503,6 +619,9 @@ class PostgresBackend(Backend):
         with self._connection() as conn, conn.transaction():
             conn.execute(QUERIES["prune_ticks"], (finished_before,))
             conn.execute(QUERIES["prune_workers"], (finished_before,))
+            conn.execute(QUERIES["roll_up_figures"], (minute_of(finished_before),))
+            conn.execute(QUERIES["prune_figures"], (minute_of(finished_before),))
+            conn.execute(QUERIES["prune_samples"], (minute_of(finished_before),))
             return conn.execute(QUERIES["prune_jobs"], (finished_before,)).rowcount
 
     def purge(

@@ -103,16 +103,129 @@ CREATE TABLE IF NOT EXISTS errands_workers (
 -- name: migrate_2_lost_leases
 ALTER TABLE errands_jobs ADD COLUMN IF NOT EXISTS lost_leases integer NOT NULL DEFAULT 0
 
+-- name: migrate_3_paused_queues
+-- Version 3: paused queues, schedules changed at run time, per-minute figures for the
+-- dashboard's charts (and metrics), and indexes for paging through jobs by keyset.
+CREATE TABLE IF NOT EXISTS errands_paused_queues (
+    queue text PRIMARY KEY,
+    paused_at double precision NOT NULL
+)
+
+-- name: migrate_3_schedule_states
+CREATE TABLE IF NOT EXISTS errands_schedule_states (
+    schedule text PRIMARY KEY,
+    paused boolean NOT NULL DEFAULT false,
+    every double precision,
+    cron text,
+    since double precision NOT NULL DEFAULT 0
+)
+
+-- name: migrate_3_finished_counts
+-- One row per minute, queue, task and outcome, split in a few shards (by server process) so
+-- workers finishing jobs of one task at once do not queue for one row's lock.
+CREATE TABLE IF NOT EXISTS errands_finished_counts (
+    minute bigint NOT NULL,
+    queue text NOT NULL,
+    task text NOT NULL,
+    outcome text NOT NULL,
+    shard smallint NOT NULL,
+    n bigint NOT NULL,
+    PRIMARY KEY (minute, queue, task, outcome, shard)
+)
+
+-- name: migrate_3_depth_samples
+CREATE TABLE IF NOT EXISTS errands_depth_samples (
+    minute bigint PRIMARY KEY,
+    sample jsonb NOT NULL
+)
+
+-- name: migrate_3_finished_totals
+-- How many finished jobs each queue holds per status, kept by the triggers below (in a few
+-- shards, by server process, so concurrent finishes do not queue for one row), so counts never
+-- scan the finished jobs; waiting and running ones are counted through their index.
+CREATE TABLE IF NOT EXISTS errands_finished_totals (
+    queue text NOT NULL,
+    status text NOT NULL,
+    shard smallint NOT NULL,
+    n bigint NOT NULL,
+    PRIMARY KEY (queue, status, shard)
+)
+
+-- name: migrate_3_finished_totals_fill
+INSERT INTO errands_finished_totals (queue, status, shard, n)
+SELECT queue, status, 0, count(*) FROM errands_jobs
+WHERE status IN ('succeeded', 'failed', 'cancelled') GROUP BY queue, status
+
+-- name: migrate_3_total_function
+CREATE OR REPLACE FUNCTION errands_count_finished() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP <> 'INSERT' AND OLD.status IN ('succeeded', 'failed', 'cancelled') THEN
+        INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
+        VALUES (OLD.queue, OLD.status, pg_backend_pid() % 8, -1)
+        ON CONFLICT (queue, status, shard) DO UPDATE SET n = t.n - 1;
+    END IF;
+    IF TG_OP <> 'DELETE' AND NEW.status IN ('succeeded', 'failed', 'cancelled') THEN
+        INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
+        VALUES (NEW.queue, NEW.status, pg_backend_pid() % 8, 1)
+        ON CONFLICT (queue, status, shard) DO UPDATE SET n = t.n + 1;
+    END IF;
+    RETURN NULL;
+END
+$$
+
+-- name: migrate_3_total_on_insert
+CREATE TRIGGER errands_total_on_insert AFTER INSERT ON errands_jobs
+FOR EACH ROW WHEN (NEW.status IN ('succeeded', 'failed', 'cancelled'))
+EXECUTE FUNCTION errands_count_finished()
+
+-- name: migrate_3_total_on_update
+CREATE TRIGGER errands_total_on_update AFTER UPDATE OF status ON errands_jobs
+FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status
+    AND (OLD.status IN ('succeeded', 'failed', 'cancelled')
+        OR NEW.status IN ('succeeded', 'failed', 'cancelled')))
+EXECUTE FUNCTION errands_count_finished()
+
+-- name: migrate_3_total_on_delete
+CREATE TRIGGER errands_total_on_delete AFTER DELETE ON errands_jobs
+FOR EACH ROW WHEN (OLD.status IN ('succeeded', 'failed', 'cancelled'))
+EXECUTE FUNCTION errands_count_finished()
+
+-- name: migrate_3_status_index
+CREATE INDEX IF NOT EXISTS errands_jobs_by_status ON errands_jobs (status, seq)
+
+-- name: migrate_3_queue_index
+CREATE INDEX IF NOT EXISTS errands_jobs_by_queue ON errands_jobs (queue, seq)
+
+-- name: migrate_3_task_index
+CREATE INDEX IF NOT EXISTS errands_jobs_by_task ON errands_jobs (task, seq)
+
+-- name: migrate_4_flow
+-- Version 4: workflows (a step's place in its workflow, its missing inputs, its inputs).
+ALTER TABLE errands_jobs ADD COLUMN IF NOT EXISTS flow text
+
+-- name: migrate_4_blocked_by
+ALTER TABLE errands_jobs ADD COLUMN IF NOT EXISTS blocked_by integer NOT NULL DEFAULT 0
+
+-- name: migrate_4_inputs
+-- A workflow step's inputs: the results of its upstream steps, by position.
+CREATE TABLE IF NOT EXISTS errands_inputs (
+    job_id text NOT NULL REFERENCES errands_jobs (id) ON DELETE CASCADE,
+    position integer NOT NULL,
+    result text NOT NULL,
+    PRIMARY KEY (job_id, position)
+)
+
 -- name: insert_job
 -- {jobs} is the table, qualified with the store's schema when written through an app's
 -- connection, whose search_path may differ.
 WITH inserted AS (
     INSERT INTO {jobs} (
         id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, unique_key, eta, enqueued_at
+        timeout, unique_key, eta, enqueued_at, flow, blocked_by
     ) VALUES (
         %(id)s, %(task)s, %(payload)s, %(queue)s, %(priority)s, %(status)s, %(attempts)s,
-        %(max_attempts)s, %(retry_delay)s, %(timeout)s, %(unique_key)s, %(eta)s, %(enqueued_at)s
+        %(max_attempts)s, %(retry_delay)s, %(timeout)s, %(unique_key)s, %(eta)s, %(enqueued_at)s,
+        %(flow)s, %(blocked_by)s
     )
     ON CONFLICT (unique_key)
         WHERE unique_key IS NOT NULL AND status IN ('queued', 'scheduled', 'running')
@@ -131,12 +244,14 @@ WHERE unique_key = %s AND status IN ('queued', 'scheduled', 'running')
 WITH expired AS (
     SELECT seq, lost_leases + 1 >= %(max_lost)s AS give_up FROM errands_jobs
     WHERE status = 'running' AND lease_expires_at <= %(now)s {queue_filter}
+        AND queue NOT IN (SELECT queue FROM errands_paused_queues)
     ORDER BY lease_expires_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), due AS (
     SELECT seq FROM errands_jobs
     WHERE status IN ('queued', 'scheduled') AND eta <= %(now)s {queue_filter}
+        AND queue NOT IN (SELECT queue FROM errands_paused_queues)
     ORDER BY priority DESC, eta, seq
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -144,7 +259,7 @@ WITH expired AS (
     (SELECT seq, true AS expired, give_up FROM expired)
     UNION ALL (SELECT seq, false, false FROM due)
     LIMIT %(limit)s
-)
+), updated AS (
 UPDATE errands_jobs AS j
 SET status = CASE WHEN claimed.give_up THEN 'failed' ELSE 'running' END,
     attempts = j.attempts + CASE WHEN claimed.give_up THEN 0 ELSE 1 END,
@@ -163,6 +278,13 @@ SET status = CASE WHEN claimed.give_up THEN 'failed' ELSE 'running' END,
 FROM claimed
 WHERE j.seq = claimed.seq
 RETURNING j.*
+), counted AS (
+    INSERT INTO errands_finished_counts AS c (minute, queue, task, outcome, shard, n)
+    SELECT floor(%(now)s / 60)::bigint, queue, task, 'failed', pg_backend_pid() %% 8, count(*)
+    FROM updated WHERE status = 'failed' GROUP BY queue, task
+    ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + excluded.n
+)
+SELECT * FROM updated
 
 -- name: extend_leases
 UPDATE errands_jobs AS j SET lease_expires_at = %(expires)s
@@ -181,10 +303,70 @@ WITH finished AS (
         eta = coalesce(%(eta)s, eta),
         finished_at = CASE WHEN %(status)s = 'scheduled' THEN NULL ELSE %(now)s END,
         lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
-    WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s
-    RETURNING status
+    WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s AND flow IS NULL
+    RETURNING status, queue, task
+), counted AS (
+    -- The attempt's end, counted in its minute in the same statement.
+    INSERT INTO errands_finished_counts AS c (minute, queue, task, outcome, shard, n)
+    SELECT floor(%(now)s / 60)::bigint, queue, task,
+        CASE WHEN status = 'scheduled' THEN 'retried' ELSE status END, pg_backend_pid() %% 8, 1
+    FROM finished
+    ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + 1
 )
 SELECT CASE WHEN status = 'scheduled' THEN pg_notify(%(channel)s, '') END FROM finished
+
+-- name: finish_step
+-- A workflow step's outcome; the caller moves its workflow on in the same transaction.
+WITH finished AS (
+    UPDATE errands_jobs
+    SET status = %(status)s, result = %(result)s, error = %(error)s, traceback = %(traceback)s,
+        eta = coalesce(%(eta)s, eta),
+        finished_at = CASE WHEN %(status)s = 'scheduled' THEN NULL ELSE %(now)s END,
+        lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
+    WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s
+    RETURNING status, queue, task, flow
+), counted AS (
+    INSERT INTO errands_finished_counts AS c (minute, queue, task, outcome, shard, n)
+    SELECT floor(%(now)s / 60)::bigint, queue, task,
+        CASE WHEN status = 'scheduled' THEN 'retried' ELSE status END, pg_backend_pid() %% 8, 1
+    FROM finished
+    ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + 1
+)
+SELECT task, flow FROM finished
+
+-- name: add_input
+-- Not for a step that was purged meanwhile.
+INSERT INTO errands_inputs (job_id, position, result)
+SELECT %(id)s, %(position)s, %(result)s
+WHERE EXISTS (SELECT 1 FROM errands_jobs WHERE id = %(id)s)
+ON CONFLICT DO NOTHING
+RETURNING job_id
+
+-- name: unblock
+WITH unblocked AS (
+    UPDATE errands_jobs
+    SET blocked_by = blocked_by - 1,
+        status = CASE WHEN status <> 'blocked' OR blocked_by > 1 THEN status
+            WHEN eta > %(now)s THEN 'scheduled' ELSE 'queued' END
+    WHERE id = %(id)s
+    RETURNING status
+)
+SELECT status,
+    CASE WHEN status IN ('queued', 'scheduled') THEN pg_notify(%(channel)s, '') END AS notified
+FROM unblocked
+
+-- name: cancel_blocked
+UPDATE errands_jobs SET status = 'cancelled', finished_at = %(now)s, error = %(error)s
+WHERE id = %(id)s AND status = 'blocked'
+RETURNING flow
+
+-- name: revive_cancelled
+UPDATE errands_jobs SET status = 'blocked', finished_at = NULL, error = NULL
+WHERE id = %(id)s AND status = 'cancelled' AND error LIKE %(pattern)s
+RETURNING flow
+
+-- name: step_inputs
+SELECT position, result FROM errands_inputs WHERE job_id = %s
 
 -- name: release
 WITH released AS (
@@ -201,19 +383,20 @@ UPDATE errands_jobs
 SET status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
     finished_at = CASE WHEN status = 'running' THEN finished_at ELSE %(now)s END,
     cancel_requested = cancel_requested OR status = 'running'
-WHERE id = %(id)s AND status IN ('queued', 'scheduled', 'running')
+WHERE id = %(id)s AND status IN ('queued', 'scheduled', 'blocked', 'running')
 RETURNING *
 
 -- name: requeue
 WITH requeued AS (
     UPDATE errands_jobs
-    SET status = 'queued', attempts = 0, eta = %(now)s, result = NULL, error = NULL,
+    SET status = CASE WHEN blocked_by > 0 THEN 'blocked' ELSE 'queued' END, attempts = 0,
+        eta = %(now)s, result = NULL, error = NULL,
         traceback = NULL, progress = NULL, progress_message = NULL, started_at = NULL,
         finished_at = NULL, worker_id = NULL, cancel_requested = false, lost_leases = 0
     WHERE id = %(id)s AND status IN ('succeeded', 'failed', 'cancelled')
-    RETURNING id
+    RETURNING id, flow
 )
-SELECT pg_notify(%(channel)s, '') FROM requeued
+SELECT flow, pg_notify(%(channel)s, '') AS notified FROM requeued
 
 -- name: get
 SELECT * FROM errands_jobs WHERE id = %s
@@ -228,10 +411,75 @@ WHERE (%(status)s::text IS NULL OR status = %(status)s)
 ORDER BY seq DESC LIMIT %(limit)s OFFSET %(offset)s
 
 -- name: counts
-SELECT queue, status, count(*) AS n FROM errands_jobs GROUP BY queue, status
+SELECT queue, status, count(*) AS n FROM errands_jobs
+WHERE status IN ('blocked', 'queued', 'scheduled', 'running') GROUP BY queue, status
+UNION ALL
+SELECT queue, status, sum(n) AS n FROM errands_finished_totals
+GROUP BY queue, status HAVING sum(n) > 0
 
 -- name: next_eta
 SELECT min(eta) AS eta FROM errands_jobs WHERE status IN ('queued', 'scheduled') {queue_filter}
+    AND queue NOT IN (SELECT queue FROM errands_paused_queues)
+
+-- name: job_page
+-- {filters} holds an AND clause per filter given, so each filter can use its index.
+SELECT * FROM errands_jobs WHERE seq < %(before)s {filters} ORDER BY seq DESC
+LIMIT %(limit)s
+
+-- name: pause_queue
+INSERT INTO errands_paused_queues (queue, paused_at) VALUES (%s, %s)
+ON CONFLICT (queue) DO NOTHING
+
+-- name: resume_queue
+WITH resumed AS (DELETE FROM errands_paused_queues WHERE queue = %(queue)s RETURNING queue)
+SELECT pg_notify(%(channel)s, '') FROM resumed
+
+-- name: paused_queues
+SELECT queue FROM errands_paused_queues
+
+-- name: set_schedule_paused
+INSERT INTO errands_schedule_states AS s (schedule, paused) VALUES (%(schedule)s, %(paused)s)
+ON CONFLICT (schedule) DO UPDATE SET
+    since = CASE WHEN s.paused AND NOT excluded.paused THEN %(now)s ELSE s.since END,
+    paused = excluded.paused
+
+-- name: set_schedule_timing
+INSERT INTO errands_schedule_states (schedule, every, cron, since)
+VALUES (%(schedule)s, %(every)s, %(cron)s, %(now)s)
+ON CONFLICT (schedule) DO UPDATE SET
+    every = excluded.every, cron = excluded.cron, since = excluded.since
+
+-- name: schedule_states
+SELECT schedule, paused, every, cron, since FROM errands_schedule_states
+
+-- name: finished_counts
+SELECT minute, queue, task, outcome, sum(n)::bigint AS n FROM errands_finished_counts
+WHERE minute >= %s GROUP BY minute, queue, task, outcome ORDER BY minute, queue, task, outcome
+
+-- name: sample_depth
+INSERT INTO errands_depth_samples (minute, sample)
+SELECT %(minute)s, coalesce(jsonb_agg(jsonb_build_array(queue, status, n)), '[]') FROM (
+    SELECT queue, status, count(*) AS n FROM errands_jobs
+    WHERE status IN ('queued', 'scheduled', 'running') GROUP BY queue, status
+) AS live
+WHERE NOT EXISTS (SELECT 1 FROM errands_depth_samples WHERE minute = %(minute)s)
+ON CONFLICT (minute) DO NOTHING
+
+-- name: depth_samples
+SELECT minute, sample FROM errands_depth_samples WHERE minute >= %s
+
+-- name: roll_up_figures
+-- Minute 0 keeps the counts of every minute pruned, so totals since the start stay known.
+INSERT INTO errands_finished_counts AS c (minute, queue, task, outcome, shard, n)
+SELECT 0, queue, task, outcome, 0, sum(n) FROM errands_finished_counts
+WHERE minute > 0 AND minute < %s GROUP BY queue, task, outcome
+ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + excluded.n
+
+-- name: prune_figures
+DELETE FROM errands_finished_counts WHERE minute > 0 AND minute < %s
+
+-- name: prune_samples
+DELETE FROM errands_depth_samples WHERE minute < %s
 
 -- name: fire_tick
 INSERT INTO errands_ticks (schedule, fire_time, fired_at) VALUES (%s, %s, %s)

@@ -16,6 +16,13 @@
 --   schedules             set of schedule names; ticks:<name> zset fire_time -> fire_time text,
 --   tickfired:<name>      zset fired_at -> fire_time text, tickjob:<name> hash fire_time -> id
 --   workers               zset expires_at -> worker id; workerinfo hash id -> JSON
+--   paused                set: names of paused queues (reserve and next_eta skip them)
+--   schedstates           set of schedule names changed at run time; schedstate:<name> hash
+--                         paused ('1' or '0'), every and since (float text), cron
+--   finished:<minute>     hash "<queue>\n<task>\n<outcome>" -> attempts that ended so in
+--                         that minute (Unix time // 60); finishedminutes zset of its minutes
+--   depth:<minute>        string: JSON [[queue, status, n], ...] sampled once in the minute;
+--                         depthminutes zset of its minutes
 --   reserved:<token>      list of the ids one reserve call claimed, for 60 s: a retried
 --                         call returns them instead of claiming more
 --   wake                  pub/sub channel: new work may be due
@@ -24,7 +31,7 @@
 local P = ARGV[1]
 local WAITING = {queued = true, scheduled = true}
 local FINISHED = {succeeded = true, failed = true, cancelled = true}
-local STATUSES = {'queued', 'scheduled', 'running', 'succeeded', 'failed', 'cancelled'}
+local STATUSES = {'blocked', 'queued', 'scheduled', 'running', 'succeeded', 'failed', 'cancelled'}
 local STATE = {'status', 'queue', 'priority', 'seq', 'unique_key', 'lease_token', 'eta'}
 
 local function job_key(id) return P .. 'job:' .. id end
@@ -33,6 +40,7 @@ local function prios_key(queue) return P .. 'prios:' .. queue end
 local function wait_key(queue, prio) return P .. 'wait:' .. queue .. ':' .. prio end
 local function lease_key(queue) return P .. 'leases:' .. queue end
 local function unique_key(key) return P .. 'unique:' .. key end
+local function inputs_key(id) return P .. 'inputs:' .. id end
 local function member(seq, id) return string.format('%016d', seq) .. id end
 local function prio(value) return string.format('%d', tonumber(value) or 0) end
 
@@ -79,6 +87,7 @@ local function end_job(job, status, now, ttl)
   redis.call('HSET', job_key(job.id), 'status', status, 'finished_at', now)
   redis.call('ZADD', P .. 'finished', now, job.id)
   redis.call('EXPIRE', job_key(job.id), ttl)
+  redis.call('EXPIRE', inputs_key(job.id), ttl)
   forget_unique(job)
 end
 
@@ -88,7 +97,73 @@ local function delete_job(job)
   redis.call('ZREM', lease_key(job.queue), job.id)
   redis.call('ZREM', P .. 'finished', job.id)
   forget_unique(job)
-  redis.call('DEL', job_key(job.id))
+  redis.call('DEL', job_key(job.id), inputs_key(job.id))
+end
+
+local function wake(queue) redis.call('PUBLISH', P .. 'wake', queue) end
+
+-- The steps a workflow step feeds (Flow.next: {id, position} pairs), or nil if it is none.
+local function flow_links(id)
+  local flow = redis.call('HGET', job_key(id), 'flow')
+  if not flow then return nil end
+  return cjson.decode(flow)['next']
+end
+
+-- The steps reachable through links (and theirs) in status, whose error starts with prefix.
+local function downstream(links, status, prefix)
+  local found, seen, pending = {}, {}, {}
+  for _, link in ipairs(links) do pending[#pending + 1] = link[1] end
+  while #pending > 0 do
+    local id = table.remove(pending)
+    if not seen[id] then
+      seen[id] = true
+      local step = state(id)
+      local error = prefix and (redis.call('HGET', job_key(id), 'error') or '')
+      if step and step.status == status and (not prefix or string.sub(error, 1, #prefix) == prefix) then
+        found[#found + 1] = step
+        for _, link in ipairs(flow_links(id) or {}) do pending[#pending + 1] = link[1] end
+      end
+    end
+  end
+  return found
+end
+
+-- Move the workflow of a step that just ended on (Backend.finish); true if a step fell due.
+-- template is the UpstreamFailed error, with {job}, {task} and {ended} to fill in.
+local function advance(id, status, now, ttl, template)
+  local links = flow_links(id)
+  if not links then return false end
+  if status == 'succeeded' then
+    local result = redis.call('HGET', job_key(id), 'result') or 'null'
+    local due = false
+    for _, link in ipairs(links) do
+      local step_id = link[1]
+      local step = state(step_id)
+      if step and redis.call('HSETNX', inputs_key(step_id), tostring(link[2]), result) == 1 then
+        -- One input fewer is missing, whatever its status: a cancelled step may be revived.
+        local left = redis.call('HINCRBY', job_key(step_id), 'blocked_by', -1)
+        if FINISHED[step.status] then redis.call('EXPIRE', inputs_key(step_id), ttl) end
+        if step.status == 'blocked' and left <= 0 then
+          local next_status = tonumber(step.eta) > tonumber(now) and 'scheduled' or 'queued'
+          index(step, next_status)
+          redis.call('HSET', job_key(step_id), 'status', next_status)
+          add_waiting(step, step.eta)
+          wake(step.queue)
+          due = true
+        end
+      end
+    end
+    return due
+  end
+  if status ~= 'failed' and status ~= 'cancelled' then return false end
+  local fill = {job = id, task = redis.call('HGET', job_key(id), 'task') or '?',
+                ended = status == 'cancelled' and 'was cancelled' or 'failed'}
+  local error = (string.gsub(template, '{(%a+)}', fill))
+  for _, step in ipairs(downstream(links, 'blocked')) do
+    end_job(step, 'cancelled', now, ttl)
+    redis.call('HSET', job_key(step.id), 'error', error)
+  end
+  return false
 end
 
 -- An ARGV block of fields: n, then n field/value pairs to set, then m, then m fields to
@@ -173,7 +248,9 @@ local function insert(job, nonce)
   add_once(P .. 'queues', job.queue)
   add_once(prios_key(job.queue), job.prio)
   later('ZADD', idx_key(job.queue, job.status), job.seq, job.id)
-  later('ZADD', wait_key(job.queue, job.prio), job.eta, member(job.seq, job.id))
+  if job.status ~= 'blocked' then
+    later('ZADD', wait_key(job.queue, job.prio), job.eta, member(job.seq, job.id))
+  end
   return 0
 end
 
@@ -183,11 +260,31 @@ local function number(jobs)
   for i, job in ipairs(jobs) do job.seq = last - #jobs + i end
 end
 
-local function wake(queue) redis.call('PUBLISH', P .. 'wake', queue) end
-
 local function queues_from(pos)
   if #ARGV >= pos then return {unpack(ARGV, pos)} end
   return redis.call('SMEMBERS', P .. 'queues')
+end
+
+-- The queues of queues_from(pos) that are not paused.
+local function serving_from(pos)
+  local queues = queues_from(pos)
+  if redis.call('SCARD', P .. 'paused') == 0 then return queues end
+  local serving = {}
+  for _, queue in ipairs(queues) do
+    if redis.call('SISMEMBER', P .. 'paused', queue) == 0 then serving[#serving + 1] = queue end
+  end
+  return serving
+end
+
+-- Add one attempt that ended with outcome at now to its minute's count; ttl keeps it.
+local function count_finished(job, outcome, now, ttl)
+  local minute = string.format('%d', math.floor(tonumber(now) / 60))
+  local task = redis.call('HGET', job_key(job.id), 'task') or ''
+  local key = P .. 'finished:' .. minute
+  if redis.call('HINCRBY', key, job.queue .. '\n' .. task .. '\n' .. outcome, 1) == 1 then
+    redis.call('EXPIRE', key, ttl)
+    redis.call('ZADD', P .. 'finishedminutes', minute, minute)
+  end
 end
 
 -- name: enqueue
@@ -207,7 +304,7 @@ return out
 
 -- name: reserve
 -- ARGV: prefix, now, lease expiry, worker id, limit, token prefix, max lost leases, ttl,
--- worker-lost error template, queues (none: all). Returns id, record pairs: expired leases
+-- worker-lost error template, upstream-failed error template, queues (none: all). Returns id, record pairs: expired leases
 -- first, then due jobs in priority, eta, seq order, then the expired jobs that have now lost
 -- max lost leases in a row, failed here instead of claimed.
 local now, expires, worker, token = ARGV[2], ARGV[3], ARGV[4], ARGV[6]
@@ -229,7 +326,7 @@ if #earlier > 0 then
   return out
 end
 
-local queues = queues_from(10)
+local queues = serving_from(11)
 
 local function claim(id, attempts, status_fields)
   redis.call('HSET', job_key(id), 'attempts', (tonumber(attempts) or 0) + 1, 'started_at', now,
@@ -247,6 +344,8 @@ local function give_up(id, attempts, lost, dead_worker)
   redis.call('HDEL', job_key(id), 'lease_expires_at', 'lease_token', 'traceback')
   redis.call('HSET', job_key(id), 'lost_leases', lost, 'error', error)
   end_job(job, 'failed', now, ttl)
+  count_finished(job, 'failed', now, ttl)
+  advance(id, 'failed', now, ttl, ARGV[10])
   given_up[#given_up + 1] = id
 end
 
@@ -351,11 +450,13 @@ end
 return 0
 
 -- name: finish
--- ARGV: prefix, id, lease token, status, now, eta, ttl, then a fields block. Returns 1 if applied.
+-- ARGV: prefix, id, lease token, status, now, eta, ttl, upstream-failed error template, then a
+-- fields block. Returns 0 if not applied, 1 if applied, 2 if a workflow step fell due too.
 local job = state(ARGV[2])
 if not job or job.status ~= 'running' or job.token ~= ARGV[3] then return 0 end
 local status, key = ARGV[4], job_key(job.id)
-local sets, deletes = field_block(8)
+count_finished(job, status == 'scheduled' and 'retried' or status, ARGV[5], ARGV[7])
+local sets, deletes = field_block(9)
 redis.call('HDEL', key, 'lease_expires_at', 'lease_token', 'lost_leases', unpack(deletes))
 redis.call('ZREM', lease_key(job.queue), job.id)
 index(job, status)
@@ -367,7 +468,9 @@ else
   redis.call('HSET', key, 'status', status, 'finished_at', ARGV[5], unpack(sets))
   redis.call('ZADD', P .. 'finished', ARGV[5], job.id)
   redis.call('EXPIRE', key, ARGV[7])
+  redis.call('EXPIRE', inputs_key(job.id), ARGV[7])
   forget_unique(job)
+  if advance(job.id, status, ARGV[5], ARGV[7], ARGV[8]) then return 2 end
 end
 return 1
 
@@ -387,33 +490,49 @@ wake(job.queue)
 return 1
 
 -- name: cancel
--- ARGV: prefix, id, now, ttl. Returns the record afterwards, or nil.
+-- ARGV: prefix, id, now, ttl, upstream-failed error template. Returns the record afterwards,
+-- or nil.
 local job = state(ARGV[2])
 if not job then return false end
-if WAITING[job.status] then
+if WAITING[job.status] or job.status == 'blocked' then
   remove_waiting(job)
   end_job(job, 'cancelled', ARGV[3], ARGV[4])
+  advance(job.id, 'cancelled', ARGV[3], ARGV[4], ARGV[5])
 elseif job.status == 'running' then
   redis.call('HSET', job_key(job.id), 'cancel_requested', '1')
 end
 return redis.call('HGETALL', job_key(job.id))
 
 -- name: requeue
--- ARGV: prefix, id, now. Returns the record afterwards, or nil.
+-- ARGV: prefix, id, now, upstream-failed error prefix. Returns the record afterwards, or nil.
 local job = state(ARGV[2])
 if not job then return false end
 local key = job_key(job.id)
 if FINISHED[job.status] and not (job.unique and live_holder(job.unique)) then
   redis.call('HDEL', key, 'result', 'error', 'traceback', 'progress', 'progress_message',
              'started_at', 'finished_at', 'worker_id', 'lost_leases')
-  redis.call('HSET', key, 'status', 'queued', 'attempts', 0, 'eta', ARGV[3],
+  -- A workflow step still missing inputs waits for them again.
+  local status = (tonumber(redis.call('HGET', key, 'blocked_by')) or 0) > 0 and 'blocked'
+                 or 'queued'
+  redis.call('HSET', key, 'status', status, 'attempts', 0, 'eta', ARGV[3],
              'cancel_requested', '0')
   redis.call('PERSIST', key)
+  redis.call('PERSIST', inputs_key(job.id))
   redis.call('ZREM', P .. 'finished', job.id)
-  index(job, 'queued')
-  add_waiting(job, ARGV[3])
+  index(job, status)
+  if status == 'queued' then add_waiting(job, ARGV[3]) end
   if job.unique then redis.call('SET', unique_key(job.unique), job.id) end
   wake(job.queue)
+  -- The steps downstream that this step's failure cancelled wait for it again.
+  local links = flow_links(job.id)
+  for _, step in ipairs(links and downstream(links, 'cancelled', ARGV[4]) or {}) do
+    index(step, 'blocked')
+    redis.call('HSET', job_key(step.id), 'status', 'blocked')
+    redis.call('HDEL', job_key(step.id), 'finished_at', 'error')
+    redis.call('ZREM', P .. 'finished', step.id)
+    redis.call('PERSIST', job_key(step.id))
+    redis.call('PERSIST', inputs_key(step.id))
+  end
 end
 return redis.call('HGETALL', key)
 
@@ -439,6 +558,117 @@ for k = offset + 1, math.min(offset + limit, #found) do
 end
 return out
 
+-- name: job_page
+-- ARGV: prefix, status, queue, task ('' for any), limit, before ('' for the newest), budget.
+-- Newest first by seq, merged from the index zsets the filters pick; a task is matched on
+-- the records, looking at no more than budget candidates per call. Returns the records and
+-- the seq to continue before ('' when nothing is left).
+local task, limit, budget = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[7])
+local top = ARGV[6] ~= '' and '(' .. ARGV[6] or '+inf'
+local queues = ARGV[3] ~= '' and {ARGV[3]} or redis.call('SMEMBERS', P .. 'queues')
+local statuses = ARGV[2] ~= '' and {ARGV[2]} or STATUSES
+local want = task ~= '' and math.max(budget, limit + 1) or limit + 1
+local found = {}
+for _, queue in ipairs(queues) do
+  for _, status in ipairs(statuses) do
+    local got = redis.call('ZREVRANGEBYSCORE', idx_key(queue, status), top, '-inf',
+                           'WITHSCORES', 'LIMIT', 0, want)
+    for k = 1, #got, 2 do found[#found + 1] = {tonumber(got[k + 1]), got[k]} end
+  end
+end
+table.sort(found, function(a, b) return a[1] > b[1] end)
+local out, last = {}, ''
+for k = 1, math.min(want, #found) do
+  local seq, id = found[k][1], found[k][2]
+  if #out == limit then return {out, last} end
+  if task == '' or redis.call('HGET', job_key(id), 'task') == task then
+    local record = redis.call('HGETALL', job_key(id))
+    if #record > 0 then out[#out + 1] = record end
+  end
+  last = string.format('%d', seq)
+end
+if #found < want then last = '' end
+return {out, last}
+
+-- name: pause_queue
+-- ARGV: prefix, queue.
+redis.call('SADD', P .. 'paused', ARGV[2])
+return 0
+
+-- name: resume_queue
+-- ARGV: prefix, queue.
+if redis.call('SREM', P .. 'paused', ARGV[2]) == 1 then wake(ARGV[2]) end
+return 0
+
+-- name: set_schedule_paused
+-- ARGV: prefix, schedule, paused ('1' or '0'), now.
+local key = P .. 'schedstate:' .. ARGV[2]
+if redis.call('HGET', key, 'paused') == '1' and ARGV[3] == '0' then
+  redis.call('HSET', key, 'since', ARGV[4])
+end
+redis.call('HSET', key, 'paused', ARGV[3])
+redis.call('SADD', P .. 'schedstates', ARGV[2])
+return 0
+
+-- name: set_schedule_timing
+-- ARGV: prefix, schedule, every, cron ('' for none), now.
+local key = P .. 'schedstate:' .. ARGV[2]
+redis.call('HDEL', key, 'every', 'cron')
+if ARGV[3] ~= '' then redis.call('HSET', key, 'every', ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('HSET', key, 'cron', ARGV[4]) end
+redis.call('HSET', key, 'since', ARGV[5])
+redis.call('SADD', P .. 'schedstates', ARGV[2])
+return 0
+
+-- name: schedule_states
+-- ARGV: prefix. Returns name, fields pairs.
+local out = {}
+for _, name in ipairs(redis.call('SMEMBERS', P .. 'schedstates')) do
+  out[#out + 1] = name
+  out[#out + 1] = redis.call('HGETALL', P .. 'schedstate:' .. name)
+end
+return out
+
+-- name: finished_counts
+-- ARGV: prefix, since minute. Returns minute, field, count triples.
+local out = {}
+for _, minute in ipairs(redis.call('ZRANGEBYSCORE', P .. 'finishedminutes', ARGV[2], '+inf')) do
+  local counts = redis.call('HGETALL', P .. 'finished:' .. minute)
+  for k = 1, #counts, 2 do
+    out[#out + 1] = minute
+    out[#out + 1] = counts[k]
+    out[#out + 1] = counts[k + 1]
+  end
+end
+return out
+
+-- name: sample_depth
+-- ARGV: prefix, minute, ttl. Returns 1 if this call stored the minute's sample.
+local key = P .. 'depth:' .. ARGV[2]
+if redis.call('EXISTS', key) == 1 then return 0 end
+local sample = {}
+for _, queue in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
+  for _, status in ipairs({'queued', 'scheduled', 'running'}) do
+    local n = redis.call('ZCARD', idx_key(queue, status))
+    if n > 0 then sample[#sample + 1] = {queue, status, n} end
+  end
+end
+redis.call('SET', key, #sample > 0 and cjson.encode(sample) or '[]', 'EX', ARGV[3])
+redis.call('ZADD', P .. 'depthminutes', ARGV[2], ARGV[2])
+return 1
+
+-- name: depth_samples
+-- ARGV: prefix, since minute. Returns minute, JSON pairs.
+local out = {}
+for _, minute in ipairs(redis.call('ZRANGEBYSCORE', P .. 'depthminutes', ARGV[2], '+inf')) do
+  local sample = redis.call('GET', P .. 'depth:' .. minute)
+  if sample then
+    out[#out + 1] = minute
+    out[#out + 1] = sample
+  end
+end
+return out
+
 -- name: counts
 -- ARGV: prefix. Returns queue, status, count triples for every non-empty pair.
 local out = {}
@@ -457,7 +687,7 @@ return out
 -- name: next_eta
 -- ARGV: prefix, queues (none: all). Returns the earliest eta as text, or nil.
 local best, text = nil, false
-for _, queue in ipairs(queues_from(2)) do
+for _, queue in ipairs(serving_from(2)) do
   for _, p in ipairs(redis.call('SMEMBERS', prios_key(queue))) do
     local head = redis.call('ZRANGE', wait_key(queue, p), 0, 0, 'WITHSCORES')
     if #head > 0 and (best == nil or tonumber(head[2]) < best) then
@@ -538,6 +768,19 @@ end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'workers', '-inf', ARGV[2])) do
   redis.call('ZREM', P .. 'workers', id)
   redis.call('HDEL', P .. 'workerinfo', id)
+end
+local cut = '(' .. string.format('%d', math.floor(tonumber(ARGV[2]) / 60))
+for _, kind in ipairs({'finished', 'depth'}) do
+  for _, minute in ipairs(redis.call('ZRANGEBYSCORE', P .. kind .. 'minutes', '(0', cut)) do
+    if kind == 'finished' then
+      -- Minute 0 keeps the counts of every minute pruned: totals since the start stay known.
+      local counts = redis.call('HGETALL', P .. 'finished:' .. minute)
+      for k = 1, #counts, 2 do redis.call('HINCRBY', P .. 'finished:0', counts[k], counts[k + 1]) end
+      if #counts > 0 then redis.call('ZADD', P .. 'finishedminutes', 0, '0') end
+    end
+    redis.call('DEL', P .. kind .. ':' .. minute)
+    redis.call('ZREM', P .. kind .. 'minutes', minute)
+  end
 end
 for _, queue in ipairs(queues) do
   for _, p in ipairs(redis.call('SMEMBERS', prios_key(queue))) do

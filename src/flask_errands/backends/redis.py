@@ -51,11 +51,15 @@ from .base import (
     RUNNING,
     SCHEDULED,
     STATUSES,
+    UPSTREAM_FAILED,
+    UPSTREAM_FAILED_PREFIX,
     WORKER_LOST_ERROR,
     Backend,
     JobRecord,
     JobStatus,
+    ScheduleState,
     claimed_only,
+    minute_of,
 )
 from .patience import given_up, marked
 from .patience import patience as limited_patience
@@ -76,6 +80,8 @@ EXPIRY_SLACK = 86400.0
 DEFAULT_RESULT_TTL = 7 * 86400.0
 #: How many jobs one prune or purge script handles before giving Redis back to others.
 BATCH = 500
+#: How many jobs one page of a task's jobs looks at, at most, to find those of the task.
+PAGE_BUDGET = 2000
 #: How long the watcher waits on the wake channel before checking whether it was closed.
 WATCH_TIMEOUT = 1.0
 #: Connection settings the URL's query can override.
@@ -98,7 +104,7 @@ URL_OPTIONS = frozenset(
 )
 
 _TRANSIENT = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "MISCONF")
-_INTS = {"priority", "attempts", "max_attempts", "lost_leases"}
+_INTS = {"priority", "attempts", "max_attempts", "lost_leases", "blocked_by"}
 _FLOATS = {
     "retry_delay",
     "eta",
@@ -126,6 +132,7 @@ _DEFAULTS: dict[str, Any] = {
     "retry_delay": 1.0,
     "cancel_requested": False,
     "lost_leases": 0,
+    "blocked_by": 0,
 }
 _NO_DEFAULT = object()
 _OPTIONAL = tuple(
@@ -343,7 +350,8 @@ class RedisBackend(Backend):
             return []
         token = os.urandom(8).hex() + ":"
         args = [now, now + lease_seconds, worker_id, limit, token]
-        args += (max_lost_leases, self._expiry, WORKER_LOST_ERROR, *(queues or ()))
+        args += (max_lost_leases, self._expiry, WORKER_LOST_ERROR, UPSTREAM_FAILED)
+        args += tuple(queues or ())
         reply = self._run("reserve", args)
         claimed = []
         for i in range(0, len(reply), 2):
@@ -390,10 +398,10 @@ class RedisBackend(Backend):
     ) -> bool:
         fields = _fields({"result": result, "error": error, "traceback": traceback})
         args = [job_id, lease_token, status, now, now if eta is None else eta, self._expiry]
-        applied = bool(self._run("finish", [*args, *fields]) == 1)
-        if applied and status == SCHEDULED:
+        reply = self._run("finish", [*args, UPSTREAM_FAILED, *fields])
+        if reply == 2 or (reply == 1 and status == SCHEDULED):
             self._notify()
-        return applied
+        return bool(reply)
 
     def release(self, job_id: str, lease_token: str, now: float) -> bool:
         applied = bool(self._run("release", [job_id, lease_token]) == 1)
@@ -401,13 +409,19 @@ class RedisBackend(Backend):
         return applied
 
     def cancel(self, job_id: str, now: float) -> JobRecord | None:
-        reply = self._run("cancel", [job_id, now, self._expiry], CALLER_PATIENCE)
+        args = [job_id, now, self._expiry, UPSTREAM_FAILED]
+        reply = self._run("cancel", args, CALLER_PATIENCE)
         return None if reply is None else _lenient(reply, job_id)
 
     def requeue(self, job_id: str, now: float) -> JobRecord | None:
-        reply = self._run("requeue", [job_id, now], CALLER_PATIENCE)
+        reply = self._run("requeue", [job_id, now, UPSTREAM_FAILED_PREFIX], CALLER_PATIENCE)
         self._notify()
         return None if reply is None else _lenient(reply, job_id)
+
+    def step_inputs(self, job_id: str) -> dict[int, str]:
+        key = self._key("inputs", job_id)
+        found = self._retrying(lambda: self._execute("HGETALL", key), "to read", WORKER_PATIENCE)
+        return {int(position): result.decode() for position, result in found.items()}
 
     # -- looking at jobs -----------------------------------------------------
 
@@ -428,6 +442,19 @@ class RedisBackend(Backend):
         args = [status or "", queue or "", limit, offset]
         return [_lenient(flat) for flat in self._run("list_jobs", args, CALLER_PATIENCE)]
 
+    def job_page(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> tuple[list[JobRecord], int | None]:
+        args = [status or "", queue or "", task or "", limit, "" if before is None else before]
+        records, last = self._run("job_page", [*args, PAGE_BUDGET], CALLER_PATIENCE)
+        return [_lenient(flat) for flat in records], int(last) if last else None
+
     def counts(self) -> dict[tuple[str, str], int]:
         reply = self._run("counts", [], CALLER_PATIENCE)
         return {
@@ -440,6 +467,66 @@ class RedisBackend(Backend):
             return None
         reply = self._run("next_eta", list(queues or ()))
         return None if reply is None else float(reply)
+
+    # -- queues and schedules, as people change them ---------------------------
+
+    def pause_queue(self, queue: str, now: float) -> None:
+        self._run("pause_queue", [queue], CALLER_PATIENCE)
+
+    def resume_queue(self, queue: str) -> None:
+        self._run("resume_queue", [queue], CALLER_PATIENCE)
+        self._notify()
+
+    def paused_queues(self) -> set[str]:
+        members = self._retrying(
+            lambda: self._execute("SMEMBERS", self._key("paused")),
+            "to list paused queues",
+            CALLER_PATIENCE,
+        )
+        return {name.decode() for name in members}
+
+    def set_schedule_paused(self, schedule: str, paused: bool, now: float) -> None:
+        self._run("set_schedule_paused", [schedule, "1" if paused else "0", repr(now)])
+
+    def set_schedule_timing(
+        self, schedule: str, every: float | None, cron: str | None, now: float
+    ) -> None:
+        timing = ["" if every is None else repr(float(every)), cron or ""]
+        self._run("set_schedule_timing", [schedule, *timing, repr(now)])
+
+    def schedule_states(self) -> dict[str, ScheduleState]:
+        reply = self._run("schedule_states", [], CALLER_PATIENCE)
+        states = {}
+        for i in range(0, len(reply), 2):
+            flat = reply[i + 1]
+            fields = {flat[k].decode(): flat[k + 1].decode() for k in range(0, len(flat), 2)}
+            states[reply[i].decode()] = ScheduleState(
+                paused=fields.get("paused") == "1",
+                every=float(fields["every"]) if "every" in fields else None,
+                cron=fields.get("cron"),
+                since=float(fields.get("since", 0.0)),
+            )
+        return states
+
+    # -- figures for charts and metrics ----------------------------------------
+
+    def finished_counts(self, since_minute: int) -> list[tuple[int, str, str, str, int]]:
+        reply = self._run("finished_counts", [since_minute], CALLER_PATIENCE)
+        rows = []
+        for i in range(0, len(reply), 3):
+            queue, task, outcome = reply[i + 1].decode().split("\n")
+            rows.append((int(reply[i]), queue, task, outcome, int(reply[i + 2])))
+        return sorted(rows)
+
+    def sample_depth(self, now: float) -> bool:
+        return bool(self._run("sample_depth", [minute_of(now), self._expiry]) == 1)
+
+    def depth_samples(self, since_minute: int) -> dict[int, dict[tuple[str, str], int]]:
+        reply = self._run("depth_samples", [since_minute], CALLER_PATIENCE)
+        return {
+            int(reply[i]): {(queue, status): n for queue, status, n in json.loads(reply[i + 1])}
+            for i in range(0, len(reply), 2)
+        }
 
     # -- housekeeping --------------------------------------------------------
 

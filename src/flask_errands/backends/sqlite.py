@@ -32,9 +32,11 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from ..exceptions import BackendUnavailable, ConfigurationError, DuplicateJob, EnqueueError
+from . import steps
 from .base import (
     DEFAULT_MAX_LOST_LEASES,
     FIELD_NAMES,
@@ -43,7 +45,11 @@ from .base import (
     Backend,
     JobRecord,
     JobStatus,
+    ScheduleState,
     claimed_only,
+    minute_of,
+    page_filters,
+    page_of,
 )
 from .patience import given_up, marked
 from .queries import load_queries
@@ -54,9 +60,13 @@ T = TypeVar("T")
 QUERIES = load_queries("sqlite.sql")
 SCHEMA = tuple(QUERIES[name] for name in QUERIES if name.startswith("create_"))
 #: The schema's version, kept in ``PRAGMA user_version`` (0 in files made before it was).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 #: The statements that bring the tables from the version before to each version.
-MIGRATIONS = {2: (QUERIES["migrate_2_lost_leases"],)}
+MIGRATIONS = {
+    2: (QUERIES["migrate_2_lost_leases"],),
+    3: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_3_")),
+    4: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_4_")),
+}
 
 logger = logging.getLogger("flask_errands")
 
@@ -132,6 +142,7 @@ class SQLiteBackend(Backend):
         db.row_factory = sqlite3.Row
         db.create_function("errands_live_holder", 4, _live_holder)
         db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA foreign_keys = ON")  # a step's inputs are deleted with it
         db.execute(f"PRAGMA synchronous = {self._synchronous}")
         return db
 
@@ -293,9 +304,12 @@ class SQLiteBackend(Backend):
             lambda db: db.execute(claim, params).fetchall(),
             patience=_worker_patience(lease_seconds),
         )
+        records = [_record(row) for row in rows]
+        for record in records:
+            if record.status == "failed" and record.flow is not None:  # lost too many leases
+                self._transaction(partial(_cancel_downstream, record=record, now=now))
         return sorted(
-            claimed_only([_record(row) for row in rows]),
-            key=lambda job: (-job.priority, job.eta, job.enqueued_at),
+            claimed_only(records), key=lambda job: (-job.priority, job.eta, job.enqueued_at)
         )
 
     def heartbeat(self, leases: Mapping[str, str], lease_seconds: float, now: float) -> set[str]:
@@ -346,7 +360,18 @@ class SQLiteBackend(Backend):
             "eta": eta,
         }
         changed = self._statement(lambda db: db.execute(QUERIES["finish"], params).rowcount)
-        if status == SCHEDULED:
+        due = False
+        if changed != 1:  # a workflow step (or a lost lease): record it and move its workflow on
+
+            def finish_step(db: sqlite3.Connection) -> tuple[int, bool]:
+                rows = db.execute(QUERIES["finish_step"], params).fetchall()
+                if not rows:
+                    return 0, False
+                task, flow = rows[0]["task"], rows[0]["flow"]
+                return 1, steps.advance(_runner(db), job_id, task, status, flow, result, now)
+
+            changed, due = self._transaction(finish_step)
+        if status == SCHEDULED or due:
             self._notify()
         if changed != 1:
             self._warn_taken_over(job_id, status)
@@ -380,7 +405,11 @@ class SQLiteBackend(Backend):
     def cancel(self, job_id: str, now: float) -> JobRecord | None:
         def cancel(db: sqlite3.Connection) -> sqlite3.Row | None:
             params = {"id": job_id, "now": now}
-            if db.execute(QUERIES["cancel_waiting"], params).rowcount == 0:
+            cancelled = db.execute(QUERIES["cancel_waiting"], params).fetchall()
+            if cancelled:
+                task, flow = cancelled[0]["task"], cancelled[0]["flow"]
+                steps.advance(_runner(db), job_id, task, "cancelled", flow, None, now)
+            else:
                 db.execute(QUERIES["cancel_running"], params)
             row: sqlite3.Row | None = db.execute(QUERIES["get"], (job_id,)).fetchone()
             return row
@@ -391,13 +420,18 @@ class SQLiteBackend(Backend):
         def requeue(db: sqlite3.Connection) -> sqlite3.Row | None:
             # A live job holding the same unique key leaves this one finished.
             with contextlib.suppress(sqlite3.IntegrityError):
-                db.execute(QUERIES["requeue"], {"id": job_id, "now": now})
+                params = {"id": job_id, "now": now}
+                for requeued in db.execute(QUERIES["requeue"], params).fetchall():
+                    steps.revive(_runner(db), requeued["flow"])
             row: sqlite3.Row | None = db.execute(QUERIES["get"], (job_id,)).fetchone()
             return row
 
         record = _optional_record(self._transaction(requeue))
         self._notify()
         return record
+
+    def step_inputs(self, job_id: str) -> dict[int, str]:
+        return {row[0]: row[1] for row in self._read(QUERIES["step_inputs"], (job_id,))}
 
     # -- looking at jobs -----------------------------------------------------
 
@@ -415,6 +449,20 @@ class SQLiteBackend(Backend):
         params = {"status": status, "queue": queue, "limit": limit, "offset": offset}
         return [_record(row) for row in self._read(QUERIES["list_jobs"], params)]
 
+    def job_page(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> tuple[list[JobRecord], int | None]:
+        filters, params = page_filters(":{}", limit, before, status=status, queue=queue, task=task)
+        return page_of(
+            self._read(QUERIES["job_page"].format(filters=filters), params), limit, _record
+        )
+
     def counts(self) -> dict[tuple[str, str], int]:
         return {(queue, status): n for queue, status, n in self._read(QUERIES["counts"])}
 
@@ -422,6 +470,56 @@ class SQLiteBackend(Backend):
         queue_filter, params = _queue_filter(queues)
         rows = self._read(QUERIES["next_eta"].format(queue_filter=queue_filter), params)
         return rows[0][0] if rows else None
+
+    # -- queues and schedules, as people change them ---------------------------
+
+    def pause_queue(self, queue: str, now: float) -> None:
+        self._statement(lambda db: db.execute(QUERIES["pause_queue"], (queue, now)))
+
+    def resume_queue(self, queue: str) -> None:
+        self._statement(lambda db: db.execute(QUERIES["resume_queue"], (queue,)))
+        self._notify()
+
+    def paused_queues(self) -> set[str]:
+        return {row[0] for row in self._read(QUERIES["paused_queues"])}
+
+    def set_schedule_paused(self, schedule: str, paused: bool, now: float) -> None:
+        params = {"schedule": schedule, "paused": paused, "now": now}
+        self._statement(lambda db: db.execute(QUERIES["set_schedule_paused"], params))
+
+    def set_schedule_timing(
+        self, schedule: str, every: float | None, cron: str | None, now: float
+    ) -> None:
+        params = {"schedule": schedule, "every": every, "cron": cron, "now": now}
+        self._statement(lambda db: db.execute(QUERIES["set_schedule_timing"], params))
+
+    def schedule_states(self) -> dict[str, ScheduleState]:
+        return {
+            row["schedule"]: ScheduleState(
+                paused=bool(row["paused"]),
+                every=row["every"],
+                cron=row["cron"],
+                since=row["since"],
+            )
+            for row in self._read(QUERIES["schedule_states"])
+        }
+
+    # -- figures for charts and metrics ----------------------------------------
+
+    def finished_counts(self, since_minute: int) -> list[tuple[int, str, str, str, int]]:
+        rows = self._read(QUERIES["finished_counts"], (since_minute,))
+        return [(row[0], row[1], row[2], row[3], row[4]) for row in rows]
+
+    def sample_depth(self, now: float) -> bool:
+        params = {"minute": minute_of(now)}
+        added = self._statement(lambda db: db.execute(QUERIES["sample_depth"], params).rowcount)
+        return bool(added == 1)
+
+    def depth_samples(self, since_minute: int) -> dict[int, dict[tuple[str, str], int]]:
+        return {
+            row["minute"]: {(queue, status): n for queue, status, n in json.loads(row["sample"])}
+            for row in self._read(QUERIES["depth_samples"], (since_minute,))
+        }
 
     # -- housekeeping --------------------------------------------------------
 
@@ -450,6 +548,9 @@ class SQLiteBackend(Backend):
         def prune(db: sqlite3.Connection) -> int:
             db.execute(QUERIES["prune_ticks"], (finished_before,))
             db.execute(QUERIES["prune_workers"], (finished_before,))
+            db.execute(QUERIES["roll_up_figures"], (minute_of(finished_before),))
+            db.execute(QUERIES["prune_figures"], (minute_of(finished_before),))
+            db.execute(QUERIES["prune_samples"], (minute_of(finished_before),))
             return db.execute(QUERIES["prune_jobs"], (finished_before,)).rowcount
 
         return self._transaction(prune)
@@ -541,6 +642,16 @@ def _hold_lock_across_fork(backend: SQLiteBackend) -> None:
     os.register_at_fork(
         before=before, after_in_parent=after_in_parent, after_in_child=after_in_child
     )
+
+
+def _runner(db: sqlite3.Connection) -> steps.Run:
+    """Run this backend's named queries on ``db``, for :mod:`steps`."""
+    return lambda name, params: db.execute(QUERIES[name], params).fetchall()
+
+
+def _cancel_downstream(db: sqlite3.Connection, *, record: JobRecord, now: float) -> None:
+    """Cancel the steps downstream of a step that reserve failed for its lost leases."""
+    steps.advance(_runner(db), record.id, record.task, "failed", record.flow, None, now)
 
 
 def _raise_duplicate(exc: sqlite3.IntegrityError, jobs: Sequence[JobRecord]) -> None:

@@ -70,13 +70,134 @@ CREATE TABLE IF NOT EXISTS errands_workers (
 -- name: migrate_2_lost_leases
 ALTER TABLE errands_jobs ADD COLUMN lost_leases INTEGER NOT NULL DEFAULT 0
 
+-- name: migrate_3_paused_queues
+-- Version 3: paused queues, schedules changed at run time, per-minute figures for the
+-- dashboard's charts (and metrics), and indexes for paging through jobs by keyset.
+CREATE TABLE IF NOT EXISTS errands_paused_queues (
+    queue TEXT PRIMARY KEY,
+    paused_at REAL NOT NULL
+)
+
+-- name: migrate_3_schedule_states
+CREATE TABLE IF NOT EXISTS errands_schedule_states (
+    schedule TEXT PRIMARY KEY,
+    paused INTEGER NOT NULL DEFAULT 0,
+    every REAL,
+    cron TEXT,
+    since REAL NOT NULL DEFAULT 0
+)
+
+-- name: migrate_3_finished_counts
+CREATE TABLE IF NOT EXISTS errands_finished_counts (
+    minute INTEGER NOT NULL,
+    queue TEXT NOT NULL,
+    task TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (minute, queue, task, outcome)
+) WITHOUT ROWID
+
+-- name: migrate_3_depth_samples
+CREATE TABLE IF NOT EXISTS errands_depth_samples (
+    minute INTEGER PRIMARY KEY,
+    sample TEXT NOT NULL
+)
+
+-- name: migrate_3_ended_at
+ALTER TABLE errands_jobs ADD COLUMN ended_at REAL
+
+-- name: migrate_3_count_trigger
+-- Counts each attempt that ends (not a release) in its minute, inside the statement that
+-- ends it: the finish keeps costing one statement.
+CREATE TRIGGER IF NOT EXISTS errands_count_finished
+AFTER UPDATE OF status ON errands_jobs
+WHEN old.status = 'running' AND new.status IN ('succeeded', 'failed', 'cancelled', 'scheduled')
+BEGIN
+    INSERT INTO errands_finished_counts (minute, queue, task, outcome, n)
+    VALUES (
+        CAST(coalesce(new.finished_at, new.ended_at) / 60 AS INTEGER), new.queue, new.task,
+        CASE new.status WHEN 'scheduled' THEN 'retried' ELSE new.status END, 1
+    )
+    ON CONFLICT (minute, queue, task, outcome) DO UPDATE SET n = n + 1;
+END
+
+-- name: migrate_3_finished_totals
+-- How many finished jobs each queue holds per status, kept by the triggers below, so counts
+-- never scan the finished jobs; waiting and running ones are counted through their index.
+CREATE TABLE IF NOT EXISTS errands_finished_totals (
+    queue TEXT NOT NULL,
+    status TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (queue, status)
+) WITHOUT ROWID
+
+-- name: migrate_3_finished_totals_fill
+INSERT INTO errands_finished_totals (queue, status, n)
+SELECT queue, status, count(*) FROM errands_jobs
+WHERE status IN ('succeeded', 'failed', 'cancelled') GROUP BY queue, status
+
+-- name: migrate_3_total_on_insert
+CREATE TRIGGER IF NOT EXISTS errands_total_on_insert
+AFTER INSERT ON errands_jobs WHEN new.status IN ('succeeded', 'failed', 'cancelled')
+BEGIN
+    INSERT INTO errands_finished_totals (queue, status, n) VALUES (new.queue, new.status, 1)
+    ON CONFLICT (queue, status) DO UPDATE SET n = n + 1;
+END
+
+-- name: migrate_3_total_on_update
+CREATE TRIGGER IF NOT EXISTS errands_total_on_update
+AFTER UPDATE OF status ON errands_jobs
+WHEN old.status IS NOT new.status AND (old.status IN ('succeeded', 'failed', 'cancelled')
+    OR new.status IN ('succeeded', 'failed', 'cancelled'))
+BEGIN
+    UPDATE errands_finished_totals SET n = n - 1
+    WHERE queue = old.queue AND status = old.status;
+    INSERT INTO errands_finished_totals (queue, status, n)
+    SELECT new.queue, new.status, 1 WHERE new.status IN ('succeeded', 'failed', 'cancelled')
+    ON CONFLICT (queue, status) DO UPDATE SET n = n + 1;
+END
+
+-- name: migrate_3_total_on_delete
+CREATE TRIGGER IF NOT EXISTS errands_total_on_delete
+AFTER DELETE ON errands_jobs WHEN old.status IN ('succeeded', 'failed', 'cancelled')
+BEGIN
+    UPDATE errands_finished_totals SET n = n - 1
+    WHERE queue = old.queue AND status = old.status;
+END
+
+-- name: migrate_3_status_index
+CREATE INDEX IF NOT EXISTS errands_jobs_by_status ON errands_jobs (status, seq)
+
+-- name: migrate_3_queue_index
+CREATE INDEX IF NOT EXISTS errands_jobs_by_queue ON errands_jobs (queue, seq)
+
+-- name: migrate_3_task_index
+CREATE INDEX IF NOT EXISTS errands_jobs_by_task ON errands_jobs (task, seq)
+
+-- name: migrate_4_flow
+-- Version 4: workflows (a step's place in its workflow, its missing inputs, its inputs).
+ALTER TABLE errands_jobs ADD COLUMN flow TEXT
+
+-- name: migrate_4_blocked_by
+ALTER TABLE errands_jobs ADD COLUMN blocked_by INTEGER NOT NULL DEFAULT 0
+
+-- name: migrate_4_inputs
+-- A workflow step's inputs: the results of its upstream steps, by position. Deleted with
+-- the step (PRAGMA foreign_keys is on for every connection).
+CREATE TABLE IF NOT EXISTS errands_inputs (
+    job_id TEXT NOT NULL REFERENCES errands_jobs (id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    result TEXT NOT NULL,
+    PRIMARY KEY (job_id, position)
+) WITHOUT ROWID
+
 -- name: insert_job
 INSERT INTO errands_jobs (
     id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay, timeout,
-    unique_key, eta, enqueued_at
+    unique_key, eta, enqueued_at, flow, blocked_by
 ) VALUES (
     :id, :task, :payload, :queue, :priority, :status, :attempts, :max_attempts, :retry_delay,
-    :timeout, :unique_key, :eta, :enqueued_at
+    :timeout, :unique_key, :eta, :enqueued_at, :flow, :blocked_by
 )
 ON CONFLICT (unique_key)
     WHERE unique_key IS NOT NULL AND status IN ('queued', 'scheduled', 'running')
@@ -111,6 +232,7 @@ FROM (
         SELECT seq, 1 AS expired, lost_leases + 1 >= :max_lost AS give_up
         FROM errands_jobs INDEXED BY errands_jobs_leases
         WHERE status = 'running' AND lease_expires_at <= :now {queue_filter}
+            AND queue NOT IN (SELECT queue FROM errands_paused_queues)
             AND NOT errands_live_holder(worker_id, started_at, lease_expires_at, :live_until)
         ORDER BY lease_expires_at LIMIT :limit
     )
@@ -119,6 +241,7 @@ FROM (
         SELECT seq, 0 AS expired, 0 AS give_up
         FROM errands_jobs INDEXED BY errands_jobs_waiting
         WHERE status IN ('queued', 'scheduled') AND eta <= :now {queue_filter}
+            AND queue NOT IN (SELECT queue FROM errands_paused_queues)
         ORDER BY priority DESC, eta, seq LIMIT :limit
     )
     LIMIT :limit
@@ -136,11 +259,49 @@ UPDATE errands_jobs SET progress = :progress, progress_message = :message
 WHERE id = :id AND status = 'running'
 
 -- name: finish
+-- Not a workflow step's: finish_step records those, and moves their workflow on.
 UPDATE errands_jobs
 SET status = :status, result = :result, error = :error, traceback = :traceback,
     eta = coalesce(:eta, eta), finished_at = CASE WHEN :status = 'scheduled' THEN NULL ELSE :now END,
-    lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
+    ended_at = :now, lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
+WHERE id = :id AND status = 'running' AND lease_token = :token AND flow IS NULL
+
+-- name: finish_step
+UPDATE errands_jobs
+SET status = :status, result = :result, error = :error, traceback = :traceback,
+    eta = coalesce(:eta, eta), finished_at = CASE WHEN :status = 'scheduled' THEN NULL ELSE :now END,
+    ended_at = :now, lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
 WHERE id = :id AND status = 'running' AND lease_token = :token
+RETURNING task, flow
+
+-- name: add_input
+-- Not for a step that was purged meanwhile.
+INSERT INTO errands_inputs (job_id, position, result)
+SELECT :id, :position, :result WHERE EXISTS (SELECT 1 FROM errands_jobs WHERE id = :id)
+ON CONFLICT DO NOTHING
+RETURNING job_id
+
+-- name: unblock
+-- One input fewer is missing, whatever the step's status: a cancelled step may be revived.
+UPDATE errands_jobs
+SET blocked_by = blocked_by - 1,
+    status = CASE WHEN status != 'blocked' OR blocked_by > 1 THEN status
+        WHEN eta > :now THEN 'scheduled' ELSE 'queued' END
+WHERE id = :id
+RETURNING status
+
+-- name: cancel_blocked
+UPDATE errands_jobs SET status = 'cancelled', finished_at = :now, error = :error
+WHERE id = :id AND status = 'blocked'
+RETURNING flow
+
+-- name: revive_cancelled
+UPDATE errands_jobs SET status = 'blocked', finished_at = NULL, error = NULL
+WHERE id = :id AND status = 'cancelled' AND error LIKE :pattern
+RETURNING flow
+
+-- name: step_inputs
+SELECT position, result FROM errands_inputs WHERE job_id = ?
 
 -- name: release
 UPDATE errands_jobs
@@ -150,17 +311,20 @@ WHERE id = :id AND status = 'running' AND lease_token = :token
 
 -- name: cancel_waiting
 UPDATE errands_jobs SET status = 'cancelled', finished_at = :now
-WHERE id = :id AND status IN ('queued', 'scheduled')
+WHERE id = :id AND status IN ('queued', 'scheduled', 'blocked')
+RETURNING task, flow
 
 -- name: cancel_running
 UPDATE errands_jobs SET cancel_requested = 1 WHERE id = :id AND status = 'running'
 
 -- name: requeue
 UPDATE errands_jobs
-SET status = 'queued', attempts = 0, eta = :now, result = NULL, error = NULL, traceback = NULL,
+SET status = CASE WHEN blocked_by > 0 THEN 'blocked' ELSE 'queued' END, attempts = 0, eta = :now,
+    result = NULL, error = NULL, traceback = NULL,
     progress = NULL, progress_message = NULL, started_at = NULL, finished_at = NULL,
     worker_id = NULL, cancel_requested = 0, lost_leases = 0
 WHERE id = :id AND status IN ('succeeded', 'failed', 'cancelled')
+RETURNING flow
 
 -- name: get
 SELECT * FROM errands_jobs WHERE id = ?
@@ -171,10 +335,70 @@ WHERE (:status IS NULL OR status = :status) AND (:queue IS NULL OR queue = :queu
 ORDER BY seq DESC LIMIT :limit OFFSET :offset
 
 -- name: counts
-SELECT queue, status, count(*) FROM errands_jobs GROUP BY queue, status
+SELECT queue, status, count(*) FROM errands_jobs
+WHERE status IN ('blocked', 'queued', 'scheduled', 'running') GROUP BY queue, status
+UNION ALL
+SELECT queue, status, n FROM errands_finished_totals WHERE n > 0
 
 -- name: next_eta
 SELECT min(eta) FROM errands_jobs WHERE status IN ('queued', 'scheduled') {queue_filter}
+    AND queue NOT IN (SELECT queue FROM errands_paused_queues)
+
+-- name: job_page
+-- {filters} holds an AND clause per filter given, so each filter can use its index.
+SELECT * FROM errands_jobs WHERE seq < :before {filters} ORDER BY seq DESC LIMIT :limit
+
+-- name: pause_queue
+INSERT OR IGNORE INTO errands_paused_queues (queue, paused_at) VALUES (?, ?)
+
+-- name: resume_queue
+DELETE FROM errands_paused_queues WHERE queue = ?
+
+-- name: paused_queues
+SELECT queue FROM errands_paused_queues
+
+-- name: set_schedule_paused
+INSERT INTO errands_schedule_states (schedule, paused) VALUES (:schedule, :paused)
+ON CONFLICT (schedule) DO UPDATE SET
+    since = CASE WHEN paused AND NOT excluded.paused THEN :now ELSE since END,
+    paused = excluded.paused
+
+-- name: set_schedule_timing
+INSERT INTO errands_schedule_states (schedule, every, cron, since)
+VALUES (:schedule, :every, :cron, :now)
+ON CONFLICT (schedule) DO UPDATE SET
+    every = excluded.every, cron = excluded.cron, since = excluded.since
+
+-- name: schedule_states
+SELECT schedule, paused, every, cron, since FROM errands_schedule_states
+
+-- name: finished_counts
+SELECT minute, queue, task, outcome, n FROM errands_finished_counts WHERE minute >= ?
+ORDER BY minute, queue, task, outcome
+
+-- name: sample_depth
+INSERT OR IGNORE INTO errands_depth_samples (minute, sample)
+SELECT :minute, json_group_array(json_array(queue, status, n)) FROM (
+    SELECT queue, status, count(*) AS n FROM errands_jobs
+    WHERE status IN ('queued', 'scheduled', 'running') GROUP BY queue, status
+)
+WHERE NOT EXISTS (SELECT 1 FROM errands_depth_samples WHERE minute = :minute)
+
+-- name: depth_samples
+SELECT minute, sample FROM errands_depth_samples WHERE minute >= ?
+
+-- name: roll_up_figures
+-- Minute 0 keeps the counts of every minute pruned, so totals since the start stay known.
+INSERT INTO errands_finished_counts (minute, queue, task, outcome, n)
+SELECT 0, queue, task, outcome, sum(n) FROM errands_finished_counts
+WHERE minute > 0 AND minute < ? GROUP BY queue, task, outcome
+ON CONFLICT (minute, queue, task, outcome) DO UPDATE SET n = n + excluded.n
+
+-- name: prune_figures
+DELETE FROM errands_finished_counts WHERE minute > 0 AND minute < ?
+
+-- name: prune_samples
+DELETE FROM errands_depth_samples WHERE minute < ?
 
 -- name: fire_tick
 INSERT OR IGNORE INTO errands_ticks (schedule, fire_time, fired_at) VALUES (?, ?, ?)

@@ -1,0 +1,239 @@
+"""``async def`` tasks: on the worker's event loop, many at once, and like any other task."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask, current_app
+
+from flask_errands import Errands, JobCancelled, JobFailed, current_job, job_started, job_succeeded
+from tests.apps import worker_app
+from tests.helpers import wait_until
+from tests.test_cli import WorkerProcess, client_app, enqueue, job_of  # noqa: F401 - a fixture
+
+MakeApp = Callable[..., tuple[Flask, Errands]]
+
+
+class Running:
+    """How many coroutines run at once, and the most there ever were."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+        self.spans: list[tuple[float, float]] = []
+        self.cancelled: list[str] = []
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep as one of the running coroutines, noting the job if it is cancelled."""
+        self.now += 1
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.cancelled.append(current_job.id)
+            raise
+
+
+def test_five_hundred_coroutines_run_side_by_side_on_one_worker(
+    backend_url: str, make_app: MakeApp
+) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url, ERRANDS_EMBEDDED_WORKER=False)
+    running = Running()
+
+    @errands.task
+    async def wait_a_bit(n: int) -> int:
+        started = time.monotonic()
+        running.now += 1
+        running.peak = max(running.peak, running.now)
+        await asyncio.sleep(0.5)
+        running.now -= 1
+        running.spans.append((started, time.monotonic()))
+        return n
+
+    with app.app_context():
+        jobs = wait_a_bit.delay_many(range(500))
+        errands.start_worker()
+        assert [job.result(timeout=120) for job in jobs] == list(range(500))
+    # ERRANDS_ASYNC_CONCURRENCY (100) on the loop, and at most one more per idle thread (4).
+    assert 100 <= running.peak <= 104
+    # Not one after the other: while the first finished, a hundred had started.
+    first_end = min(end for _, end in running.spans)
+    assert sum(start < first_end for start, _ in running.spans) >= 100
+
+
+def test_async_concurrency_bounds_the_coroutines_at_once(make_app: MakeApp) -> None:
+    app, errands = make_app(ERRANDS_ASYNC_CONCURRENCY=5, ERRANDS_CONCURRENCY=1)
+    running = Running()
+
+    @errands.task
+    async def wait_a_bit() -> None:
+        running.now += 1
+        running.peak = max(running.peak, running.now)
+        await asyncio.sleep(0.05)
+        running.now -= 1
+
+    with app.app_context():
+        for job in wait_a_bit.delay_many([()] * 30):
+            job.result(timeout=30)
+    assert 5 <= running.peak <= 6
+
+
+def test_an_async_task_runs_in_the_app_context_and_reports_progress(
+    backend_url: str, make_app: MakeApp
+) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url)
+    seen: list[tuple[str, float | None]] = []
+
+    @errands.task
+    async def report() -> str:
+        current_job.set_progress(0.5, "half way")
+        job = errands.job(current_job.id)
+        assert job is not None
+        seen.append((job.progress_message or "", job.progress))
+        await asyncio.sleep(0)
+        return str(current_app.name)
+
+    with app.app_context():
+        errands.start_worker()
+        job = report.delay()
+        assert job.result(timeout=30) == app.name
+        assert seen == [("half way", 0.5)]
+        assert job.refresh().progress == 0.5
+
+
+def test_an_async_task_over_its_timeout_is_cancelled_and_fails(
+    backend_url: str, make_app: MakeApp
+) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url)
+    running = Running()
+
+    @errands.task(timeout=0.3)
+    async def too_slow() -> None:
+        await running.sleep(30)
+
+    with app.app_context():
+        errands.start_worker()
+        job = too_slow.delay()
+        with pytest.raises(JobFailed) as failed:
+            job.result(timeout=30)
+    assert failed.value.exc_type == "TimeoutError"
+    assert job.refresh().error == "TimeoutError: job exceeded its timeout of 0.3s"
+    assert running.cancelled == [job.id]
+
+
+def test_cancelling_a_running_async_job_cancels_its_coroutine(
+    backend_url: str, make_app: MakeApp
+) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url, ERRANDS_LEASE_SECONDS=3)
+    running = Running()
+
+    @errands.task
+    async def forever() -> None:
+        await running.sleep(60)
+
+    with app.app_context():
+        errands.start_worker()
+        job = forever.delay()
+        wait_until(lambda: running.now, "the coroutine to start")
+        job.cancel()
+        with pytest.raises(JobCancelled):
+            job.result(timeout=30)
+    assert running.cancelled == [job.id]
+    assert job.refresh().status == "cancelled"
+
+
+def test_a_failing_async_task_is_retried_and_sends_the_signals(
+    backend_url: str, make_app: MakeApp
+) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url)
+    events: list[str] = []
+
+    @errands.task(retries=2, retry_delay=0.01)
+    async def flaky() -> int:
+        await asyncio.sleep(0)
+        if current_job.attempt < 3:
+            raise ValueError(f"attempt {current_job.attempt}")
+        return current_job.attempt
+
+    def started(sender: Flask, job: Any, **extra: Any) -> None:
+        events.append(f"started {job.attempts}")
+
+    def succeeded(sender: Flask, job: Any, **extra: Any) -> None:
+        events.append("succeeded")
+
+    with (
+        app.app_context(),
+        job_started.connected_to(started, app),
+        job_succeeded.connected_to(succeeded, app),
+    ):
+        errands.start_worker()
+        job = flaky.delay()
+        assert job.result(timeout=30) == 3
+    assert events == ["started 1", "started 2", "started 3", "succeeded"]
+
+
+def test_drain_runs_async_tasks_with_their_timeouts(backend_url: str, make_app: MakeApp) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url, ERRANDS_EMBEDDED_WORKER=False)
+
+    @errands.task
+    async def double(n: int) -> int:
+        await asyncio.sleep(0)
+        return n * 2
+
+    @errands.task(timeout=0.1)
+    async def too_slow() -> None:
+        await asyncio.sleep(30)
+
+    with app.app_context():
+        doubled, slow = double.delay(21), too_slow.delay()
+        assert errands.drain() == 2
+        assert doubled.result(timeout=5) == 42
+        with pytest.raises(JobFailed, match="TimeoutError"):
+            slow.result(timeout=5)
+
+
+def test_eager_mode_runs_async_tasks_even_inside_a_running_loop(make_app: MakeApp) -> None:
+    app, errands = make_app(ERRANDS_EAGER=True)
+
+    @errands.task(retries=1)
+    async def flaky(n: int) -> int:
+        await asyncio.sleep(0)
+        if current_job.attempt == 1:
+            raise ValueError("first")
+        return n + 1
+
+    with app.app_context():
+        assert flaky.delay(1).result(timeout=0) == 2
+
+        async def view() -> int:  # an async def view enqueueing in eager mode
+            return int(flaky.delay(2).result(timeout=0))
+
+        assert asyncio.run(view()) == 3
+
+
+def test_async_tasks_run_in_flask_errands_worker_processes(
+    sqlite_url: str,
+    tmp_path: Path,
+    client_app: Flask,  # noqa: F811 - the fixture
+) -> None:
+    worker = WorkerProcess(sqlite_url, tmp_path)
+    proc = worker.start("--processes", "2", "-c", "1")
+    try:
+        ids = [enqueue(client_app, worker_app.nap, 0.2) for _ in range(20)]
+        jobs = [wait_until(partial(_succeeded, client_app, i), "the naps to end") for i in ids]
+        assert {job.result(timeout=0)[0] for job in jobs} == {"tests.apps.worker_app"}
+        assert {job.progress_message for job in jobs} == {"napping"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, worker.output()
+
+
+def _succeeded(app: Flask, job_id: str) -> Any:
+    job = job_of(app, job_id)
+    return job.status == "succeeded" and job
