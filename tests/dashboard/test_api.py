@@ -11,6 +11,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flask_errands.status import STATUSES
 from tests.dashboard.conftest import PREFIX, Dashboard, basic
 from tests.helpers import require
 
@@ -27,6 +28,9 @@ def test_the_openapi_file_describes_exactly_the_api_routes(dashboard: Dashboard)
             routes |= {(m.lower(), path) for m in (rule.methods or set()) - {"HEAD", "OPTIONS"}}
     documented = {(method, path) for path, item in OPENAPI["paths"].items() for method in item}
     assert documented == routes
+    states = OPENAPI["paths"]["/api/jobs"]["get"]["parameters"][0]["schema"]["enum"]
+    assert states == [status.value for status in STATUSES]
+    assert OPENAPI["components"]["schemas"]["Job"]["properties"]["status"]["enum"] == states
     for path, item in OPENAPI["paths"].items():
         names = set(re.findall(r"{(\w+)}", path))
         for method, operation in item.items():

@@ -4,7 +4,8 @@
 "use strict";
 
 (function () {
-  const STATUSES = ["queued", "scheduled", "running", "succeeded", "failed", "cancelled"];
+  const STATUSES = ["pending", "blocked", "queued", "scheduled", "running", "succeeded", "failed",
+                    "cancelled"];
   const FINISHED = ["succeeded", "failed", "cancelled"];
   const SVG = "http://www.w3.org/2000/svg";
 
