@@ -12,12 +12,15 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from werkzeug.serving import make_server
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 from flask_errands import Errands, JobStatus, current_job
 from tests.dashboard.conftest import PREFIX, USERS, Dashboard
@@ -58,6 +61,26 @@ def browser_tasks(errands: Errands) -> None:
         if len(calls) == 1:
             raise ConnectionError("the mail server hung up")
         return "delivered"
+
+
+def buffered(app: WSGIApplication) -> WSGIApplication:
+    """``app`` with each body read whole and its iterable closed before the server sends it.
+
+    Werkzeug's development server skips closing a response (a static file's
+    handle) when the browser drops the connection early, as it does for a
+    favicon when a test moves on: the open file would then warn at some later test.
+    """
+
+    def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        body = app(environ, start_response)
+        try:
+            return [b"".join(body)]
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+
+    return serve
 
 
 class Live:
@@ -107,7 +130,7 @@ def live(
 ) -> Iterator[Live]:
     setup: Callable[[Errands], None] = getattr(request, "param", browser_tasks)
     dashboard = make_dashboard(setup=setup, ERRANDS_CONCURRENCY=2)
-    server = make_server("127.0.0.1", 0, dashboard.app, threaded=True)
+    server = make_server("127.0.0.1", 0, buffered(dashboard.app), threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     context = browser.new_context(
