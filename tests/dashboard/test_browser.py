@@ -33,9 +33,13 @@ SCREENSHOTS = Path(__file__).resolve().parent.parent / "screenshots"
 playwright_api = require("playwright.sync_api")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One headless Chromium for the whole session."""
+    """One headless Chromium for the tests of this module.
+
+    Not for the session: Playwright's sync API keeps an event loop running on
+    the main thread while it is open, which tests of async tasks must not see.
+    """
     if not Path(CHROMIUM).exists():
         unavailable(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     with playwright_api.sync_playwright() as playwright:
