@@ -38,7 +38,17 @@ LAYERS: list[set[str]] = [
     {"service", "serving"},
     {"runtime"},
     {"admin", "process"},
-    {"cli"},
+    {
+        "cli",
+        "dashboard",
+        "dashboard.api",
+        "dashboard.auth",
+        "dashboard.blueprint",
+        "dashboard.csrf",
+        "dashboard.pages",
+        "dashboard.params",
+        "dashboard.present",
+    },
     {"extension"},
     {""},  # the package's __init__: the public surface
 ]

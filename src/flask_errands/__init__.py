@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .admin import Admin, JobPage, QueueInfo, ScheduleInfo, Stats, WorkerInfo
 from .context import RunningJob, current_job
+from .dashboard import BasicAuth
 from .exceptions import (
     BackendUnavailable,
     ConfigurationError,
@@ -29,6 +30,7 @@ from .workflows import Chain, Chord, Group, GroupResult, WorkflowJob, chain, cho
 __all__ = [
     "Admin",
     "BackendUnavailable",
+    "BasicAuth",
     "BoundTask",
     "Chain",
     "Chord",

@@ -7,13 +7,14 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, overload
 
-from flask import Flask, current_app
+from flask import Blueprint, Flask, current_app
 
 from . import transactions
 from .admin import Admin
 from .backends import Backend, JobRecord, backend_from_url
 from .cli import errands_cli
 from .config import DEFAULTS, Settings, parse_queues
+from .dashboard import Authorize, mount
 from .exceptions import ConfigurationError, Retry
 from .jobs import Job
 from .runtime import EMBEDDED_GRACE, Runtime
@@ -195,6 +196,18 @@ class Errands:
     def admin(self) -> Admin:
         """The admin API of the current app: re-run, cancel, purge, counts, workers, schedules."""
         return Admin(self.runtime)
+
+    def init_dashboard(
+        self, app: Flask, *, url_prefix: str = "/errands", authorize: Authorize | None = None
+    ) -> Blueprint:
+        """Mount the web dashboard on ``app`` at ``url_prefix``; nothing is mounted otherwise.
+
+        ``authorize`` is required: called on every dashboard request (``request``
+        is available), it returns ``"admin"`` (may act), ``"viewer"`` (may look)
+        or None (refused). :class:`BasicAuth` is a ready one. ``ValueError``
+        without it, or when the app has no ``secret_key`` for CSRF tokens.
+        """
+        return mount(app, lambda: self.admin, url_prefix=url_prefix, authorize=authorize)
 
     def enqueue(self, records: list[JobRecord]) -> list[Job]:
         """Store new job records for the current app and return their jobs; ``delay()`` uses it."""
