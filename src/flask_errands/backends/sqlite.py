@@ -38,9 +38,12 @@ from typing import Any, TypeVar
 from ..exceptions import BackendUnavailable, ConfigurationError, DuplicateJob, EnqueueError
 from . import steps
 from .base import (
+    CANCELLED,
     DEFAULT_MAX_LOST_LEASES,
+    FAILED,
     FIELD_NAMES,
     SCHEDULED,
+    SUCCEEDED,
     WORKER_LOST_ERROR,
     Backend,
     JobRecord,
@@ -48,8 +51,8 @@ from .base import (
     ScheduleState,
     claimed_only,
     minute_of,
-    page_filters,
     page_of,
+    page_positions,
 )
 from .patience import given_up, marked
 from .queries import load_queries
@@ -60,13 +63,13 @@ T = TypeVar("T")
 QUERIES = load_queries("sqlite.sql")
 SCHEMA = tuple(QUERIES[name] for name in QUERIES if name.startswith("create_"))
 #: The schema's version, kept in ``PRAGMA user_version`` (0 in files made before it was).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: The statements that bring the tables from the version before to each version.
 MIGRATIONS = {
-    2: (QUERIES["migrate_2_lost_leases"],),
-    3: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_3_")),
-    4: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_4_")),
+    version: tuple(QUERIES[name] for name in QUERIES if name.startswith(f"migrate_{version}_"))
+    for version in range(2, SCHEMA_VERSION + 1)
 }
+MIGRATIONS[5] += (QUERIES["migrate_3_count_trigger"],)  # spelled with OR since version 5
 
 logger = logging.getLogger("flask_errands")
 
@@ -408,6 +411,7 @@ class SQLiteBackend(Backend):
             cancelled = db.execute(QUERIES["cancel_waiting"], params).fetchall()
             if cancelled:
                 task, flow = cancelled[0]["task"], cancelled[0]["flow"]
+                _adjust(db, cancelled[0]["queue"], "cancelled", 1)
                 steps.advance(_runner(db), job_id, task, "cancelled", flow, None, now)
             else:
                 db.execute(QUERIES["cancel_running"], params)
@@ -421,7 +425,10 @@ class SQLiteBackend(Backend):
             # A live job holding the same unique key leaves this one finished.
             with contextlib.suppress(sqlite3.IntegrityError):
                 params = {"id": job_id, "now": now}
+                was: sqlite3.Row | None = db.execute(QUERIES["get"], (job_id,)).fetchone()
                 for requeued in db.execute(QUERIES["requeue"], params).fetchall():
+                    if was is not None:
+                        _adjust(db, was["queue"], was["status"], -1)
                     steps.revive(_runner(db), requeued["flow"])
             row: sqlite3.Row | None = db.execute(QUERIES["get"], (job_id,)).fetchone()
             return row
@@ -458,10 +465,23 @@ class SQLiteBackend(Backend):
         limit: int = 50,
         before: int | None = None,
     ) -> tuple[list[JobRecord], int | None]:
-        filters, params = page_filters(":{}", limit, before, status=status, queue=queue, task=task)
-        return page_of(
-            self._read(QUERIES["job_page"].format(filters=filters), params), limit, _record
+        if not (status or queue or task):
+            params = {"before": 2**63 - 1 if before is None else before, "limit": limit + 1}
+            return page_of(self._read(QUERIES["job_page"], params), limit, _record)
+
+        def page(db: sqlite3.Connection) -> list[sqlite3.Row]:
+            def run(sql: str, params: Mapping[str, Any]) -> list[Any]:
+                return [row[0] for row in db.execute(sql, params)]
+
+            found = page_positions(
+                run, ":{}", limit, before, status=status, queue=queue, task=task
+            )
+            return db.execute(QUERIES["jobs_at"], (json.dumps(found),)).fetchall()
+
+        rows = self._retrying(
+            page, explicit=False, patience=LOCK_PATIENCE, failure=BackendUnavailable
         )
+        return page_of(rows, limit, _record)
 
     def counts(self) -> dict[tuple[str, str], int]:
         return {(queue, status): n for queue, status, n in self._read(QUERIES["counts"])}
@@ -551,6 +571,7 @@ class SQLiteBackend(Backend):
             db.execute(QUERIES["roll_up_figures"], (minute_of(finished_before),))
             db.execute(QUERIES["prune_figures"], (minute_of(finished_before),))
             db.execute(QUERIES["prune_samples"], (minute_of(finished_before),))
+            db.execute(QUERIES["adjust_totals_for_prune"], (finished_before,))
             return db.execute(QUERIES["prune_jobs"], (finished_before,)).rowcount
 
         return self._transaction(prune)
@@ -559,7 +580,12 @@ class SQLiteBackend(Backend):
         self, status: str | None = None, queue: str | None = None, before: float | None = None
     ) -> int:
         params = {"status": status, "queue": queue, "before": before}
-        return self._transaction(lambda db: db.execute(QUERIES["purge"], params).rowcount)
+
+        def purge(db: sqlite3.Connection) -> int:
+            db.execute(QUERIES["adjust_totals_for_purge"], params)
+            return db.execute(QUERIES["purge"], params).rowcount
+
+        return self._transaction(purge)
 
     def register_worker(
         self, worker_id: str, info: Mapping[str, Any], ttl: float, now: float
@@ -644,14 +670,41 @@ def _hold_lock_across_fork(backend: SQLiteBackend) -> None:
     )
 
 
+#: The steps' queries that make a job finished (+1) or not any more (-1), by hand, not by
+#: an attempt's end: the per-minute counts do not see them (see ``_adjust``).
+_STEP_ADJUSTMENTS = {"cancel_blocked": 1, "revive_cancelled": -1}
+
+
 def _runner(db: sqlite3.Connection) -> steps.Run:
     """Run this backend's named queries on ``db``, for :mod:`steps`."""
-    return lambda name, params: db.execute(QUERIES[name], params).fetchall()
+
+    def run(name: str, params: Mapping[str, Any]) -> list[sqlite3.Row]:
+        rows = db.execute(QUERIES[name], params).fetchall()
+        if name in _STEP_ADJUSTMENTS:
+            for row in rows:
+                _adjust(db, row["queue"], "cancelled", _STEP_ADJUSTMENTS[name])
+        return rows
+
+    return run
+
+
+def _adjust(db: sqlite3.Connection, queue: str, status: str, n: int) -> None:
+    """Count ``n`` more finished jobs of ``queue`` in ``status`` than the per-minute counts say.
+
+    Finished jobs are counted from the per-minute counts of ended attempts,
+    which cost the hot path nothing more; each other way into or out of a
+    finished state (a waiting job cancelled, a re-run, prune, purge) says so here.
+    """
+    if status in _FINISHED:
+        db.execute(QUERIES["adjust_total"], {"queue": queue, "status": status, "n": n})
 
 
 def _cancel_downstream(db: sqlite3.Connection, *, record: JobRecord, now: float) -> None:
     """Cancel the steps downstream of a step that reserve failed for its lost leases."""
     steps.advance(_runner(db), record.id, record.task, "failed", record.flow, None, now)
+
+
+_FINISHED = frozenset(str(status) for status in (SUCCEEDED, FAILED, CANCELLED))
 
 
 def _raise_duplicate(exc: sqlite3.IntegrityError, jobs: Sequence[JobRecord]) -> None:
