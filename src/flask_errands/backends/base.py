@@ -212,18 +212,10 @@ def minute_of(moment: float) -> int:
     return int(moment // 60)
 
 
-def page_filters(
-    placeholder: str, limit: int, before: int | None, **filters: str | None
-) -> tuple[str, dict[str, Any]]:
-    """An SQL store's keyset page: an ``AND`` clause per filter given, and the parameters.
-
-    A clause only for each filter given lets each use its own index;
-    ``placeholder`` formats a parameter name (``:{}`` or ``%({})s``). One row
-    more than ``limit`` is asked for, for :func:`page_of` to see if another page follows.
-    """
-    given = {name: value for name, value in filters.items() if value}
-    clause = "".join(f" AND {name} = {placeholder.format(name)}" for name in given)
-    return clause, {**given, "limit": limit + 1, "before": 2**63 - 1 if before is None else before}
+def page_bounds(limit: int, before: int | None) -> dict[str, int]:
+    """The parameters of an SQL store's keyset page: one row more than ``limit`` is asked
+    for, for :func:`page_of` to see if another page follows."""
+    return {"before": 2**63 - 1 if before is None else before, "limit": limit + 1}
 
 
 #: The page index of the SQL stores, ``(status, queue, task, seq)``, but ``seq``.
@@ -269,8 +261,8 @@ def page_positions(
         + "".join(f"{key} = {name(key)} AND " for key in PAGE_KEY)
         + f"seq < {name('before')} ORDER BY seq DESC LIMIT {name('limit')}"
     )
-    bound = {"before": 2**63 - 1 if before is None else before, "limit": limit + 1}
-    positions = [seq for prefix in prefixes for seq in run(newest, {**prefix, **bound})]
+    bounds = page_bounds(limit, before)
+    positions = [seq for prefix in prefixes for seq in run(newest, {**prefix, **bounds})]
     positions.sort(reverse=True)
     return positions[: limit + 1]
 
@@ -278,7 +270,7 @@ def page_positions(
 def page_of(
     rows: Sequence[Any], limit: int, record: Callable[[Any], JobRecord]
 ) -> tuple[list[JobRecord], int | None]:
-    """The jobs of rows from a :func:`page_filters` query, and the position of the next page."""
+    """The jobs of a keyset page's rows (:func:`page_bounds`), and the next page's position."""
     more = len(rows) > limit
     return [record(row) for row in rows[:limit]], rows[limit - 1]["seq"] if more else None
 

@@ -65,8 +65,9 @@ from .base import (
     ScheduleState,
     claimed_only,
     minute_of,
-    page_filters,
+    page_bounds,
     page_of,
+    page_positions,
 )
 from .patience import patience, store_call
 from .queries import load_queries
@@ -96,13 +97,14 @@ class Connection(psycopg.Connection[DictRow]):
 
 
 QUERIES = load_queries("postgres.sql")
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: The statements that bring a schema from the version before to each version.
 MIGRATIONS = {
     1: tuple(QUERIES[name] for name in QUERIES if name.startswith("create_")),
-    2: (QUERIES["migrate_2_lost_leases"],),
-    3: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_3_")),
-    4: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_4_")),
+    **{
+        version: tuple(QUERIES[name] for name in QUERIES if name.startswith(f"migrate_{version}_"))
+        for version in range(2, SCHEMA_VERSION + 1)
+    },
 }
 
 #: Settings read from (and removed from) the URL's query, with their defaults.
@@ -520,11 +522,19 @@ class PostgresBackend(Backend):
         limit: int = 50,
         before: int | None = None,
     ) -> tuple[list[JobRecord], int | None]:
-        filters, params = page_filters(
-            "%({})s", limit, before, status=status, queue=queue, task=task
-        )
         with self._connection() as conn:
-            rows = conn.execute(QUERIES["job_page"].format(filters=filters), params).fetchall()
+            if not (status or queue or task):
+                params = page_bounds(limit, before)
+                rows = conn.execute(QUERIES["job_page"], params).fetchall()
+            else:
+
+                def run(sql: str, params: Mapping[str, Any]) -> list[Any]:
+                    return [_value(row) for row in conn.execute(sql, params)]
+
+                found = page_positions(
+                    run, "%({})s", limit, before, status=status, queue=queue, task=task
+                )
+                rows = conn.execute(QUERIES["jobs_at"], (found,)).fetchall()
         return page_of(rows, limit, _record)
 
     def counts(self) -> dict[tuple[str, str], int]:
@@ -620,16 +630,15 @@ class PostgresBackend(Backend):
             conn.execute(QUERIES["prune_ticks"], (finished_before,))
             conn.execute(QUERIES["prune_workers"], (finished_before,))
             conn.execute(QUERIES["roll_up_figures"], (minute_of(finished_before),))
-            conn.execute(QUERIES["prune_figures"], (minute_of(finished_before),))
             conn.execute(QUERIES["prune_samples"], (minute_of(finished_before),))
-            return conn.execute(QUERIES["prune_jobs"], (finished_before,)).rowcount
+            return int(_value(conn.execute(QUERIES["prune_jobs"], (finished_before,)).fetchone()))
 
     def purge(
         self, status: str | None = None, queue: str | None = None, before: float | None = None
     ) -> int:
         params = {"status": status, "queue": queue, "before": before}
         with self._connection() as conn:
-            return conn.execute(QUERIES["purge"], params).rowcount
+            return int(_value(conn.execute(QUERIES["purge"], params).fetchone()))
 
     def register_worker(
         self, worker_id: str, info: Mapping[str, Any], ttl: float, now: float

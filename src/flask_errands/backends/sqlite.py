@@ -51,6 +51,7 @@ from .base import (
     ScheduleState,
     claimed_only,
     minute_of,
+    page_bounds,
     page_of,
     page_positions,
 )
@@ -466,7 +467,7 @@ class SQLiteBackend(Backend):
         before: int | None = None,
     ) -> tuple[list[JobRecord], int | None]:
         if not (status or queue or task):
-            params = {"before": 2**63 - 1 if before is None else before, "limit": limit + 1}
+            params = page_bounds(limit, before)
             return page_of(self._read(QUERIES["job_page"], params), limit, _record)
 
         def page(db: sqlite3.Connection) -> list[sqlite3.Row]:
