@@ -5,15 +5,15 @@
 
 The base revision is checked out into a temporary git worktree; each round
 measures both trees in a fresh process each (``PYTHONPATH`` pointing at their
-``src``), alternating which goes first, so a neighbour's burst of load
-spreads over both. Figures per store: ``delay()`` per second, ``delay_many``
-(batches of 100) jobs per second, drain with 4 embedded threads and
-``errands.drain()`` in the calling thread (``drain_sync``) in jobs per second,
-and bare ``Backend.enqueue`` calls per second (``store_enqueue``). The table
-gives each side's median and the median of the per-round ratios (head /
-base): above 1 is faster. Redis and PostgreSQL need their
-servers (``--redis``, ``--postgres``); each run uses its own key prefix or
-schema and removes it.
+``src``), store by store with a store's two runs back to back, alternating
+which goes first, so a neighbour's burst of load spreads over both. Figures
+per store: ``delay()`` per second, ``delay_many`` (batches of 100) jobs per
+second, drain with 4 embedded threads and ``errands.drain()`` in the calling
+thread (``drain_sync``) in jobs per second, and bare ``Backend.enqueue`` calls
+per second (``store_enqueue``). The table gives each side's median and the
+median of the per-round ratios (head / base): above 1 is faster. Redis and
+PostgreSQL need their servers (``--redis``, ``--postgres``); each run uses
+its own key prefix or schema and removes it.
 """
 
 from __future__ import annotations
@@ -163,8 +163,8 @@ def compare(args: argparse.Namespace) -> None:
     try:
         for round_ in range(args.rounds):
             sides = [("base", base_tree), ("head", ROOT)]
-            for side, tree in sides if round_ % 2 == 0 else reversed(sides):
-                for store in stores:
+            for store in stores:  # a store's two sides back to back: less drift between them
+                for side, tree in sides if round_ % 2 == 0 else reversed(sides):
                     for metric, value in run_child(tree, store, args).items():
                         results.setdefault((store, metric, side), []).append(value)
             print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)

@@ -386,6 +386,25 @@ def test_an_interrupted_sqlite_transaction_never_leaves_the_connection_inside(
     backend.close()
 
 
+def test_an_interrupt_asked_during_store_calls_is_raised_as_the_outermost_one_returns() -> None:
+    from flask_errands.backends.patience import STORE_CALL, interrupt
+    from flask_errands.runner import JobInterrupt
+
+    here = threading.get_ident()
+    delivered: list[str] = []
+    reached = []
+    with pytest.raises(JobInterrupt), STORE_CALL:
+        with STORE_CALL:
+            interrupt(here, JobInterrupt, lambda: delivered.append("now"))
+        reached.append("after the inner call")
+    assert reached == ["after the inner call"]
+    assert delivered == []
+    with STORE_CALL:
+        pass  # nothing left pending: a later store call returns normally
+    interrupt(here, JobInterrupt, lambda: delivered.append("now"))  # outside any store call
+    assert delivered == ["now"]
+
+
 def test_timeouts_landing_while_jobs_use_the_store_never_cut_the_process_off_from_it(
     backend_url: str, make_app: AppFactory
 ) -> None:

@@ -102,6 +102,8 @@ class Worker:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        #: The event loop ``async def`` jobs run on, started by the first one.
+        self._loop = aio.LoopThread()
         self._dispatcher: threading.Thread | None = None
         self._heartbeat_interval = min(HEARTBEAT_INTERVAL, lease_seconds / 3)
         self._next_heartbeat = 0.0
@@ -150,7 +152,7 @@ class Worker:
                 if coroutine:
                     self._coroutines.add(execution.lease_token)
             if coroutine:
-                aio.submit(self._run_coroutine(execution))
+                self._loop.submit(self._run_coroutine(execution))
             else:
                 self._inbox.put(execution)
         return len(records)
@@ -293,6 +295,7 @@ class Worker:
         for _ in self._threads:
             self._inbox.put(None)
         self._threads.clear()
+        self._loop.stop()
 
     @property
     def running(self) -> bool:

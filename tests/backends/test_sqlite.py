@@ -1,4 +1,5 @@
-"""SQLite under another process's write lock: leases that lapse behind it, and ``.delay()``.
+"""SQLite under another process's write lock: leases that lapse behind it, and ``.delay()``;
+and files made by an older version.
 
 The lock is a real ``BEGIN IMMEDIATE`` on a connection of the test's own, as a
 long transaction of the app, a migration or the ``sqlite3`` shell would hold
@@ -23,6 +24,9 @@ from flask import Flask
 
 import flask_errands
 from flask_errands import EnqueueError, Errands, JobStatus
+from flask_errands.backends import backend_from_url
+from flask_errands.backends.base import JobRecord
+from flask_errands.backends.sqlite import QUERIES, SCHEMA_VERSION
 from flask_errands.worker import new_worker_id
 from tests.helpers import wait_until
 
@@ -228,3 +232,60 @@ def test_delay_on_a_locked_store_raises_enqueue_error_and_stores_nothing(
     assert "nothing was stored" in str(single.value)
     assert errands.backend.counts() == {}
     assert errands.backend.list_jobs() == []
+
+
+#: The three-status partial indexes as schema version 2 made them, with IN lists.
+VERSION_2_INDEXES = (
+    "CREATE UNIQUE INDEX errands_jobs_unique ON errands_jobs (unique_key)"
+    " WHERE unique_key IS NOT NULL AND status IN ('queued', 'scheduled', 'running')",
+    "CREATE INDEX errands_jobs_finished ON errands_jobs (finished_at)"
+    " WHERE status IN ('succeeded', 'failed', 'cancelled')",
+)
+
+
+def test_a_file_of_schema_version_2_keeps_its_jobs_unique_keys_and_pruning(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v2.db"
+    old = sqlite3.connect(path)
+    old.execute(QUERIES["create_jobs"])
+    old.execute(QUERIES["migrate_2_lost_leases"])
+    for statement in VERSION_2_INDEXES:
+        old.execute(statement)
+    columns = "id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay"
+    for job_id, status, unique_key, finished_at in [
+        ("waiting", "queued", "k", None),
+        ("done", "succeeded", "k", 5.0),
+    ]:
+        old.execute(
+            f"INSERT INTO errands_jobs ({columns}, unique_key, eta, enqueued_at, finished_at)"
+            " VALUES (?, 'noop', '{}', 'default', 0, ?, 0, 1, 1.0, ?, 0, 0, ?)",
+            (job_id, status, unique_key, finished_at),
+        )
+    old.execute("PRAGMA user_version = 2")
+    old.commit()
+    old.close()
+
+    backend = backend_from_url(f"sqlite:///{path}", instance_path=str(tmp_path))
+    try:
+        [kept] = backend.enqueue(
+            [JobRecord(id="again", task="noop", payload="{}", unique_key="k")]
+        )
+        assert kept.id == "waiting"  # the live job holds its key across the upgrade
+        assert backend.get("again") is None
+        assert backend.prune(finished_before=10.0) == 1
+        assert backend.get("done") is None
+        [claimed] = backend.reserve(None, 5, "w", 30, 1.0)
+        assert (claimed.id, claimed.status) == ("waiting", JobStatus.RUNNING)
+    finally:
+        backend.close()
+    reopened = sqlite3.connect(path)
+    assert reopened.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    indexes = [
+        sql
+        for (sql,) in reopened.execute("SELECT sql FROM sqlite_master WHERE type = 'index'")
+        if sql
+    ]
+    in_lists = ("IN ('queued', 'scheduled', 'running')", "IN ('succeeded', 'failed', 'cancelled')")
+    assert not [sql for sql in indexes if any(in_list in sql for in_list in in_lists)]
+    reopened.close()

@@ -31,6 +31,7 @@ or newer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -69,7 +70,7 @@ from .base import (
     page_of,
     page_positions,
 )
-from .patience import patience, store_call
+from .patience import STORE_CALL, patience
 from .queries import load_queries
 from .urls import hide_password
 
@@ -243,7 +244,7 @@ class PostgresBackend(Backend):
         wait = max(0.0, min(patience(self._pool_timeout), deadline - time.monotonic()))
         try:
             with (
-                store_call(),
+                STORE_CALL,
                 self._get_pool().connection(timeout=wait) as conn,
                 self._watchdog.bound(conn, deadline),
             ):
@@ -380,7 +381,7 @@ class PostgresBackend(Backend):
         queue_filter, params = _queue_filter(queues)
         params.update(now=now, expires=now + lease_seconds, worker=worker_id, limit=limit)
         params.update(max_lost=max_lost_leases, lost_error=WORKER_LOST_ERROR)
-        query = QUERIES["reserve"].format(queue_filter=queue_filter)
+        query = _filtered("reserve", queue_filter)
         with self._connection() as conn:
             rows = conn.execute(query, params).fetchall()
         rows.sort(key=lambda row: (-row["priority"], row["eta"], row["seq"]))
@@ -545,7 +546,7 @@ class PostgresBackend(Backend):
     def next_eta(self, queues: Sequence[str] | None) -> float | None:
         queue_filter, params = _queue_filter(queues)
         with self._connection() as conn:
-            row = conn.execute(QUERIES["next_eta"].format(queue_filter=queue_filter), params)
+            row = conn.execute(_filtered("next_eta", queue_filter), params)
             eta: float | None = _value(row.fetchone())
         return eta
 
@@ -880,6 +881,12 @@ def _fetch_mapping(cursor: Cursor) -> Mapping[str, Any] | None:
 def _value(row: DictRow | None) -> Any:
     """The single value of a one-column row."""
     return None if row is None else next(iter(row.values()))
+
+
+@functools.lru_cache(maxsize=8)
+def _filtered(name: str, queue_filter: str) -> str:
+    """Query ``name`` with ``queue_filter`` filled in, made once: a worker runs it all the time."""
+    return QUERIES[name].format(queue_filter=queue_filter)
 
 
 def _queue_filter(queues: Sequence[str] | None) -> tuple[str, dict[str, Any]]:

@@ -61,7 +61,7 @@ from .base import (
     claimed_only,
     minute_of,
 )
-from .patience import given_up, marked
+from .patience import STORE_CALL, given_up
 from .patience import patience as limited_patience
 from .queries import load_queries
 from .urls import hide_password
@@ -282,28 +282,31 @@ class RedisBackend(Backend):
         self._connections.give(connection)
         return reply
 
-    @marked
     def _retrying(self, call: Callable[[], T], what: str, patience: float) -> T:
-        """Run ``call``, retrying transient errors with back-off for ``patience`` seconds."""
+        """Run ``call``, retrying transient errors with back-off for ``patience`` seconds.
+
+        The whole call is a store call (``STORE_CALL``): a job's timeout never lands in it.
+        """
         deadline = time.monotonic() + limited_patience(patience)
-        pause = 0.0
-        lost = False
-        while True:
-            try:
-                return call()
-            except redis.RedisError as exc:
-                if str(exc).startswith("ERRANDS job id already stored: "):
-                    raise DuplicateJob(str(exc).removeprefix("ERRANDS ")) from None
-                lost = lost or isinstance(exc, _ReplyLost)
-                left = deadline - time.monotonic()
-                if not _transient(exc) or left <= 0 or self._closed.is_set() or given_up():
-                    raise (_MaybeDone if lost else BackendUnavailable)(
-                        f"Redis at {self.url} failed {what} "
-                        f"({type(exc).__name__.lstrip('_')}: {exc}); "
-                        "check that the server is running and reachable"
-                    ) from exc
-                time.sleep(min(pause, left))
-                pause = min(max(pause * 2, 0.05), MAX_BACKOFF) * random.uniform(0.8, 1.0)
+        with STORE_CALL:
+            pause = 0.0
+            lost = False
+            while True:
+                try:
+                    return call()
+                except redis.RedisError as exc:
+                    if str(exc).startswith("ERRANDS job id already stored: "):
+                        raise DuplicateJob(str(exc).removeprefix("ERRANDS ")) from None
+                    lost = lost or isinstance(exc, _ReplyLost)
+                    left = deadline - time.monotonic()
+                    if not _transient(exc) or left <= 0 or self._closed.is_set() or given_up():
+                        raise (_MaybeDone if lost else BackendUnavailable)(
+                            f"Redis at {self.url} failed {what} "
+                            f"({type(exc).__name__.lstrip('_')}: {exc}); "
+                            "check that the server is running and reachable"
+                        ) from exc
+                    time.sleep(min(pause, left))
+                    pause = min(max(pause * 2, 0.05), MAX_BACKOFF) * random.uniform(0.8, 1.0)
 
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)

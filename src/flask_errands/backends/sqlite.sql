@@ -1,4 +1,11 @@
 -- Queries of the SQLite backend. Each block is one statement, run by name.
+--
+-- A set of three statuses or more is spelled with OR, never IN (...): SQLite builds a
+-- temporary b-tree for each such IN list each time a statement runs, and the partial indexes'
+-- WHERE clauses run on every write: that was a quarter of the instructions of an insert, and of
+-- a claim and finish.
+-- A statement that must match a partial index's WHERE (ON CONFLICT, or to use the index)
+-- spells it the very same way.
 
 -- name: create_jobs
 CREATE TABLE IF NOT EXISTS errands_jobs (
@@ -42,11 +49,13 @@ CREATE INDEX IF NOT EXISTS errands_jobs_leases
 -- name: create_unique_index
 CREATE UNIQUE INDEX IF NOT EXISTS errands_jobs_unique
     ON errands_jobs (unique_key)
-    WHERE unique_key IS NOT NULL AND status IN ('queued', 'scheduled', 'running')
+    WHERE unique_key IS NOT NULL
+        AND (status = 'queued' OR status = 'scheduled' OR status = 'running')
 
 -- name: create_finished_index
 CREATE INDEX IF NOT EXISTS errands_jobs_finished
-    ON errands_jobs (finished_at) WHERE status IN ('succeeded', 'failed', 'cancelled')
+    ON errands_jobs (finished_at)
+    WHERE (status = 'succeeded' OR status = 'failed' OR status = 'cancelled')
 
 -- name: create_ticks
 CREATE TABLE IF NOT EXISTS errands_ticks (
@@ -106,7 +115,7 @@ ALTER TABLE errands_jobs ADD COLUMN ended_at REAL
 -- name: migrate_3_count_trigger
 -- Counts each attempt that ends (not a release) in its minute, inside the statement that
 -- ends it: the finish keeps costing one statement. OR, not IN: an IN list of three or more
--- is built into a temporary b-tree each time the trigger runs (version 5 made it so).
+-- is built into a temporary b-tree each time the trigger runs (version 6 made it so).
 CREATE TRIGGER IF NOT EXISTS errands_count_finished
 AFTER UPDATE OF status ON errands_jobs
 WHEN old.status = 'running' AND (new.status = 'succeeded' OR new.status = 'failed'
@@ -190,8 +199,14 @@ CREATE TABLE IF NOT EXISTS errands_inputs (
     PRIMARY KEY (job_id, position)
 ) WITHOUT ROWID
 
--- name: migrate_5_drop_total_on_insert
--- Version 5: the job hot path back to its cost before version 3. Finished jobs are counted
+-- name: migrate_or_drop_unique_index
+DROP INDEX IF EXISTS errands_jobs_unique
+
+-- name: migrate_or_drop_finished_index
+DROP INDEX IF EXISTS errands_jobs_finished
+
+-- name: migrate_hot_drop_total_on_insert
+-- Version 6: the job hot path back to its cost before version 3. Finished jobs are counted
 -- from the per-minute counts finish keeps anyway, and errands_finished_totals now holds only
 -- what those do not say (jobs cancelled while waiting, re-run, pruned, purged), written by
 -- those rare operations: no trigger runs on enqueue, claim or finish but the per-minute one.
@@ -199,13 +214,13 @@ CREATE TABLE IF NOT EXISTS errands_inputs (
 -- keyset indexes: job_page walks it (base.page_positions), at no cost to the hot path.
 DROP TRIGGER IF EXISTS errands_total_on_insert
 
--- name: migrate_5_drop_total_on_update
+-- name: migrate_hot_drop_total_on_update
 DROP TRIGGER IF EXISTS errands_total_on_update
 
--- name: migrate_5_drop_total_on_delete
+-- name: migrate_hot_drop_total_on_delete
 DROP TRIGGER IF EXISTS errands_total_on_delete
 
--- name: migrate_5_totals_as_adjustments
+-- name: migrate_hot_totals_as_adjustments
 -- The totals less what the per-minute counts already say.
 INSERT INTO errands_finished_totals (queue, status, n)
 SELECT queue, outcome, -sum(n) FROM errands_finished_counts
@@ -213,40 +228,40 @@ WHERE outcome = 'succeeded' OR outcome = 'failed' OR outcome = 'cancelled'
 GROUP BY queue, outcome
 ON CONFLICT (queue, status) DO UPDATE SET n = n + excluded.n
 
--- name: migrate_5_drop_count_trigger
+-- name: migrate_hot_drop_count_trigger
 -- Made again as migrate_3_count_trigger is now (see sqlite.py).
 DROP TRIGGER IF EXISTS errands_count_finished
 
--- name: migrate_5_drop_status_index
+-- name: migrate_hot_drop_status_index
 DROP INDEX IF EXISTS errands_jobs_by_status
 
--- name: migrate_5_drop_queue_index
+-- name: migrate_hot_drop_queue_index
 DROP INDEX IF EXISTS errands_jobs_by_queue
 
--- name: migrate_5_drop_task_index
+-- name: migrate_hot_drop_task_index
 DROP INDEX IF EXISTS errands_jobs_by_task
 
--- name: migrate_5_drop_listing_index
+-- name: migrate_hot_drop_listing_index
 DROP INDEX IF EXISTS errands_jobs_listing
 
--- name: migrate_5_page_index
+-- name: migrate_hot_page_index
 CREATE INDEX IF NOT EXISTS errands_jobs_pages ON errands_jobs (status, queue, task, seq)
 
 -- name: insert_job
+-- Positional parameters, in the order of INSERT_FIELDS in sqlite.py: binding them costs
+-- less than looking each name up in a dict.
 INSERT INTO errands_jobs (
-    id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay, timeout,
-    unique_key, eta, enqueued_at, flow, blocked_by
-) VALUES (
-    :id, :task, :payload, :queue, :priority, :status, :attempts, :max_attempts, :retry_delay,
-    :timeout, :unique_key, :eta, :enqueued_at, :flow, :blocked_by
-)
+    id, task, payload, queue, priority, attempts, max_attempts, retry_delay, timeout,
+    unique_key, eta, enqueued_at, flow, blocked_by, status
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (unique_key)
-    WHERE unique_key IS NOT NULL AND status IN ('queued', 'scheduled', 'running')
+    WHERE unique_key IS NOT NULL
+        AND (status = 'queued' OR status = 'scheduled' OR status = 'running')
     DO NOTHING
 
 -- name: live_unique
 SELECT * FROM errands_jobs
-WHERE unique_key = ? AND status IN ('queued', 'scheduled', 'running')
+WHERE unique_key = ? AND (status = 'queued' OR status = 'scheduled' OR status = 'running')
 
 -- name: claim
 -- Jobs whose lease expired (their worker died) first, then due jobs by priority, eta and
@@ -364,7 +379,7 @@ SET status = CASE WHEN blocked_by > 0 THEN 'blocked' ELSE 'queued' END, attempts
     result = NULL, error = NULL, traceback = NULL,
     progress = NULL, progress_message = NULL, started_at = NULL, finished_at = NULL,
     worker_id = NULL, cancel_requested = 0, lost_leases = 0
-WHERE id = :id AND status IN ('succeeded', 'failed', 'cancelled')
+WHERE id = :id AND (status = 'succeeded' OR status = 'failed' OR status = 'cancelled')
 RETURNING flow
 
 -- name: get
@@ -400,7 +415,7 @@ SELECT * FROM errands_jobs WHERE seq IN (SELECT value FROM json_each(?)) ORDER B
 
 -- name: adjust_total
 -- What the per-minute counts do not say: a job that became or stopped being finished
--- other than by an attempt's end (see migrate_5).
+-- other than by an attempt's end (see migrate_hot_drop_total_on_insert).
 INSERT INTO errands_finished_totals (queue, status, n) VALUES (:queue, :status, :n)
 ON CONFLICT (queue, status) DO UPDATE SET n = n + excluded.n
 
@@ -484,7 +499,7 @@ SELECT schedule, max(fire_time) AS fire_time, job_id FROM errands_ticks GROUP BY
 
 -- name: prune_jobs
 DELETE FROM errands_jobs
-WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?
+WHERE (status = 'succeeded' OR status = 'failed' OR status = 'cancelled') AND finished_at < ?
 
 -- name: prune_ticks
 DELETE FROM errands_ticks
