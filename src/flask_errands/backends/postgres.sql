@@ -212,7 +212,7 @@ CREATE TABLE IF NOT EXISTS errands_inputs (
     PRIMARY KEY (job_id, position)
 )
 
--- name: migrate_5_drop_total_on_insert
+-- name: migrate_hot_drop_total_on_insert
 -- Version 5: the job hot path back to its cost before version 3. Finished jobs are counted
 -- from the per-minute counts finish keeps anyway, and errands_finished_totals now holds only
 -- what those do not say (jobs cancelled while waiting, re-run, pruned, purged), written by
@@ -222,35 +222,35 @@ CREATE TABLE IF NOT EXISTS errands_inputs (
 -- job_page walks it (base.page_positions).
 DROP TRIGGER IF EXISTS errands_total_on_insert ON errands_jobs
 
--- name: migrate_5_drop_total_on_update
+-- name: migrate_hot_drop_total_on_update
 DROP TRIGGER IF EXISTS errands_total_on_update ON errands_jobs
 
--- name: migrate_5_drop_total_on_delete
+-- name: migrate_hot_drop_total_on_delete
 DROP TRIGGER IF EXISTS errands_total_on_delete ON errands_jobs
 
--- name: migrate_5_drop_total_function
+-- name: migrate_hot_drop_total_function
 DROP FUNCTION IF EXISTS errands_count_finished()
 
--- name: migrate_5_totals_as_adjustments
+-- name: migrate_hot_totals_as_adjustments
 -- The totals less what the per-minute counts already say.
 INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
 SELECT queue, outcome, 0, -sum(n) FROM errands_finished_counts
 WHERE outcome IN ('succeeded', 'failed', 'cancelled') GROUP BY queue, outcome
 ON CONFLICT (queue, status, shard) DO UPDATE SET n = t.n + excluded.n
 
--- name: migrate_5_drop_status_index
+-- name: migrate_hot_drop_status_index
 DROP INDEX IF EXISTS errands_jobs_by_status
 
--- name: migrate_5_drop_queue_index
+-- name: migrate_hot_drop_queue_index
 DROP INDEX IF EXISTS errands_jobs_by_queue
 
--- name: migrate_5_drop_task_index
+-- name: migrate_hot_drop_task_index
 DROP INDEX IF EXISTS errands_jobs_by_task
 
--- name: migrate_5_drop_listing_index
+-- name: migrate_hot_drop_listing_index
 DROP INDEX IF EXISTS errands_jobs_listing
 
--- name: migrate_5_page_index
+-- name: migrate_hot_page_index
 CREATE INDEX IF NOT EXISTS errands_jobs_pages ON errands_jobs (status, queue, task, seq)
 
 -- name: insert_job
@@ -394,7 +394,7 @@ SELECT status,
 FROM unblocked
 
 -- name: cancel_blocked
--- Counted here: the per-minute counts only see attempts that end (see migrate_5).
+-- Counted here: the per-minute counts only see attempts that end (see migrate_hot_*).
 WITH cancelled AS (
     UPDATE errands_jobs SET status = 'cancelled', finished_at = %(now)s, error = %(error)s
     WHERE id = %(id)s AND status = 'blocked'

@@ -415,7 +415,7 @@ SELECT * FROM errands_jobs WHERE seq IN (SELECT value FROM json_each(?)) ORDER B
 
 -- name: adjust_total
 -- What the per-minute counts do not say: a job that became or stopped being finished
--- other than by an attempt's end (see migrate_hot_drop_total_on_insert).
+-- other than by an attempt's end (see migrate_hot_*).
 INSERT INTO errands_finished_totals (queue, status, n) VALUES (:queue, :status, :n)
 ON CONFLICT (queue, status) DO UPDATE SET n = n + excluded.n
 
