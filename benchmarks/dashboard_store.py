@@ -303,6 +303,9 @@ def run_store(store: str, args: argparse.Namespace, scratch: str) -> dict[str, f
                     args.queued,
                     now,
                 )
+            # A worker's sample of this minute, as a running store has (the SQL stores then fold
+            # per-minute counts older than FIGURE_MINUTES into minute 0).
+            errands.backend.sample_depth(now)
             print(f"{store}: filled in {time.monotonic() - started:.0f}s", file=sys.stderr)
             return measure(errands.admin, args.finished, args.queued, args.repeat)
     finally:

@@ -207,6 +207,12 @@ OUTCOMES = {"succeeded": "succeeded", "failed": "failed", "cancelled": "cancelle
 OUTCOMES["scheduled"] = "retried"
 
 
+#: How many minutes the SQL stores keep their per-minute counts apart (the dashboard charts
+#: the last hour): the first :meth:`Backend.sample_depth` of each minute folds older ones into
+#: minute 0, so finished jobs are counted from a few thousand rows at most.
+FIGURE_MINUTES = 180
+
+
 def minute_of(moment: float) -> int:
     """The minute (Unix time // 60) that per-minute counts and samples file ``moment`` under."""
     return int(moment // 60)
@@ -549,7 +555,8 @@ class Backend(ABC):
         Rows of ``(minute, queue, task, outcome, n)``, outcome one of
         ``succeeded``, ``failed``, ``cancelled`` and ``retried``, as counted by
         :meth:`finish`. :meth:`prune` folds the minutes before its cut-off into
-        minute 0, which so holds the counts since the store began (for metrics).
+        minute 0, which so holds the counts since the store began (for metrics);
+        the SQL stores also fold those :data:`FIGURE_MINUTES` older than each depth sample.
         """
 
     @abstractmethod

@@ -44,6 +44,7 @@ from .base import (
     DEFAULT_MAX_LOST_LEASES,
     FAILED,
     FIELD_NAMES,
+    FIGURE_MINUTES,
     SCHEDULED,
     SUCCEEDED,
     WORKER_LOST_ERROR,
@@ -553,9 +554,15 @@ class SQLiteBackend(Backend):
         return [(row[0], row[1], row[2], row[3], row[4]) for row in rows]
 
     def sample_depth(self, now: float) -> bool:
-        params = {"minute": minute_of(now)}
-        added = self._statement(lambda db: db.execute(QUERIES["sample_depth"], params).rowcount)
-        return bool(added == 1)
+        minute = minute_of(now)
+
+        def sample(db: sqlite3.Connection) -> bool:
+            if db.execute(QUERIES["sample_depth"], {"minute": minute}).rowcount != 1:
+                return False
+            _fold_figures(db, minute - FIGURE_MINUTES)  # once a minute, by whoever sampled
+            return True
+
+        return self._transaction(sample)
 
     def depth_samples(self, since_minute: int) -> dict[int, dict[tuple[str, str], int]]:
         return {
@@ -590,8 +597,7 @@ class SQLiteBackend(Backend):
         def prune(db: sqlite3.Connection) -> int:
             db.execute(QUERIES["prune_ticks"], (finished_before,))
             db.execute(QUERIES["prune_workers"], (finished_before,))
-            db.execute(QUERIES["roll_up_figures"], (minute_of(finished_before),))
-            db.execute(QUERIES["prune_figures"], (minute_of(finished_before),))
+            _fold_figures(db, minute_of(finished_before))
             db.execute(QUERIES["prune_samples"], (minute_of(finished_before),))
             db.execute(QUERIES["adjust_totals_for_prune"], (finished_before,))
             return db.execute(QUERIES["prune_jobs"], (finished_before,)).rowcount
@@ -708,6 +714,12 @@ def _runner(db: sqlite3.Connection) -> steps.Run:
         return rows
 
     return run
+
+
+def _fold_figures(db: sqlite3.Connection, before_minute: int) -> None:
+    """Fold the per-minute counts of the minutes before ``before_minute`` into minute 0."""
+    db.execute(QUERIES["roll_up_figures"], (before_minute,))
+    db.execute(QUERIES["prune_figures"], (before_minute,))
 
 
 def _adjust(db: sqlite3.Connection, queue: str, status: str, n: int) -> None:
