@@ -179,13 +179,18 @@ def test_job_page_of_an_empty_store(backend: Backend, limit: int) -> None:
     assert backend.job_page(queue="x", task="y", limit=limit, before=5) == ([], None)
 
 
+def counted(backend: Backend) -> dict[tuple[str, str], int]:
+    """How many jobs each queue holds per status, counted one by one."""
+    found: dict[tuple[str, str], int] = {}
+    for record in backend.job_page(limit=1000)[0]:
+        key = (record.queue, str(record.status))
+        found[key] = found.get(key, 0) + 1
+    return found
+
+
 def test_counts_follow_every_way_a_job_enters_or_leaves_a_state(backend: Backend) -> None:
     def truth() -> dict[tuple[str, str], int]:
-        found: dict[tuple[str, str], int] = {}
-        for record in backend.job_page(limit=1000)[0]:
-            key = (record.queue, str(record.status))
-            found[key] = found.get(key, 0) + 1
-        return found
+        return counted(backend)
 
     jobs = [job(queue=q) for q in "aabbbc"]
     backend.enqueue(jobs)
@@ -209,11 +214,7 @@ def test_counts_follow_every_way_a_job_enters_or_leaves_a_state(backend: Backend
 
 def test_counts_follow_workflow_cascades_revivals_and_folded_minutes(backend: Backend) -> None:
     def truth() -> dict[tuple[str, str], int]:
-        found: dict[tuple[str, str], int] = {}
-        for record in backend.job_page(limit=1000)[0]:
-            key = (record.queue, str(record.status))
-            found[key] = found.get(key, 0) + 1
-        return found
+        return counted(backend)
 
     failing, waiting = chain_of(3), chain_of(3)
     backend.enqueue(failing)
