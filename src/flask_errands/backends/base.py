@@ -224,53 +224,10 @@ def page_bounds(limit: int, before: int | None) -> dict[str, int]:
     return {"before": 2**63 - 1 if before is None else before, "limit": limit + 1}
 
 
-#: The page index of the SQL stores, ``(status, queue, task, seq)``, but ``seq``.
+#: The page index of the SQL stores, ``(status, queue, task, seq)``, but ``seq``. One index
+#: serves every filter of :meth:`Backend.job_page`, walked key by key: an index per filter
+#: would cost every enqueue, claim and finish a write more.
 PAGE_KEY = ("status", "queue", "task")
-#: Runs one query of :func:`page_positions` and returns the first column of its rows.
-PageRun = Callable[[str, Mapping[str, Any]], list[Any]]
-
-
-def page_positions(
-    run: PageRun, placeholder: str, limit: int, before: int | None, **filters: str | None
-) -> list[int]:
-    """The positions (``seq``) of a filtered keyset page, newest first, one more than ``limit``.
-
-    An SQL store keeps one page index, ``(status, queue, task, seq)``, as it
-    kept one for listing: an index per filter would cost every enqueue, claim
-    and finish a write more. That index orders jobs by ``seq`` only within a
-    status, queue and task, so each of these a filter leaves open is walked
-    value by value (a seek each, however many jobs share a value), and the
-    newest jobs of each are merged: a few dozen seeks, as deep pages as the first.
-    """
-    name = placeholder.format
-    prefixes: list[dict[str, str]] = [{}]
-    for column in PAGE_KEY:
-        value = filters.get(column)
-        if value:
-            prefixes = [{**prefix, column: value} for prefix in prefixes]
-            continue
-        walked = []
-        for prefix in prefixes:
-            where = "".join(f"{key} = {name(key)} AND " for key in prefix)
-            first, then = (
-                f"SELECT {column} FROM errands_jobs WHERE {where}{column} {op} {name('after')} "
-                f"ORDER BY {column} LIMIT 1"
-                for op in (">=", ">")
-            )
-            found = run(first, {**prefix, "after": ""})
-            while found:
-                walked.append({**prefix, column: found[0]})
-                found = run(then, {**prefix, "after": found[0]})
-        prefixes = walked
-    newest = (
-        "SELECT seq FROM errands_jobs WHERE "
-        + "".join(f"{key} = {name(key)} AND " for key in PAGE_KEY)
-        + f"seq < {name('before')} ORDER BY seq DESC LIMIT {name('limit')}"
-    )
-    bounds = page_bounds(limit, before)
-    positions = [seq for prefix in prefixes for seq in run(newest, {**prefix, **bounds})]
-    positions.sort(reverse=True)
-    return positions[: limit + 1]
 
 
 def page_of(

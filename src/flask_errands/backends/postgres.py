@@ -59,6 +59,7 @@ from . import steps
 from .base import (
     DEFAULT_MAX_LOST_LEASES,
     FIGURE_MINUTES,
+    PAGE_KEY,
     SCHEDULED,
     WORKER_LOST_ERROR,
     Backend,
@@ -69,7 +70,6 @@ from .base import (
     minute_of,
     page_bounds,
     page_of,
-    page_positions,
 )
 from .patience import STORE_CALL, patience
 from .queries import load_queries
@@ -531,14 +531,10 @@ class PostgresBackend(Backend):
                 params = page_bounds(limit, before)
                 rows = conn.execute(QUERIES["job_page"], params).fetchall()
             else:
-
-                def run(sql: str, params: Mapping[str, Any]) -> list[Any]:
-                    return [_value(row) for row in conn.execute(sql, params)]
-
-                found = page_positions(
-                    run, "%({})s", limit, before, status=status, queue=queue, task=task
-                )
-                rows = conn.execute(QUERIES["jobs_at"], (found,)).fetchall()
+                filters = {"status": status, "queue": queue, "task": task}
+                query = _filtered_page(tuple(bool(filters[key]) for key in PAGE_KEY))
+                params = {**filters, **page_bounds(limit, before)}
+                rows = conn.execute(query, params).fetchall()
         return page_of(rows, limit, _record)
 
     def counts(self) -> dict[tuple[str, str], int]:
@@ -875,6 +871,25 @@ def _record(row: Mapping[str, Any]) -> JobRecord:
 def _job_queries(table: str) -> tuple[str, str]:
     """The insert and live-unique queries on ``table``, bare or schema-qualified."""
     return QUERIES["insert_job"].format(jobs=table), QUERIES["live_unique"].format(jobs=table)
+
+
+@cache
+def _filtered_page(given: tuple[bool, ...]) -> str:
+    """The statement of a page filtered on those of ``PAGE_KEY`` that ``given`` says.
+
+    The filters that lead the page index bound its skip scan; the others are
+    checked on each key it finds.
+    """
+    leading = PAGE_KEY[: len(list(itertools.takewhile(bool, given)))]
+
+    def matching(alias: str) -> str:
+        return " AND ".join(f"{alias}.{key} = %({key})s" for key in leading) or "true"
+
+    rest = zip(PAGE_KEY[len(leading) :], given[len(leading) :], strict=True)
+    others = " AND ".join(f"{key} = %({key})s" for key, on in rest if on) or "true"
+    return QUERIES["filtered_job_page"].format(
+        fixed=matching("j"), still=matching("later"), others=others
+    )
 
 
 def _fetch_mapping(cursor: Cursor) -> Mapping[str, Any] | None:

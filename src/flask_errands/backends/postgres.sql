@@ -497,9 +497,35 @@ SELECT min(eta) AS eta FROM errands_jobs WHERE status IN ('queued', 'scheduled')
 -- name: job_page
 SELECT * FROM errands_jobs WHERE seq < %(before)s ORDER BY seq DESC LIMIT %(limit)s
 
--- name: jobs_at
--- The jobs at the positions of a filtered page (base.page_positions).
-SELECT * FROM errands_jobs WHERE seq = ANY(%s) ORDER BY seq DESC
+-- name: filtered_job_page
+-- The page index, (status, queue, task, seq), orders jobs by seq only within one status,
+-- queue and task: each of these keys (of the {fixed} leading filters) is found by a skip
+-- scan, a seek each however many jobs share it, and the newest jobs of those that match
+-- {others} are merged. As fast deep as on the first page, and no index more to keep on the
+-- hot path. The seek for the next key is bounded by the row comparison alone (with the
+-- leading filters beside it, the scan would start at the first job they match, not after
+-- the last key); the walk stops at the first key past them ({still}).
+WITH RECURSIVE keys (status, queue, task) AS (
+    (SELECT status, queue, task FROM errands_jobs AS j WHERE {fixed}
+    ORDER BY status, queue, task LIMIT 1)
+    UNION ALL
+    SELECT later.* FROM keys CROSS JOIN LATERAL (
+        SELECT j.status, j.queue, j.task FROM errands_jobs AS j
+        WHERE (j.status, j.queue, j.task) > (keys.status, keys.queue, keys.task)
+        ORDER BY j.status, j.queue, j.task LIMIT 1
+    ) AS later
+    WHERE {still}
+)
+SELECT * FROM errands_jobs WHERE seq IN (
+    SELECT newest.seq FROM (SELECT * FROM keys WHERE {others}) AS k CROSS JOIN LATERAL (
+        SELECT j.seq FROM errands_jobs AS j
+        WHERE j.status = k.status AND j.queue = k.queue AND j.task = k.task
+            AND j.seq < %(before)s
+        ORDER BY j.seq DESC LIMIT %(limit)s
+    ) AS newest
+    ORDER BY newest.seq DESC LIMIT %(limit)s
+)
+ORDER BY seq DESC
 
 -- name: pause_queue
 INSERT INTO errands_paused_queues (queue, paused_at) VALUES (%s, %s)
