@@ -527,13 +527,12 @@ class PostgresBackend(Backend):
         before: int | None = None,
     ) -> tuple[list[JobRecord], int | None]:
         with self._connection() as conn:
+            filters = {"status": status, "queue": queue, "task": task}
+            params: dict[str, Any] = {**filters, **page_bounds(limit, before)}
             if not (status or queue or task):
-                params = page_bounds(limit, before)
                 rows = conn.execute(QUERIES["job_page"], params).fetchall()
             else:
-                filters = {"status": status, "queue": queue, "task": task}
                 query = _filtered_page(tuple(bool(filters[key]) for key in PAGE_KEY))
-                params = {**filters, **page_bounds(limit, before)}
                 rows = conn.execute(query, params).fetchall()
         return page_of(rows, limit, _record)
 

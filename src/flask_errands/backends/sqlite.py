@@ -704,8 +704,8 @@ _STEP_ADJUSTMENTS = {"cancel_blocked": 1, "revive_cancelled": -1}
 def _runner(db: sqlite3.Connection) -> steps.Run:
     """Run this backend's named queries on ``db``, for :mod:`steps`."""
 
-    def run(name: str, params: Mapping[str, Any]) -> list[sqlite3.Row]:
-        rows = db.execute(QUERIES[name], params).fetchall()
+    def run(name: str, params: Mapping[str, Any]) -> list[Any]:
+        rows: list[sqlite3.Row] = db.execute(QUERIES[name], params).fetchall()
         if name in _STEP_ADJUSTMENTS:
             for row in rows:
                 _adjust(db, row["queue"], "cancelled", _STEP_ADJUSTMENTS[name])
