@@ -40,14 +40,12 @@ from typing import Any, TypeVar
 from ..exceptions import BackendUnavailable, ConfigurationError, DuplicateJob, EnqueueError
 from . import steps
 from .base import (
-    CANCELLED,
     DEFAULT_MAX_LOST_LEASES,
-    FAILED,
     FIELD_NAMES,
     FIGURE_MINUTES,
+    FINISHED,
     PAGE_KEY,
     SCHEDULED,
-    SUCCEEDED,
     WORKER_LOST_ERROR,
     Backend,
     JobRecord,
@@ -772,16 +770,13 @@ def _adjust(db: sqlite3.Connection, queue: str, status: str, n: int) -> None:
     which cost the hot path nothing more; each other way into or out of a
     finished state (a waiting job cancelled, a re-run, prune, purge) says so here.
     """
-    if status in _FINISHED:
+    if status in FINISHED:
         db.execute(QUERIES["adjust_total"], {"queue": queue, "status": status, "n": n})
 
 
 def _cancel_downstream(db: sqlite3.Connection, *, record: JobRecord, now: float) -> None:
     """Cancel the steps downstream of a step that reserve failed for its lost leases."""
     steps.advance(_runner(db), record.id, record.task, "failed", record.flow, None, now)
-
-
-_FINISHED = frozenset(str(status) for status in (SUCCEEDED, FAILED, CANCELLED))
 
 
 def _raise_duplicate(exc: sqlite3.IntegrityError, jobs: Sequence[JobRecord]) -> None:
