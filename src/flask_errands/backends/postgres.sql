@@ -154,14 +154,16 @@ SELECT queue, status, 0, count(*) FROM errands_jobs
 WHERE status IN ('succeeded', 'failed', 'cancelled') GROUP BY queue, status
 
 -- name: migrate_3_total_function
+-- A job becomes finished, or stops being so, one row at a time (finish, cancel, re-run);
+-- jobs are never inserted finished.
 CREATE OR REPLACE FUNCTION errands_count_finished() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP <> 'INSERT' AND OLD.status IN ('succeeded', 'failed', 'cancelled') THEN
+    IF OLD.status IN ('succeeded', 'failed', 'cancelled') THEN
         INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
         VALUES (OLD.queue, OLD.status, pg_backend_pid() % 8, -1)
         ON CONFLICT (queue, status, shard) DO UPDATE SET n = t.n - 1;
     END IF;
-    IF TG_OP <> 'DELETE' AND NEW.status IN ('succeeded', 'failed', 'cancelled') THEN
+    IF NEW.status IN ('succeeded', 'failed', 'cancelled') THEN
         INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
         VALUES (NEW.queue, NEW.status, pg_backend_pid() % 8, 1)
         ON CONFLICT (queue, status, shard) DO UPDATE SET n = t.n + 1;
@@ -170,11 +172,6 @@ BEGIN
 END
 $$
 
--- name: migrate_3_total_on_insert
-CREATE TRIGGER errands_total_on_insert AFTER INSERT ON errands_jobs
-FOR EACH ROW WHEN (NEW.status IN ('succeeded', 'failed', 'cancelled'))
-EXECUTE FUNCTION errands_count_finished()
-
 -- name: migrate_3_total_on_update
 CREATE TRIGGER errands_total_on_update AFTER UPDATE OF status ON errands_jobs
 FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status
@@ -182,10 +179,22 @@ FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status
         OR NEW.status IN ('succeeded', 'failed', 'cancelled')))
 EXECUTE FUNCTION errands_count_finished()
 
+-- name: migrate_3_uncount_function
+-- Prune and purge delete many jobs at once: their totals change once per statement.
+CREATE OR REPLACE FUNCTION errands_uncount_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
+    SELECT queue, status, pg_backend_pid() % 8, -count(*) FROM errands_deleted
+    WHERE status IN ('succeeded', 'failed', 'cancelled') GROUP BY queue, status
+    ON CONFLICT (queue, status, shard) DO UPDATE SET n = t.n + excluded.n;
+    RETURN NULL;
+END
+$$
+
 -- name: migrate_3_total_on_delete
 CREATE TRIGGER errands_total_on_delete AFTER DELETE ON errands_jobs
-FOR EACH ROW WHEN (OLD.status IN ('succeeded', 'failed', 'cancelled'))
-EXECUTE FUNCTION errands_count_finished()
+REFERENCING OLD TABLE AS errands_deleted
+FOR EACH STATEMENT EXECUTE FUNCTION errands_uncount_deleted()
 
 -- name: migrate_3_status_index
 CREATE INDEX IF NOT EXISTS errands_jobs_by_status ON errands_jobs (status, seq)
