@@ -240,6 +240,9 @@ DROP TRIGGER IF EXISTS errands_total_on_delete ON errands_jobs
 -- name: migrate_hot_drop_total_function
 DROP FUNCTION IF EXISTS errands_count_finished()
 
+-- name: migrate_hot_drop_uncount_function
+DROP FUNCTION IF EXISTS errands_uncount_deleted()
+
 -- name: migrate_hot_totals_as_adjustments
 -- The totals less what the per-minute counts already say.
 INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
