@@ -186,12 +186,8 @@ def fill_postgres(url: str, finished: int, queued: int, now: float) -> None:
                     (minute, json.dumps(sample)),
                 )
             cursor.execute("SELECT setval('errands_jobs_seq_seq', %s)", (finished + queued,))
-            # Jobs are never enqueued finished: set the totals finish would have kept.
-            cursor.execute(
-                "INSERT INTO errands_finished_totals SELECT queue, status, 0, count(*) "
-                "FROM errands_jobs WHERE status IN ('succeeded', 'failed', 'cancelled') "
-                "GROUP BY queue, status"
-            )
+            # Finished jobs are counted from the per-minute counts above: their totals
+            # (errands_finished_totals) only hold what those do not say, nothing here.
         conn.execute("VACUUM ANALYZE errands_jobs")
 
 
@@ -309,6 +305,9 @@ def run_store(store: str, args: argparse.Namespace, scratch: str) -> dict[str, f
                     args.queued,
                     now,
                 )
+            # A worker's sample of this minute, as a running store has (the SQL stores then fold
+            # per-minute counts older than FIGURE_MINUTES into minute 0).
+            errands.backend.sample_depth(now)
             print(f"{store}: filled in {time.monotonic() - started:.0f}s", file=sys.stderr)
             return measure(errands.admin, args.finished, args.queued, args.repeat)
     finally:

@@ -8,6 +8,7 @@ import pytest
 from flask_errands.backends import Backend
 from flask_errands.backends.base import ScheduleState
 from tests.backends.test_conformance import LEASE, T0, job, reserve, token
+from tests.backends.test_steps import chain_of
 
 MINUTE = int(T0 // 60)
 
@@ -178,13 +179,18 @@ def test_job_page_of_an_empty_store(backend: Backend, limit: int) -> None:
     assert backend.job_page(queue="x", task="y", limit=limit, before=5) == ([], None)
 
 
+def counted(backend: Backend) -> dict[tuple[str, str], int]:
+    """How many jobs each queue holds per status, counted one by one."""
+    found: dict[tuple[str, str], int] = {}
+    for record in backend.job_page(limit=1000)[0]:
+        key = (record.queue, str(record.status))
+        found[key] = found.get(key, 0) + 1
+    return found
+
+
 def test_counts_follow_every_way_a_job_enters_or_leaves_a_state(backend: Backend) -> None:
     def truth() -> dict[tuple[str, str], int]:
-        found: dict[tuple[str, str], int] = {}
-        for record in backend.job_page(limit=1000)[0]:
-            key = (record.queue, str(record.status))
-            found[key] = found.get(key, 0) + 1
-        return found
+        return counted(backend)
 
     jobs = [job(queue=q) for q in "aabbbc"]
     backend.enqueue(jobs)
@@ -203,4 +209,34 @@ def test_counts_follow_every_way_a_job_enters_or_leaves_a_state(backend: Backend
     for claimed in reserve(backend, limit=5, now=T0 + 20):
         backend.finish(claimed.id, token(claimed), "succeeded", T0 + 21)
     backend.purge()
+    assert backend.counts() == truth() == {}
+
+
+def test_counts_follow_workflow_cascades_revivals_and_folded_minutes(backend: Backend) -> None:
+    def truth() -> dict[tuple[str, str], int]:
+        return counted(backend)
+
+    failing, waiting = chain_of(3), chain_of(3)
+    backend.enqueue(failing)
+    [first] = reserve(backend)
+    backend.finish(first.id, token(first), "failed", T0 + 1, error="E: x")  # cancels two steps
+    assert backend.counts() == truth() == {("default", "failed"): 1, ("default", "cancelled"): 2}
+    backend.requeue(first.id, T0 + 2)  # revives the two cancelled steps
+    assert backend.counts() == truth() == {("default", "queued"): 1, ("default", "blocked"): 2}
+    backend.enqueue(waiting)
+    backend.cancel(waiting[0].id, T0 + 3)  # a waiting step, and its two steps downstream
+    assert backend.counts() == truth()
+    assert backend.counts()[("default", "cancelled")] == 3
+    for _ in range(3):
+        [step] = reserve(backend, now=T0 + 4)
+        backend.finish(step.id, token(step), "succeeded", T0 + 4, result="1")
+    assert (
+        backend.counts() == truth() == {("default", "succeeded"): 3, ("default", "cancelled"): 3}
+    )
+    ended = sum(n for *_, n in backend.finished_counts(0))
+    backend.sample_depth(T0 + 60 * 100_000)  # may fold every minute counted into minute 0
+    assert sum(n for *_, n in backend.finished_counts(0)) == ended == 4
+    assert backend.counts() == truth()
+    backend.purge(status="cancelled")
+    backend.prune(T0 + 5)
     assert backend.counts() == truth() == {}

@@ -207,29 +207,33 @@ OUTCOMES = {"succeeded": "succeeded", "failed": "failed", "cancelled": "cancelle
 OUTCOMES["scheduled"] = "retried"
 
 
+#: How many minutes the SQL stores keep their per-minute counts apart (the dashboard charts
+#: the last hour): the first :meth:`Backend.sample_depth` of each minute folds older ones into
+#: minute 0, so finished jobs are counted from a few thousand rows at most.
+FIGURE_MINUTES = 180
+
+
 def minute_of(moment: float) -> int:
     """The minute (Unix time // 60) that per-minute counts and samples file ``moment`` under."""
     return int(moment // 60)
 
 
-def page_filters(
-    placeholder: str, limit: int, before: int | None, **filters: str | None
-) -> tuple[str, dict[str, Any]]:
-    """An SQL store's keyset page: an ``AND`` clause per filter given, and the parameters.
+def page_bounds(limit: int, before: int | None) -> dict[str, int]:
+    """The parameters of an SQL store's keyset page: one row more than ``limit`` is asked
+    for, for :func:`page_of` to see if another page follows."""
+    return {"before": 2**63 - 1 if before is None else before, "limit": limit + 1}
 
-    A clause only for each filter given lets each use its own index;
-    ``placeholder`` formats a parameter name (``:{}`` or ``%({})s``). One row
-    more than ``limit`` is asked for, for :func:`page_of` to see if another page follows.
-    """
-    given = {name: value for name, value in filters.items() if value}
-    clause = "".join(f" AND {name} = {placeholder.format(name)}" for name in given)
-    return clause, {**given, "limit": limit + 1, "before": 2**63 - 1 if before is None else before}
+
+#: The page index of the SQL stores, ``(status, queue, task, seq)``, but ``seq``. One index
+#: serves every filter of :meth:`Backend.job_page`, walked key by key: an index per filter
+#: would cost every enqueue, claim and finish a write more.
+PAGE_KEY = ("status", "queue", "task")
 
 
 def page_of(
     rows: Sequence[Any], limit: int, record: Callable[[Any], JobRecord]
 ) -> tuple[list[JobRecord], int | None]:
-    """The jobs of rows from a :func:`page_filters` query, and the position of the next page."""
+    """The jobs of a keyset page's rows (:func:`page_bounds`), and the next page's position."""
     more = len(rows) > limit
     return [record(row) for row in rows[:limit]], rows[limit - 1]["seq"] if more else None
 
@@ -508,7 +512,8 @@ class Backend(ABC):
         Rows of ``(minute, queue, task, outcome, n)``, outcome one of
         ``succeeded``, ``failed``, ``cancelled`` and ``retried``, as counted by
         :meth:`finish`. :meth:`prune` folds the minutes before its cut-off into
-        minute 0, which so holds the counts since the store began (for metrics).
+        minute 0, which so holds the counts since the store began (for metrics);
+        the SQL stores also fold those :data:`FIGURE_MINUTES` older than each depth sample.
         """
 
     @abstractmethod

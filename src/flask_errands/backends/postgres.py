@@ -58,6 +58,8 @@ from ..exceptions import BackendUnavailable, ConfigurationError, DuplicateJob, E
 from . import steps
 from .base import (
     DEFAULT_MAX_LOST_LEASES,
+    FIGURE_MINUTES,
+    PAGE_KEY,
     SCHEDULED,
     WORKER_LOST_ERROR,
     Backend,
@@ -66,7 +68,7 @@ from .base import (
     ScheduleState,
     claimed_only,
     minute_of,
-    page_filters,
+    page_bounds,
     page_of,
 )
 from .patience import STORE_CALL, patience
@@ -97,13 +99,16 @@ class Connection(psycopg.Connection[DictRow]):
 
 
 QUERIES = load_queries("postgres.sql")
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: The statements that bring a schema from the version before to each version.
 MIGRATIONS = {
     1: tuple(QUERIES[name] for name in QUERIES if name.startswith("create_")),
     2: (QUERIES["migrate_2_lost_leases"],),
     3: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_3_")),
     4: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_4_")),
+    # Finished totals from the per-minute counts, one page index (see postgres.sql). Names
+    # without a number: the step can be renumbered as it is.
+    5: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_hot_")),
 }
 
 #: Settings read from (and removed from) the URL's query, with their defaults.
@@ -521,11 +526,14 @@ class PostgresBackend(Backend):
         limit: int = 50,
         before: int | None = None,
     ) -> tuple[list[JobRecord], int | None]:
-        filters, params = page_filters(
-            "%({})s", limit, before, status=status, queue=queue, task=task
-        )
         with self._connection() as conn:
-            rows = conn.execute(QUERIES["job_page"].format(filters=filters), params).fetchall()
+            filters = {"status": status, "queue": queue, "task": task}
+            params: dict[str, Any] = {**filters, **page_bounds(limit, before)}
+            if not (status or queue or task):
+                rows = conn.execute(QUERIES["job_page"], params).fetchall()
+            else:
+                query = _filtered_page(tuple(bool(filters[key]) for key in PAGE_KEY))
+                rows = conn.execute(query, params).fetchall()
         return page_of(rows, limit, _record)
 
     def counts(self) -> dict[tuple[str, str], int]:
@@ -586,9 +594,13 @@ class PostgresBackend(Backend):
         return [(r["minute"], r["queue"], r["task"], r["outcome"], r["n"]) for r in rows]
 
     def sample_depth(self, now: float) -> bool:
+        minute = minute_of(now)
         with self._connection() as conn:
-            cursor = conn.execute(QUERIES["sample_depth"], {"minute": minute_of(now)})
-            return cursor.rowcount == 1
+            if conn.execute(QUERIES["sample_depth"], {"minute": minute}).rowcount != 1:
+                return False
+            # Once a minute, by whoever sampled; one statement, exact under concurrent finishes.
+            conn.execute(QUERIES["roll_up_figures"], (minute - FIGURE_MINUTES,))
+            return True
 
     def depth_samples(self, since_minute: int) -> dict[int, dict[tuple[str, str], int]]:
         with self._connection() as conn:
@@ -621,16 +633,15 @@ class PostgresBackend(Backend):
             conn.execute(QUERIES["prune_ticks"], (finished_before,))
             conn.execute(QUERIES["prune_workers"], (finished_before,))
             conn.execute(QUERIES["roll_up_figures"], (minute_of(finished_before),))
-            conn.execute(QUERIES["prune_figures"], (minute_of(finished_before),))
             conn.execute(QUERIES["prune_samples"], (minute_of(finished_before),))
-            return conn.execute(QUERIES["prune_jobs"], (finished_before,)).rowcount
+            return int(_value(conn.execute(QUERIES["prune_jobs"], (finished_before,)).fetchone()))
 
     def purge(
         self, status: str | None = None, queue: str | None = None, before: float | None = None
     ) -> int:
         params = {"status": status, "queue": queue, "before": before}
         with self._connection() as conn:
-            return conn.execute(QUERIES["purge"], params).rowcount
+            return int(_value(conn.execute(QUERIES["purge"], params).fetchone()))
 
     def register_worker(
         self, worker_id: str, info: Mapping[str, Any], ttl: float, now: float
@@ -859,6 +870,25 @@ def _record(row: Mapping[str, Any]) -> JobRecord:
 def _job_queries(table: str) -> tuple[str, str]:
     """The insert and live-unique queries on ``table``, bare or schema-qualified."""
     return QUERIES["insert_job"].format(jobs=table), QUERIES["live_unique"].format(jobs=table)
+
+
+@cache
+def _filtered_page(given: tuple[bool, ...]) -> str:
+    """The statement of a page filtered on those of ``PAGE_KEY`` that ``given`` says.
+
+    The filters that lead the page index bound its skip scan; the others are
+    checked on each key it finds.
+    """
+    leading = PAGE_KEY[: len(list(itertools.takewhile(bool, given)))]
+
+    def matching(alias: str) -> str:
+        return " AND ".join(f"{alias}.{key} = %({key})s" for key in leading) or "true"
+
+    rest = zip(PAGE_KEY[len(leading) :], given[len(leading) :], strict=True)
+    others = " AND ".join(f"{key} = %({key})s" for key, on in rest if on) or "true"
+    return QUERIES["filtered_job_page"].format(
+        fixed=matching("j"), still=matching("later"), others=others
+    )
 
 
 def _fetch_mapping(cursor: Cursor) -> Mapping[str, Any] | None:

@@ -77,9 +77,6 @@ CREATE UNIQUE INDEX IF NOT EXISTS errands_jobs_unique
     ON errands_jobs (unique_key)
     WHERE unique_key IS NOT NULL AND status IN ('queued', 'scheduled', 'running')
 
--- name: create_listing_index
-CREATE INDEX IF NOT EXISTS errands_jobs_listing ON errands_jobs (status, queue, seq)
-
 -- name: create_finished_index
 CREATE INDEX IF NOT EXISTS errands_jobs_finished
     ON errands_jobs (finished_at) WHERE status IN ('succeeded', 'failed', 'cancelled')
@@ -224,6 +221,50 @@ CREATE TABLE IF NOT EXISTS errands_inputs (
     PRIMARY KEY (job_id, position)
 )
 
+-- name: migrate_hot_drop_total_on_insert
+-- Version 5: the job hot path back to its cost before version 3. Finished jobs are counted
+-- from the per-minute counts finish keeps anyway, and errands_finished_totals now holds only
+-- what those do not say (jobs cancelled while waiting, re-run, pruned, purged), written by
+-- those rare operations in their own statements: no trigger runs on any write to the jobs.
+-- One page index, (status, queue, task, seq), replaces the listing index and the three
+-- keyset indexes (each updated on every claim and finish, as those are not HOT updates):
+-- job_page walks it (base.page_positions).
+DROP TRIGGER IF EXISTS errands_total_on_insert ON errands_jobs
+
+-- name: migrate_hot_drop_total_on_update
+DROP TRIGGER IF EXISTS errands_total_on_update ON errands_jobs
+
+-- name: migrate_hot_drop_total_on_delete
+DROP TRIGGER IF EXISTS errands_total_on_delete ON errands_jobs
+
+-- name: migrate_hot_drop_total_function
+DROP FUNCTION IF EXISTS errands_count_finished()
+
+-- name: migrate_hot_drop_uncount_function
+DROP FUNCTION IF EXISTS errands_uncount_deleted()
+
+-- name: migrate_hot_totals_as_adjustments
+-- The totals less what the per-minute counts already say.
+INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
+SELECT queue, outcome, 0, -sum(n) FROM errands_finished_counts
+WHERE outcome IN ('succeeded', 'failed', 'cancelled') GROUP BY queue, outcome
+ON CONFLICT (queue, status, shard) DO UPDATE SET n = t.n + excluded.n
+
+-- name: migrate_hot_drop_status_index
+DROP INDEX IF EXISTS errands_jobs_by_status
+
+-- name: migrate_hot_drop_queue_index
+DROP INDEX IF EXISTS errands_jobs_by_queue
+
+-- name: migrate_hot_drop_task_index
+DROP INDEX IF EXISTS errands_jobs_by_task
+
+-- name: migrate_hot_drop_listing_index
+DROP INDEX IF EXISTS errands_jobs_listing
+
+-- name: migrate_hot_page_index
+CREATE INDEX IF NOT EXISTS errands_jobs_pages ON errands_jobs (status, queue, task, seq)
+
 -- name: insert_job
 -- {jobs} is the table, qualified with the store's schema when written through an app's
 -- connection, whose search_path may differ.
@@ -365,14 +406,29 @@ SELECT status,
 FROM unblocked
 
 -- name: cancel_blocked
-UPDATE errands_jobs SET status = 'cancelled', finished_at = %(now)s, error = %(error)s
-WHERE id = %(id)s AND status = 'blocked'
-RETURNING flow
+-- Counted here: the per-minute counts only see attempts that end (see migrate_hot_*).
+WITH cancelled AS (
+    UPDATE errands_jobs SET status = 'cancelled', finished_at = %(now)s, error = %(error)s
+    WHERE id = %(id)s AND status = 'blocked'
+    RETURNING flow, queue
+), counted AS (
+    INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
+    SELECT queue, 'cancelled', 0, 1 FROM cancelled
+    ON CONFLICT (queue, status, shard) DO UPDATE SET n = t.n + 1
+)
+SELECT flow FROM cancelled
 
 -- name: revive_cancelled
-UPDATE errands_jobs SET status = 'blocked', finished_at = NULL, error = NULL
-WHERE id = %(id)s AND status = 'cancelled' AND error LIKE %(pattern)s
-RETURNING flow
+WITH revived AS (
+    UPDATE errands_jobs SET status = 'blocked', finished_at = NULL, error = NULL
+    WHERE id = %(id)s AND status = 'cancelled' AND error LIKE %(pattern)s
+    RETURNING flow, queue
+), counted AS (
+    INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
+    SELECT queue, 'cancelled', 0, -1 FROM revived
+    ON CONFLICT (queue, status, shard) DO UPDATE SET n = t.n - 1
+)
+SELECT flow FROM revived
 
 -- name: step_inputs
 SELECT position, result FROM errands_inputs WHERE job_id = %s
@@ -388,22 +444,37 @@ WITH released AS (
 SELECT pg_notify(%(channel)s, '') FROM released
 
 -- name: cancel
-UPDATE errands_jobs
-SET status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
-    finished_at = CASE WHEN status = 'running' THEN finished_at ELSE %(now)s END,
-    cancel_requested = cancel_requested OR status = 'running'
-WHERE id = %(id)s AND status IN ('queued', 'scheduled', 'blocked', 'running')
-RETURNING *
+WITH cancelled AS (
+    UPDATE errands_jobs
+    SET status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
+        finished_at = CASE WHEN status = 'running' THEN finished_at ELSE %(now)s END,
+        cancel_requested = cancel_requested OR status = 'running'
+    WHERE id = %(id)s AND status IN ('queued', 'scheduled', 'blocked', 'running')
+    RETURNING *
+), counted AS (
+    -- A waiting job cancelled; a running one is counted when its attempt ends.
+    INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
+    SELECT queue, 'cancelled', 0, 1 FROM cancelled WHERE status = 'cancelled'
+    ON CONFLICT (queue, status, shard) DO UPDATE SET n = t.n + 1
+)
+SELECT * FROM cancelled
 
 -- name: requeue
-WITH requeued AS (
-    UPDATE errands_jobs
+WITH was AS (
+    SELECT seq, status FROM errands_jobs WHERE id = %(id)s FOR UPDATE
+), requeued AS (
+    UPDATE errands_jobs AS j
     SET status = CASE WHEN blocked_by > 0 THEN 'blocked' ELSE 'queued' END, attempts = 0,
         eta = %(now)s, result = NULL, error = NULL,
         traceback = NULL, progress = NULL, progress_message = NULL, started_at = NULL,
         finished_at = NULL, worker_id = NULL, cancel_requested = false, lost_leases = 0
-    WHERE id = %(id)s AND status IN ('succeeded', 'failed', 'cancelled')
-    RETURNING id, flow
+    FROM was
+    WHERE j.seq = was.seq AND was.status IN ('succeeded', 'failed', 'cancelled')
+    RETURNING j.id, j.flow, j.queue, was.status
+), counted AS (
+    INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
+    SELECT queue, status, 0, -1 FROM requeued
+    ON CONFLICT (queue, status, shard) DO UPDATE SET n = t.n - 1
 )
 SELECT flow, pg_notify(%(channel)s, '') AS notified FROM requeued
 
@@ -423,7 +494,12 @@ ORDER BY seq DESC LIMIT %(limit)s OFFSET %(offset)s
 SELECT queue, status, count(*) AS n FROM errands_jobs
 WHERE status IN ('blocked', 'queued', 'scheduled', 'running') GROUP BY queue, status
 UNION ALL
-SELECT queue, status, sum(n) AS n FROM errands_finished_totals
+SELECT queue, status, sum(n)::bigint AS n FROM (
+    SELECT queue, outcome AS status, n FROM errands_finished_counts
+    WHERE outcome IN ('succeeded', 'failed', 'cancelled')
+    UNION ALL
+    SELECT queue, status, n FROM errands_finished_totals
+) AS finished
 GROUP BY queue, status HAVING sum(n) > 0
 
 -- name: next_eta
@@ -431,9 +507,37 @@ SELECT min(eta) AS eta FROM errands_jobs WHERE status IN ('queued', 'scheduled')
     AND queue NOT IN (SELECT queue FROM errands_paused_queues)
 
 -- name: job_page
--- {filters} holds an AND clause per filter given, so each filter can use its index.
-SELECT * FROM errands_jobs WHERE seq < %(before)s {filters} ORDER BY seq DESC
-LIMIT %(limit)s
+SELECT * FROM errands_jobs WHERE seq < %(before)s ORDER BY seq DESC LIMIT %(limit)s
+
+-- name: filtered_job_page
+-- The page index, (status, queue, task, seq), orders jobs by seq only within one status,
+-- queue and task: each of these keys (of the {fixed} leading filters) is found by a skip
+-- scan, a seek each however many jobs share it, and the newest jobs of those that match
+-- {others} are merged. As fast deep as on the first page, and no index more to keep on the
+-- hot path. The seek for the next key is bounded by the row comparison alone (with the
+-- leading filters beside it, the scan would start at the first job they match, not after
+-- the last key); the walk stops at the first key past them ({still}).
+WITH RECURSIVE keys (status, queue, task) AS (
+    (SELECT status, queue, task FROM errands_jobs AS j WHERE {fixed}
+    ORDER BY status, queue, task LIMIT 1)
+    UNION ALL
+    SELECT later.* FROM keys CROSS JOIN LATERAL (
+        SELECT j.status, j.queue, j.task FROM errands_jobs AS j
+        WHERE (j.status, j.queue, j.task) > (keys.status, keys.queue, keys.task)
+        ORDER BY j.status, j.queue, j.task LIMIT 1
+    ) AS later
+    WHERE {still}
+)
+SELECT * FROM errands_jobs WHERE seq IN (
+    SELECT newest.seq FROM (SELECT * FROM keys WHERE {others}) AS k CROSS JOIN LATERAL (
+        SELECT j.seq FROM errands_jobs AS j
+        WHERE j.status = k.status AND j.queue = k.queue AND j.task = k.task
+            AND j.seq < %(before)s
+        ORDER BY j.seq DESC LIMIT %(limit)s
+    ) AS newest
+    ORDER BY newest.seq DESC LIMIT %(limit)s
+)
+ORDER BY seq DESC
 
 -- name: pause_queue
 INSERT INTO errands_paused_queues (queue, paused_at) VALUES (%s, %s)
@@ -478,14 +582,15 @@ ON CONFLICT (minute) DO NOTHING
 SELECT minute, sample FROM errands_depth_samples WHERE minute >= %s
 
 -- name: roll_up_figures
--- Minute 0 keeps the counts of every minute pruned, so totals since the start stay known.
+-- Minute 0 keeps the counts of every minute pruned, so totals since the start stay known:
+-- moved in one statement, so a count added meanwhile is neither lost nor counted twice.
+WITH pruned AS (
+    DELETE FROM errands_finished_counts WHERE minute > 0 AND minute < %s
+    RETURNING queue, task, outcome, n
+)
 INSERT INTO errands_finished_counts AS c (minute, queue, task, outcome, shard, n)
-SELECT 0, queue, task, outcome, 0, sum(n) FROM errands_finished_counts
-WHERE minute > 0 AND minute < %s GROUP BY queue, task, outcome
+SELECT 0, queue, task, outcome, 0, sum(n) FROM pruned GROUP BY queue, task, outcome
 ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + excluded.n
-
--- name: prune_figures
-DELETE FROM errands_finished_counts WHERE minute > 0 AND minute < %s
 
 -- name: prune_samples
 DELETE FROM errands_depth_samples WHERE minute < %s
@@ -502,8 +607,16 @@ SELECT DISTINCT ON (schedule) schedule, fire_time, job_id FROM errands_ticks
 ORDER BY schedule, fire_time DESC
 
 -- name: prune_jobs
-DELETE FROM errands_jobs
-WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < %s
+WITH pruned AS (
+    DELETE FROM errands_jobs
+    WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < %s
+    RETURNING queue, status
+), counted AS (
+    INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
+    SELECT queue, status, 0, -count(*) FROM pruned GROUP BY queue, status
+    ON CONFLICT (queue, status, shard) DO UPDATE SET n = t.n + excluded.n
+)
+SELECT count(*) AS n FROM pruned
 
 -- name: prune_ticks
 DELETE FROM errands_ticks AS t
@@ -512,11 +625,21 @@ WHERE fired_at < %s AND fire_time < (
 )
 
 -- name: purge
-DELETE FROM errands_jobs
-WHERE status != 'running'
-    AND (%(status)s::text IS NULL OR status = %(status)s)
-    AND (%(queue)s::text IS NULL OR queue = %(queue)s)
-    AND (%(before)s::double precision IS NULL OR coalesce(finished_at, enqueued_at) < %(before)s)
+WITH purged AS (
+    DELETE FROM errands_jobs
+    WHERE status != 'running'
+        AND (%(status)s::text IS NULL OR status = %(status)s)
+        AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+        AND (%(before)s::double precision IS NULL
+            OR coalesce(finished_at, enqueued_at) < %(before)s)
+    RETURNING queue, status
+), counted AS (
+    INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
+    SELECT queue, status, 0, -count(*) FROM purged
+    WHERE status IN ('succeeded', 'failed', 'cancelled') GROUP BY queue, status
+    ON CONFLICT (queue, status, shard) DO UPDATE SET n = t.n + excluded.n
+)
+SELECT count(*) AS n FROM purged
 
 -- name: register_worker
 INSERT INTO errands_workers (id, info, expires_at) VALUES (%s, %s, %s)

@@ -52,9 +52,6 @@ CREATE UNIQUE INDEX IF NOT EXISTS errands_jobs_unique
     WHERE unique_key IS NOT NULL
         AND (status = 'queued' OR status = 'scheduled' OR status = 'running')
 
--- name: create_listing_index
-CREATE INDEX IF NOT EXISTS errands_jobs_listing ON errands_jobs (status, queue, seq)
-
 -- name: create_finished_index
 CREATE INDEX IF NOT EXISTS errands_jobs_finished
     ON errands_jobs (finished_at)
@@ -117,10 +114,12 @@ ALTER TABLE errands_jobs ADD COLUMN ended_at REAL
 
 -- name: migrate_3_count_trigger
 -- Counts each attempt that ends (not a release) in its minute, inside the statement that
--- ends it: the finish keeps costing one statement.
+-- ends it: the finish keeps costing one statement. OR, not IN: an IN list of three or more
+-- is built into a temporary b-tree each time the trigger runs (version 6 made it so).
 CREATE TRIGGER IF NOT EXISTS errands_count_finished
 AFTER UPDATE OF status ON errands_jobs
-WHEN old.status = 'running' AND new.status IN ('succeeded', 'failed', 'cancelled', 'scheduled')
+WHEN old.status = 'running' AND (new.status = 'succeeded' OR new.status = 'failed'
+    OR new.status = 'cancelled' OR new.status = 'scheduled')
 BEGIN
     INSERT INTO errands_finished_counts (minute, queue, task, outcome, n)
     VALUES (
@@ -205,6 +204,48 @@ DROP INDEX IF EXISTS errands_jobs_unique
 
 -- name: migrate_or_drop_finished_index
 DROP INDEX IF EXISTS errands_jobs_finished
+
+-- name: migrate_hot_drop_total_on_insert
+-- Version 6: the job hot path back to its cost before version 3. Finished jobs are counted
+-- from the per-minute counts finish keeps anyway, and errands_finished_totals now holds only
+-- what those do not say (jobs cancelled while waiting, re-run, pruned, purged), written by
+-- those rare operations: no trigger runs on enqueue, claim or finish but the per-minute one.
+-- One page index, (status, queue, task, seq), replaces the listing index and the three
+-- keyset indexes: job_page walks it (base.page_positions), at no cost to the hot path.
+DROP TRIGGER IF EXISTS errands_total_on_insert
+
+-- name: migrate_hot_drop_total_on_update
+DROP TRIGGER IF EXISTS errands_total_on_update
+
+-- name: migrate_hot_drop_total_on_delete
+DROP TRIGGER IF EXISTS errands_total_on_delete
+
+-- name: migrate_hot_totals_as_adjustments
+-- The totals less what the per-minute counts already say.
+INSERT INTO errands_finished_totals (queue, status, n)
+SELECT queue, outcome, -sum(n) FROM errands_finished_counts
+WHERE outcome = 'succeeded' OR outcome = 'failed' OR outcome = 'cancelled'
+GROUP BY queue, outcome
+ON CONFLICT (queue, status) DO UPDATE SET n = n + excluded.n
+
+-- name: migrate_hot_drop_count_trigger
+-- Made again as migrate_3_count_trigger is now (see sqlite.py).
+DROP TRIGGER IF EXISTS errands_count_finished
+
+-- name: migrate_hot_drop_status_index
+DROP INDEX IF EXISTS errands_jobs_by_status
+
+-- name: migrate_hot_drop_queue_index
+DROP INDEX IF EXISTS errands_jobs_by_queue
+
+-- name: migrate_hot_drop_task_index
+DROP INDEX IF EXISTS errands_jobs_by_task
+
+-- name: migrate_hot_drop_listing_index
+DROP INDEX IF EXISTS errands_jobs_listing
+
+-- name: migrate_hot_page_index
+CREATE INDEX IF NOT EXISTS errands_jobs_pages ON errands_jobs (status, queue, task, seq)
 
 -- name: insert_job
 -- Positional parameters, in the order of INSERT_FIELDS in sqlite.py: binding them costs
@@ -308,12 +349,12 @@ RETURNING status
 -- name: cancel_blocked
 UPDATE errands_jobs SET status = 'cancelled', finished_at = :now, error = :error
 WHERE id = :id AND status = 'blocked'
-RETURNING flow
+RETURNING flow, queue
 
 -- name: revive_cancelled
 UPDATE errands_jobs SET status = 'blocked', finished_at = NULL, error = NULL
 WHERE id = :id AND status = 'cancelled' AND error LIKE :pattern
-RETURNING flow
+RETURNING flow, queue
 
 -- name: step_inputs
 SELECT position, result FROM errands_inputs WHERE job_id = ?
@@ -327,7 +368,7 @@ WHERE id = :id AND status = 'running' AND lease_token = :token
 -- name: cancel_waiting
 UPDATE errands_jobs SET status = 'cancelled', finished_at = :now
 WHERE id = :id AND status IN ('queued', 'scheduled', 'blocked')
-RETURNING task, flow
+RETURNING task, flow, queue
 
 -- name: cancel_running
 UPDATE errands_jobs SET cancel_requested = 1 WHERE id = :id AND status = 'running'
@@ -353,15 +394,47 @@ ORDER BY seq DESC LIMIT :limit OFFSET :offset
 SELECT queue, status, count(*) FROM errands_jobs
 WHERE status IN ('blocked', 'queued', 'scheduled', 'running') GROUP BY queue, status
 UNION ALL
-SELECT queue, status, n FROM errands_finished_totals WHERE n > 0
+SELECT queue, status, sum(n) FROM (
+    SELECT queue, outcome AS status, n FROM errands_finished_counts
+    WHERE outcome = 'succeeded' OR outcome = 'failed' OR outcome = 'cancelled'
+    UNION ALL
+    SELECT queue, status, n FROM errands_finished_totals
+)
+GROUP BY queue, status HAVING sum(n) > 0
 
 -- name: next_eta
 SELECT min(eta) FROM errands_jobs WHERE status IN ('queued', 'scheduled') {queue_filter}
     AND queue NOT IN (SELECT queue FROM errands_paused_queues)
 
 -- name: job_page
--- {filters} holds an AND clause per filter given, so each filter can use its index.
-SELECT * FROM errands_jobs WHERE seq < :before {filters} ORDER BY seq DESC LIMIT :limit
+SELECT * FROM errands_jobs WHERE seq < :before ORDER BY seq DESC LIMIT :limit
+
+-- name: jobs_at
+-- The jobs at the positions of a filtered page (base.page_positions), a JSON array.
+SELECT * FROM errands_jobs WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq DESC
+
+-- name: adjust_total
+-- What the per-minute counts do not say: a job that became or stopped being finished
+-- other than by an attempt's end (see migrate_hot_*).
+INSERT INTO errands_finished_totals (queue, status, n) VALUES (:queue, :status, :n)
+ON CONFLICT (queue, status) DO UPDATE SET n = n + excluded.n
+
+-- name: adjust_totals_for_prune
+INSERT INTO errands_finished_totals (queue, status, n)
+SELECT queue, status, -count(*) FROM errands_jobs
+WHERE (status = 'succeeded' OR status = 'failed' OR status = 'cancelled') AND finished_at < ?
+GROUP BY queue, status
+ON CONFLICT (queue, status) DO UPDATE SET n = n + excluded.n
+
+-- name: adjust_totals_for_purge
+INSERT INTO errands_finished_totals (queue, status, n)
+SELECT queue, status, -count(*) FROM errands_jobs
+WHERE (status = 'succeeded' OR status = 'failed' OR status = 'cancelled')
+    AND (:status IS NULL OR status = :status)
+    AND (:queue IS NULL OR queue = :queue)
+    AND (:before IS NULL OR coalesce(finished_at, enqueued_at) < :before)
+GROUP BY queue, status
+ON CONFLICT (queue, status) DO UPDATE SET n = n + excluded.n
 
 -- name: pause_queue
 INSERT OR IGNORE INTO errands_paused_queues (queue, paused_at) VALUES (?, ?)
