@@ -68,6 +68,7 @@ from .base import (
     minute_of,
     page_filters,
     page_of,
+    upstream_failed,
 )
 from .patience import STORE_CALL, patience
 from .queries import load_queries
@@ -97,6 +98,8 @@ class Connection(psycopg.Connection[DictRow]):
 
 
 QUERIES = load_queries("postgres.sql")
+#: The error ``reserve`` gives the steps downstream of a step it failed for lost leases.
+_UPSTREAM_LOST = upstream_failed("{job}", "{task}", "failed")
 SCHEMA_VERSION = 4
 #: The statements that bring a schema from the version before to each version.
 MIGRATIONS = {
@@ -379,17 +382,12 @@ class PostgresBackend(Backend):
         queue_filter, params = _queue_filter(queues)
         params.update(now=now, expires=now + lease_seconds, worker=worker_id, limit=limit)
         params.update(max_lost=max_lost_leases, lost_error=WORKER_LOST_ERROR)
+        params.update(upstream_error=_UPSTREAM_LOST)
         query = _filtered("reserve", queue_filter)
         with self._connection() as conn:
             rows = conn.execute(query, params).fetchall()
         rows.sort(key=lambda row: (-row["priority"], row["eta"], row["seq"]))
-        records = [_record(row) for row in rows]
-        for record in records:
-            if record.status == "failed" and record.flow is not None:  # lost too many leases
-                with self._connection() as conn, conn.transaction():
-                    run = self._runner(conn)
-                    steps.advance(run, record.id, record.task, "failed", record.flow, None, now)
-        return claimed_only(records)
+        return claimed_only([_record(row) for row in rows])
 
     def heartbeat(self, leases: Mapping[str, str], lease_seconds: float, now: float) -> set[str]:
         if not leases:

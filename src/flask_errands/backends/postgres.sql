@@ -241,7 +241,9 @@ WHERE unique_key = %s AND status IN ('queued', 'scheduled', 'running')
 -- name: reserve
 -- An expired job that has now lost max_lost leases in a row is failed instead of claimed
 -- (the caller drops it); braces are doubled, as {queue_filter} is filled in by str.format.
-WITH expired AS (
+-- A workflow step failed so cancels its blocked steps downstream in this same statement
+-- (downstream, gave_up), as finish_step and steps.advance do.
+WITH RECURSIVE expired AS (
     SELECT seq, lost_leases + 1 >= %(max_lost)s AS give_up FROM errands_jobs
     WHERE status = 'running' AND lease_expires_at <= %(now)s {queue_filter}
         AND queue NOT IN (SELECT queue FROM errands_paused_queues)
@@ -283,6 +285,18 @@ RETURNING j.*
     SELECT floor(%(now)s / 60)::bigint, queue, task, 'failed', pg_backend_pid() %% 8, count(*)
     FROM updated WHERE status = 'failed' GROUP BY queue, task
     ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + excluded.n
+), downstream (id, error) AS (
+    SELECT link ->> 0, replace(replace(%(upstream_error)s, '{{job}}', u.id), '{{task}}', u.task)
+    FROM updated AS u, json_array_elements(u.flow::json -> 'next') AS link
+    WHERE u.status = 'failed' AND u.flow IS NOT NULL
+    UNION
+    SELECT link ->> 0, d.error
+    FROM downstream AS d JOIN errands_jobs AS j ON j.id = d.id AND j.status = 'blocked',
+        json_array_elements(j.flow::json -> 'next') AS link
+), gave_up AS (
+    UPDATE errands_jobs AS j SET status = 'cancelled', finished_at = %(now)s, error = d.error
+    FROM downstream AS d
+    WHERE j.id = d.id AND j.status = 'blocked'
 )
 SELECT * FROM updated
 
