@@ -304,8 +304,8 @@ class Backend(ABC):
         the same atomic step, with :data:`WORKER_LOST_ERROR` and no traceback:
         a task that kills its worker each time must not loop for ever. It is
         not returned, and may count against ``limit``. Such a workflow step
-        cancels its downstream steps as :meth:`finish` does, in the same
-        atomic step too.
+        is failed together with the cancelling of its downstream steps (as
+        :meth:`finish` does), atomically, before ``reserve`` returns.
         """
 
     @abstractmethod
