@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -196,6 +198,82 @@ def test_drain_runs_async_tasks_with_their_timeouts(backend_url: str, make_app: 
         assert doubled.result(timeout=5) == 42
         with pytest.raises(JobFailed, match="TimeoutError"):
             slow.result(timeout=5)
+
+
+async def _swallow_cancellation(late: list[str], seconds: float) -> str:
+    """Sleep; cancelled, carry on regardless for ``seconds`` more (for ever if inf)."""
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        late.append(current_job.id)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.05)
+    return "finished anyway"
+
+
+def _in_a_thread(app: Flask, call: Callable[[], Any]) -> threading.Thread:
+    """Run ``call`` in the app's context in a daemon thread: a test sees it hang, not hangs."""
+
+    def run() -> None:
+        with app.app_context():
+            call()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_coroutine_that_swallows_its_timeout_still_times_out_when_drained(
+    make_app: MakeApp,
+) -> None:
+    app, errands = make_app(ERRANDS_EMBEDDED_WORKER=False)
+    late: list[str] = []
+
+    @errands.task(timeout=0.2)
+    async def stubborn(seconds: float) -> str:
+        return await _swallow_cancellation(late, seconds)
+
+    with app.app_context():
+        brief, endless = stubborn.delay(0.1), stubborn.delay(float("inf"))
+        drained = _in_a_thread(app, errands.drain)
+        drained.join(timeout=30)
+        assert not drained.is_alive(), "drain() waited for a coroutine that never ends"
+        for job in (brief, endless):
+            with pytest.raises(JobFailed, match="TimeoutError"):
+                job.result(timeout=5)
+    assert late == [brief.id, endless.id]
+
+
+def test_a_coroutine_that_swallows_its_timeout_times_out_and_the_worker_still_stops(
+    backend_url: str, make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url, ERRANDS_EMBEDDED_WORKER=False)
+    late: list[str] = []
+
+    @errands.task(timeout=0.2)
+    async def stubborn(seconds: float) -> str:
+        return await _swallow_cancellation(late, seconds)
+
+    @errands.task
+    async def fine() -> int:
+        await asyncio.sleep(0)
+        return 1
+
+    with app.app_context():
+        errands.start_worker()
+        brief, endless = stubborn.delay(0.1), stubborn.delay(float("inf"))
+        for job in (brief, endless):
+            with pytest.raises(JobFailed, match="TimeoutError"):
+                job.result(timeout=30)
+        assert fine.delay().result(timeout=30) == 1  # the loop still runs other coroutines
+        stopped = _in_a_thread(app, errands.stop_worker)
+        stopped.join(timeout=30)
+        assert not stopped.is_alive(), "the worker hung on stop"
+    assert sorted(late) == sorted([brief.id, endless.id])
+    assert "errands-asyncio" not in [thread.name for thread in threading.enumerate()]
+    assert "ignored its cancellation at its timeout of 0.2s" in caplog.text
 
 
 def test_eager_mode_runs_async_tasks_even_inside_a_running_loop(make_app: MakeApp) -> None:

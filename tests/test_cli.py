@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from flask_errands import BackendUnavailable
+from flask_errands import BackendUnavailable, chord
 from flask_errands.status import STATUSES
 from tests.apps import worker_app
 from tests.helpers import free_port, require, wait_until
@@ -221,6 +221,26 @@ def test_duration_options_show_a_duration_metavar(cli: Callable[..., Any]) -> No
     assert "--older-than DURATION" in cli("purge", "--help").output
     assert "--delay DURATION" in cli("enqueue", "--help").output
     assert "PARSE_DURATION" not in cli("purge", "--help").output
+
+
+def test_blocked_steps_are_listed_and_show_what_they_wait_for(
+    app: Flask, cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    with app.app_context():
+        header = [worker_app.echo.s(1), worker_app.echo.options(queue="later").s(2)]
+        flow = chord(header, worker_app.gather.s(str(tmp_path / "gathered"))).delay()
+    blocked = cli("jobs", "--state", "blocked").output.splitlines()
+    assert [line.split()[:2] for line in blocked[1:]] == [[flow.id, "blocked"]]
+    assert "waits for: 2 of its 2 upstream steps to succeed" in cli("show", flow.id).output
+    with app.app_context():
+        assert worker_app.errands.drain(queues=["default"]) == 1
+    shown = cli("show", flow.id).output.splitlines()
+    assert shown[2:4] == ["status:    blocked", "waits for: 1 of its 2 upstream steps to succeed"]
+    data = json.loads(cli("show", flow.id, "--json").output)
+    assert (data["upstream_steps"], data["waiting_for"]) == (2, 1)
+    drain(app)
+    assert "waits for" not in cli("show", flow.id).output
+    assert json.loads(cli("show", flow.id, "--json").output)["waiting_for"] == 0
 
 
 def test_show_prints_no_result_for_a_cancelled_job(app: Flask, cli: Callable[..., Any]) -> None:

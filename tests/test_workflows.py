@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +24,7 @@ from flask_errands import (
     WorkflowJob,
     chain,
     chord,
+    current_job,
     group,
 )
 from tests.apps import worker_app
@@ -81,6 +84,12 @@ def test_chain_group_chord_and_nesting_pass_results_through(
             s.total.s(),
         ).delay()
         empty = chord([], s.total.s()).delay()
+        chain_in_group = chain(
+            s.add.s(1, 1), group(chain(s.add.s(1), s.add.s(10)), s.add.s(2)), s.total.s()
+        ).delay()
+        chains_side_by_side = group(
+            chain(s.add.s(1, 1), s.add.s(1)), chord([s.add.s(1, 2), s.add.s(3, 4)], s.total.s())
+        ).delay()
         errands.drain()
         assert chained.result(timeout=5) == 113
         assert isinstance(grouped, GroupResult)
@@ -89,6 +98,8 @@ def test_chain_group_chord_and_nesting_pass_results_through(
         assert chorded.result(timeout=5) == 1020
         assert nested.result(timeout=5) == 3 + (4 + 5)
         assert empty.result(timeout=5) == 0
+        assert chain_in_group.result(timeout=5) == (2 + 1 + 10) + (2 + 2)
+        assert chains_side_by_side.results(timeout=5) == [3, 3 + 7]
 
 
 def test_every_step_is_stored_and_visible_when_delay_returns(
@@ -147,6 +158,11 @@ def test_group_results_raise_for_the_first_failed_job(make_app: MakeApp) -> None
     app, errands = make_app(ERRANDS_EMBEDDED_WORKER=False)
     s = Steps(errands)
     s.fail_once.add("flaky")
+
+    @errands.task
+    def refuse(why: str) -> None:
+        raise ValueError(why)
+
     with app.app_context():
         grouped = group(s.add.s(1, 1), s.flaky.s(3), s.add.s(2, 2)).delay()
         errands.drain()
@@ -154,6 +170,15 @@ def test_group_results_raise_for_the_first_failed_job(make_app: MakeApp) -> None
             grouped.results(timeout=5)
         assert failed.value.exc_type == "ValueError"
         assert grouped.status == JobStatus.FAILED
+        # The first in order, not in time: the second job failed before the first did.
+        late = refuse.options(queue="later")
+        grouped = group(s.add.s(1, 1), late.s("first"), refuse.s("second")).delay()
+        assert errands.drain(queues=["default"]) == 2
+        with pytest.raises(TimeoutError):
+            grouped.results(timeout=0.05)
+        assert errands.drain(queues=["later"]) == 1
+        with pytest.raises(JobFailed, match="first"):
+            grouped.results(timeout=5)
 
 
 def test_cancelling_the_handle_cancels_every_unfinished_step(
@@ -169,24 +194,86 @@ def test_cancelling_the_handle_cancels_every_unfinished_step(
         assert s.ran == []
 
 
+def test_cancelling_a_group_cancels_its_unfinished_steps_and_stops_a_running_one(
+    make_app: MakeApp,
+) -> None:
+    app, errands = make_app(ERRANDS_QUEUES="default", ERRANDS_EMBEDDED_WORKER=False)
+    s = Steps(errands)
+    started = threading.Event()
+
+    @errands.task
+    def slow() -> int:
+        started.set()
+        while not current_job.cancel_requested:
+            time.sleep(0.01)
+        return 0
+
+    with app.app_context():
+        grouped = group(slow.s(), chain(s.add.s(1, 1).options(queue="later"), s.add.s(1))).delay()
+        errands.start_worker()
+        assert started.wait(10)
+        grouped.cancel()
+        with pytest.raises(JobCancelled):
+            grouped.results(timeout=10)
+        assert [step.refresh().status for step in grouped.steps] == ["cancelled"] * 3
+        assert grouped.status == JobStatus.CANCELLED
+        assert s.ran == []
+
+
 def test_eager_mode_runs_workflows_to_completion(make_app: MakeApp) -> None:
     app, errands = make_app(ERRANDS_EAGER=True)
     s = Steps(errands)
+    s.fail_once.add("flaky")
     with app.app_context():
         flow = chain(s.add.s(1, 2), chord([s.add.s(1), s.add.s(2)], s.total.s())).delay()
         assert flow.result(timeout=0) == 4 + 5
+        failing = chain(s.add.s(1, 1), s.flaky.s(), s.add.s(1)).delay()
+        with pytest.raises(JobCancelled):
+            failing.result(timeout=0)
+        assert [step.refresh().status for step in failing.steps] == [
+            "succeeded",
+            "failed",
+            "cancelled",
+        ]
+
+
+@pytest.mark.parametrize("mode", ["eager", "drain", "worker"])
+def test_async_steps_run_inside_workflows(mode: str, make_app: MakeApp) -> None:
+    app, errands = make_app(ERRANDS_EAGER=mode == "eager", ERRANDS_EMBEDDED_WORKER=False)
+    s = Steps(errands)
+
+    @errands.task
+    async def double(x: int) -> int:
+        await asyncio.sleep(0.01)
+        return 2 * x
+
+    with app.app_context():
+        if mode == "worker":
+            errands.start_worker()
+        flow = chain(s.add.s(1, 2), double.s(), group(double.s(), s.add.s(1)), s.total.s())
+        handle = flow.delay()
+        if mode == "drain":
+            assert errands.drain() == 5
+        assert handle.result(timeout=30) == 12 + 7
 
 
 def test_steps_keep_their_options_and_check_their_arguments(make_app: MakeApp) -> None:
     app, errands = make_app(ERRANDS_EMBEDDED_WORKER=False)
     s = Steps(errands)
     with app.app_context():
-        flow = chain(s.add.s(1, 1), s.add.s(1).options(queue="later", priority=5)).delay()
+        flow = chain(
+            s.add.s(1, 1).options(timeout=5),
+            s.add.options(queue="later").s(1),
+            s.add.s(1).options(queue="later", priority=5),
+        ).delay()
         assert isinstance(flow, WorkflowJob)
+        first, second, _ = flow.steps
+        assert first.refresh()._record.timeout == 5
+        assert second.queue == "later"
         assert (flow.queue, flow.priority) == ("later", 5)
         assert errands.drain(queues=["default"]) == 1
-        assert errands.drain(queues=["later"]) == 1
-        assert flow.result(timeout=5) == 3
+        assert errands.drain(queues=["later"]) == 2
+        assert flow.result(timeout=5) == 4
         with pytest.raises(TypeError, match=r"add\.delay"):
             chain(s.add.s(1, 1), s.add.s(1, 2)).delay()
         with pytest.raises(ValueError, match="unique_key"):

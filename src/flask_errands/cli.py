@@ -306,6 +306,8 @@ def show(job_id: str, as_json: bool) -> None:
         ("started", _when(job.started_at)),
         ("finished", _when(job.finished_at)),
     ]
+    if job.waiting_for:
+        lines.insert(3, ("waits for", _waits_for(job)))
     if job.progress is not None:
         lines.append(("progress", f"{job.progress:.0%} {job.progress_message or ''}"))
     if "result" in data:  # succeeded jobs only, as result() returns nothing else
@@ -316,6 +318,12 @@ def show(job_id: str, as_json: bool) -> None:
         click.echo(f"{name + ':':<10} {value}")
     if job.traceback:
         click.echo("\n" + job.traceback.rstrip())
+
+
+def _waits_for(job: Job) -> str:
+    """What a blocked workflow step waits for: ``2 of its 3 upstream steps to succeed``."""
+    steps = "step" if job.upstream_steps == 1 else "steps"
+    return f"{job.waiting_for} of its {job.upstream_steps} upstream {steps} to succeed"
 
 
 @errands_cli.command()

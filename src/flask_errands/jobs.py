@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import serialization
-from .backends.base import CANCELLED, FAILED, FINISHED, SUCCEEDED, JobRecord
+from .backends.base import BLOCKED, CANCELLED, FAILED, FINISHED, SUCCEEDED, Flow, JobRecord
 from .exceptions import ErrandsError, JobCancelled, JobFailed
 from .status import JobStatus
 
@@ -82,6 +82,17 @@ class Job:
     @property
     def cancel_requested(self) -> bool:
         return self._record.cancel_requested
+
+    @property
+    def upstream_steps(self) -> int:
+        """How many workflow steps pass this one their result: 0 for a first step or a lone job."""
+        flow = self._record.flow
+        return 0 if flow is None else Flow.loads(flow).inputs
+
+    @property
+    def waiting_for(self) -> int:
+        """How many of its :attr:`upstream_steps` a ``blocked`` step still waits for (else 0)."""
+        return self._record.blocked_by if self._record.status == BLOCKED else 0
 
     @property
     def args(self) -> tuple[Any, ...]:
@@ -180,6 +191,8 @@ class Job:
             "started_at": _isoformat(self.started_at),
             "finished_at": _isoformat(self.finished_at),
             "worker_id": record.worker_id,
+            "upstream_steps": self.upstream_steps,
+            "waiting_for": self.waiting_for,
         }
         if record.status == SUCCEEDED and record.result is not None:
             data["result"] = serialization.to_plain(serialization.loads(record.result))

@@ -236,36 +236,41 @@ class Runner:
             return self.conclude(execution, outcome)
 
     async def _await(self, execution: Execution, task: Task[Any, Any]) -> Decision | None:
-        """Await the coroutine in the app context under its timeout; None if a watchdog won."""
+        """Await the coroutine in the app context under its timeout; None if a watchdog won.
+
+        The coroutine runs as an asyncio task of its own, which its timeout and a
+        cancel request cancel. At its timeout the attempt ends as timed out even if
+        the coroutine swallows the cancellation: it gets ``aio.STOP_PATIENCE`` to
+        end, then is left behind, and the loop's stop cancels it again.
+        """
         timeout = execution.record.timeout
-        expired = asyncio.Event()
         with self.app.app_context():
             token = _current.set(execution)
             try:
                 args, kwargs = await asyncio.to_thread(self._arguments, execution)
-                awaiting = asyncio.current_task()
-                execution.attach(awaiting)
-                timer = None
-                if timeout is not None and awaiting is not None:
-
-                    def expire(coroutine: asyncio.Task[Any] = awaiting) -> None:
-                        expired.set()
-                        coroutine.cancel()
-
-                    timer = asyncio.get_running_loop().call_later(timeout, expire)
+                running = asyncio.ensure_future(task.func(*args, **kwargs))
+                execution.attach(running)
+                expired = False
                 try:
-                    value = await task.func(*args, **kwargs)
+                    done, _ = await asyncio.wait({running}, timeout=timeout)
+                    if not done:
+                        expired = True
+                        running.cancel()
+                        done, _ = await asyncio.wait({running}, timeout=aio.STOP_PATIENCE)
                 finally:
                     execution.detach()
-                    if timer is not None:
-                        timer.cancel()
-                outcome = Outcome(Ending.RETURNED, serialization.dumps(value))
+                if expired:
+                    if not done:
+                        _warn_left_behind(execution)
+                    elif not running.cancelled():
+                        running.exception()  # seen, so asyncio does not log it as unretrieved
+                    outcome = Outcome(Ending.TIMED_OUT, error=timeout_error(timeout))
+                else:
+                    outcome = Outcome(Ending.RETURNED, serialization.dumps(running.result()))
             except asyncio.CancelledError as exc:
                 if execution.settled:  # timed out or released by the worker, which records it
                     return None
-                if expired.is_set():
-                    outcome = Outcome(Ending.TIMED_OUT, error=timeout_error(timeout))
-                elif execution.cancel_requested:
+                if execution.cancel_requested:
                     outcome = Outcome(Ending.CANCELLED)
                 else:
                     outcome = _failure(exc)
@@ -402,6 +407,18 @@ def _failure(exc: BaseException) -> Outcome:
         return Outcome(Ending.CANCELLED)
     trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return Outcome(Ending.RAISED, error=_describe(exc), trace=serialization.storable_text(trace))
+
+
+def _warn_left_behind(execution: Execution) -> None:
+    """Say that a coroutine swallowed the cancellation at its timeout and still runs."""
+    logger.warning(
+        "%s %s ignored its cancellation at its timeout of %gs: the attempt ends timed out, "
+        "the coroutine is left running on the event loop until the worker stops",
+        execution.task,
+        execution.id,
+        execution.record.timeout or 0,
+        extra={"job_id": execution.id, "task": execution.task},
+    )
 
 
 def timeout_error(timeout: float | None) -> str:

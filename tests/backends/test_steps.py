@@ -7,10 +7,18 @@ SQLite, Redis and PostgreSQL. Steps are built by hand with their ``Flow``, as
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
 from flask_errands.backends import Backend, JobRecord
 from flask_errands.backends.base import Flow
 from flask_errands.status import JobStatus
 from tests.backends.test_conformance import LEASE, T0, job, reserve, stored, token
+from tests.helpers import require
 
 BLOCKED, QUEUED, CANCELLED = JobStatus.BLOCKED, JobStatus.QUEUED, JobStatus.CANCELLED
 
@@ -149,16 +157,110 @@ def test_cancelling_a_blocked_step_cancels_it_and_its_downstream(backend: Backen
     assert reserve(backend, limit=5) == []
 
 
+def lose_leases(backend: Backend, limit: int = 1) -> float:
+    """Let the due steps' workers die with their leases until one more lost fails them.
+
+    Returns the time at which the next reserve fails them.
+    """
+    now = T0
+    for _ in range(3):
+        assert len(reserve(backend, limit=limit, now=now)) == limit
+        now += LEASE + 1
+    return now
+
+
 def test_a_step_that_keeps_killing_its_worker_cancels_its_downstream(backend: Backend) -> None:
     first, second = chain_of(2)
     backend.enqueue([first, second])
-    now = T0
-    for _ in range(3):
-        reserve(backend, now=now)
-        now += LEASE + 1
+    now = lose_leases(backend)
     assert reserve(backend, now=now) == []
     assert stored(backend, first.id).status == JobStatus.FAILED
     assert stored(backend, second.id).status == CANCELLED
+
+
+def test_the_reserve_that_gives_up_a_step_cancels_its_whole_downstream(
+    backend: Backend,
+) -> None:
+    header, callback = chord_of(2)
+    after = job(status=BLOCKED, blocked_by=1, flow=Flow((), 1).dumps())
+    callback.flow = Flow(((after.id, 0),), 2, True).dumps()
+    backend.enqueue([*header, callback, after])
+    now = lose_leases(backend, limit=2)
+    assert reserve(backend, limit=2, now=now) == []  # both fail, for their lost leases
+    for step in (callback, after):
+        cancelled = stored(backend, step.id)
+        assert cancelled.status == CANCELLED
+        assert cancelled.finished_at == now
+        assert cancelled.error is not None
+        assert cancelled.error.startswith("UpstreamFailed: upstream step ")
+        assert any(f"{upstream.id} (tests.noop) failed" in cancelled.error for upstream in header)
+    counts = backend.counts()
+    assert counts[("default", "failed")] == 2 and counts[("default", "cancelled")] == 2
+    assert ("default", "blocked") not in counts
+
+
+#: Per SQL store: a trigger that makes cancelling a step fail, and the statement that drops it.
+INTERRUPT = {
+    "sqlite": (
+        [
+            "CREATE TRIGGER errands_test_interrupt BEFORE UPDATE OF status ON errands_jobs "
+            "WHEN new.status = 'cancelled' BEGIN SELECT RAISE(ABORT, 'interrupted'); END"
+        ],
+        "DROP TRIGGER errands_test_interrupt",
+    ),
+    "postgresql": (
+        [
+            "CREATE FUNCTION errands_test_interrupt() RETURNS trigger LANGUAGE plpgsql "
+            "AS $$ BEGIN RAISE EXCEPTION 'interrupted'; END $$",
+            "CREATE TRIGGER errands_test_interrupt BEFORE UPDATE OF status ON errands_jobs "
+            "FOR EACH ROW WHEN (new.status = 'cancelled') "
+            "EXECUTE FUNCTION errands_test_interrupt()",
+        ],
+        "DROP TRIGGER errands_test_interrupt ON errands_jobs",
+    ),
+}
+
+
+def test_a_give_up_interrupted_before_the_downstream_is_cancelled_is_undone(
+    backend: Backend, backend_url: str
+) -> None:
+    """The reserve that fails a step and the cancelling of its downstream are one transaction.
+
+    A trigger makes the cancelling fail, as a process killed at that point would
+    leave it: the step must not stay failed with its downstream blocked for ever.
+    """
+    scheme = backend_url.partition(":")[0]
+    if scheme not in INTERRUPT:
+        pytest.skip("memory and Redis have no second statement to interrupt")
+    first, second = chain_of(2)
+    backend.enqueue([first, second])
+    now = lose_leases(backend)
+    create, drop = INTERRUPT[scheme]
+    with raw_connection(backend_url) as db:
+        for statement in create:
+            db.execute(statement)
+    with pytest.raises(Exception, match="interrupted"):  # the driver's own error
+        reserve(backend, now=now)
+    assert stored(backend, first.id).status == JobStatus.RUNNING
+    assert stored(backend, second.id).status == BLOCKED
+    with raw_connection(backend_url) as db:
+        db.execute(drop)
+    assert reserve(backend, now=now) == []
+    assert stored(backend, first.id).status == JobStatus.FAILED
+    assert stored(backend, second.id).status == CANCELLED
+
+
+@contextlib.contextmanager
+def raw_connection(url: str) -> Iterator[Any]:
+    """An autocommit connection of the store's own driver to the store behind ``url``."""
+    if url.startswith("sqlite:"):
+        db = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+    else:
+        db = require("psycopg").connect(url, autocommit=True)
+    try:
+        yield db
+    finally:
+        db.close()
 
 
 def test_inputs_go_with_their_step(backend: Backend) -> None:

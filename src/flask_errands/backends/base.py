@@ -308,8 +308,8 @@ class Backend(ABC):
         the same atomic step, with :data:`WORKER_LOST_ERROR` and no traceback:
         a task that kills its worker each time must not loop for ever. It is
         not returned, and may count against ``limit``. Such a workflow step
-        cancels its downstream steps as :meth:`finish` does (on SQL stores, in
-        a second transaction right after).
+        is failed together with the cancelling of its downstream steps (as
+        :meth:`finish` does), atomically, before ``reserve`` returns.
         """
 
     @abstractmethod

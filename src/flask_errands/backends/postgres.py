@@ -58,8 +58,10 @@ from ..exceptions import BackendUnavailable, ConfigurationError, DuplicateJob, E
 from . import steps
 from .base import (
     DEFAULT_MAX_LOST_LEASES,
+    FAILED,
     FIGURE_MINUTES,
     PAGE_KEY,
+    RUNNING,
     SCHEDULED,
     WORKER_LOST_ERROR,
     Backend,
@@ -70,6 +72,7 @@ from .base import (
     minute_of,
     page_bounds,
     page_of,
+    worker_lost_error,
 )
 from .patience import STORE_CALL, patience
 from .queries import load_queries
@@ -388,13 +391,29 @@ class PostgresBackend(Backend):
         with self._connection() as conn:
             rows = conn.execute(query, params).fetchall()
         rows.sort(key=lambda row: (-row["priority"], row["eta"], row["seq"]))
-        records = [_record(row) for row in rows]
-        for record in records:
-            if record.status == "failed" and record.flow is not None:  # lost too many leases
-                with self._connection() as conn, conn.transaction():
-                    run = self._runner(conn)
-                    steps.advance(run, record.id, record.task, "failed", record.flow, None, now)
+        records = []
+        for record in map(_record, rows):
+            held = record.status == RUNNING and (record.lease_expires_at or 0.0) <= now
+            if not held or self._give_up_step(record, now):
+                records.append(record)
         return claimed_only(records)
+
+    def _give_up_step(self, record: JobRecord, now: float) -> bool:
+        """Fail a workflow step ``reserve`` held for its lost leases, and cancel its downstream.
+
+        In one transaction, so no process dies between the two and leaves those steps
+        blocked for ever; False if another worker got there first, or the lease was renewed.
+        """
+        error = worker_lost_error(record.worker_id, record.attempts, record.lost_leases + 1)
+        params = {"id": record.id, "token": record.lease_token, "now": now, "status": "failed"}
+        params.update(result=None, error=error, traceback=None, eta=None)
+        with self._connection() as conn, conn.transaction():
+            run = self._runner(conn)
+            if not run("lapsed_step", params) or not run("finish_step", params):
+                return False
+            steps.advance(run, record.id, record.task, "failed", record.flow, None, now)
+        record.status, record.error, record.finished_at = FAILED, error, now
+        return True
 
     def heartbeat(self, leases: Mapping[str, str], lease_seconds: float, now: float) -> set[str]:
         if not leases:

@@ -291,8 +291,12 @@ WHERE unique_key = %s AND status IN ('queued', 'scheduled', 'running')
 -- name: reserve
 -- An expired job that has now lost max_lost leases in a row is failed instead of claimed
 -- (the caller drops it); braces are doubled, as {queue_filter} is filled in by str.format.
+-- A workflow step in that case is left as it is and returned (held): the caller fails it
+-- and cancels its downstream steps in one transaction (lapsed_step, finish_step).
 WITH expired AS (
-    SELECT seq, lost_leases + 1 >= %(max_lost)s AS give_up FROM errands_jobs
+    SELECT seq, lost_leases + 1 >= %(max_lost)s AS give_up,
+        flow IS NOT NULL AND lost_leases + 1 >= %(max_lost)s AS held
+    FROM errands_jobs
     WHERE status = 'running' AND lease_expires_at <= %(now)s {queue_filter}
         AND queue NOT IN (SELECT queue FROM errands_paused_queues)
     ORDER BY lease_expires_at
@@ -306,7 +310,7 @@ WITH expired AS (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
-    (SELECT seq, true AS expired, give_up FROM expired)
+    (SELECT seq, true AS expired, give_up FROM expired WHERE NOT held)
     UNION ALL (SELECT seq, false, false FROM due)
     LIMIT %(limit)s
 ), updated AS (
@@ -335,6 +339,8 @@ RETURNING j.*
     ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + excluded.n
 )
 SELECT * FROM updated
+UNION ALL
+SELECT j.* FROM errands_jobs AS j JOIN expired ON j.seq = expired.seq WHERE expired.held
 
 -- name: extend_leases
 UPDATE errands_jobs AS j SET lease_expires_at = %(expires)s
@@ -404,6 +410,13 @@ WITH unblocked AS (
 SELECT status,
     CASE WHEN status IN ('queued', 'scheduled') THEN pg_notify(%(channel)s, '') END AS notified
 FROM unblocked
+
+-- name: lapsed_step
+-- A held step of reserve, locked until its transaction ends, if its lease is still lapsed.
+SELECT 1 FROM errands_jobs
+WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s
+    AND lease_expires_at <= %(now)s
+FOR UPDATE
 
 -- name: cancel_blocked
 -- Counted here: the per-minute counts only see attempts that end (see migrate_hot_*).

@@ -323,14 +323,10 @@ class SQLiteBackend(Backend):
             "live_until": now - LIVE_HOLDER_LEASES * lease_seconds,
             **queue_params,
         }
-        rows = self._statement(
-            lambda db: db.execute(claim, params).fetchall(),
+        records = self._transaction(
+            partial(_claim, claim=claim, params=params, now=now),
             patience=_worker_patience(lease_seconds),
         )
-        records = [_record(row) for row in rows]
-        for record in records:
-            if record.status == "failed" and record.flow is not None:  # lost too many leases
-                self._transaction(partial(_cancel_downstream, record=record, now=now))
         claimed = claimed_only(records)
         if len(claimed) > 1:
             claimed.sort(key=lambda job: (-job.priority, job.eta, job.enqueued_at))
@@ -774,9 +770,19 @@ def _adjust(db: sqlite3.Connection, queue: str, status: str, n: int) -> None:
         db.execute(QUERIES["adjust_total"], {"queue": queue, "status": status, "n": n})
 
 
-def _cancel_downstream(db: sqlite3.Connection, *, record: JobRecord, now: float) -> None:
-    """Cancel the steps downstream of a step that reserve failed for its lost leases."""
-    steps.advance(_runner(db), record.id, record.task, "failed", record.flow, None, now)
+def _claim(
+    db: sqlite3.Connection, *, claim: str, params: Mapping[str, Any], now: float
+) -> list[JobRecord]:
+    """Claim due jobs; a workflow step failed for its lost leases cancels its downstream steps.
+
+    In one transaction, so no process dies between the two and leaves those steps
+    blocked for ever.
+    """
+    records = [_record(row) for row in db.execute(claim, params).fetchall()]
+    for record in records:
+        if record.status == "failed" and record.flow is not None:  # lost too many leases
+            steps.advance(_runner(db), record.id, record.task, "failed", record.flow, None, now)
+    return records
 
 
 def _raise_duplicate(exc: sqlite3.IntegrityError, jobs: Sequence[JobRecord]) -> None:
