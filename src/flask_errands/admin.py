@@ -292,6 +292,14 @@ class Admin:
             raise JobNotFound(f"no job with id {job_id}")
         return Job(record, self._backend)
 
+    def delete(self, job_id: str) -> None:
+        """Delete one finished job; raises :class:`JobNotFound`, or ``ValueError`` if live."""
+        job = self.job(job_id)
+        if not job.status.finished:
+            raise ValueError(f"job {job_id} is {job.status}; only finished jobs can be deleted")
+        if not self._backend.delete(job_id):
+            raise ValueError(f"job {job_id} changed meanwhile and was not deleted")
+
     def purge(
         self,
         statuses: Iterable[JobStatus | str] = FINISHED,

@@ -309,6 +309,19 @@ def test_purge_deletes_matching_jobs_but_never_running_ones(backend: Backend) ->
     assert [j.id for j in backend.list_jobs()] == [running.id]
 
 
+def test_delete_removes_one_finished_job_and_its_count(backend: Backend) -> None:
+    waiting, done, kept = job(), job(), job()
+    backend.enqueue([done, kept, waiting])
+    for record in reserve(backend, limit=2):
+        backend.finish(record.id, token(record), "failed", T0 + 1)
+    assert not backend.delete(waiting.id)  # queued: left alone
+    assert backend.delete(done.id)
+    assert not backend.delete(done.id)
+    assert not backend.delete("no-such-job")
+    assert backend.get(done.id) is None
+    assert backend.counts() == {("default", "queued"): 1, ("default", "failed"): 1}
+
+
 def test_live_workers_are_listed_until_their_registration_expires(backend: Backend) -> None:
     backend.register_worker("w1", {"host": "h", "pid": 1, "queues": ["a"]}, 10, T0)
     backend.register_worker("w2", {"host": "h", "pid": 2}, 10, T0)

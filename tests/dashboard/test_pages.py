@@ -77,6 +77,9 @@ def test_the_failed_page_reruns_and_deletes_one_by_one_and_in_bulk(dashboard: Da
     response = client.post(f"{PREFIX}/failed/retry", data={"csrf_token": token, "queue": "other"})
     assert "1 failed job queued again." in client.get(response.location).text
     assert admin.job(other.id).status is JobStatus.QUEUED
+    client.post(f"{PREFIX}/failed/purge", data={"csrf_token": token, "job_id": [jobs[1].id]})
+    assert admin.counts()["default"][JobStatus.FAILED] == 1
+    assert admin.jobs(JobStatus.FAILED) == [admin.job(jobs[2].id)]
     client.post(f"{PREFIX}/failed/purge", data={"csrf_token": token})
     assert admin.counts()["default"][JobStatus.FAILED] == 0
     assert admin.job(jobs[0].id).status is JobStatus.QUEUED

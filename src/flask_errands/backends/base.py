@@ -573,6 +573,13 @@ class Backend(ABC):
         ``before`` compares with when a job finished, or was enqueued if it has not.
         """
 
+    @abstractmethod
+    def delete(self, job_id: str) -> bool:
+        """Delete one finished (succeeded, failed or cancelled) job; False if none was deleted.
+
+        A waiting or running job is left alone: cancel it first.
+        """
+
     # -- live workers --------------------------------------------------------
 
     @abstractmethod

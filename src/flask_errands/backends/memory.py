@@ -444,6 +444,14 @@ class MemoryBackend(Backend):
             self._delete(doomed)
         return len(doomed)
 
+    def delete(self, job_id: str) -> bool:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.status not in FINISHED:
+                return False
+            self._delete([job_id])
+        return True
+
     def register_worker(
         self, worker_id: str, info: Mapping[str, Any], ttl: float, now: float
     ) -> None:

@@ -662,6 +662,10 @@ class PostgresBackend(Backend):
         with self._connection() as conn:
             return int(_value(conn.execute(QUERIES["purge"], params).fetchone()))
 
+    def delete(self, job_id: str) -> bool:
+        with self._connection() as conn:
+            return int(_value(conn.execute(QUERIES["delete_job"], (job_id,)).fetchone())) == 1
+
     def register_worker(
         self, worker_id: str, info: Mapping[str, Any], ttl: float, now: float
     ) -> None:

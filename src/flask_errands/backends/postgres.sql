@@ -654,6 +654,18 @@ WITH purged AS (
 )
 SELECT count(*) AS n FROM purged
 
+-- name: delete_job
+WITH deleted AS (
+    DELETE FROM errands_jobs
+    WHERE id = %s AND status IN ('succeeded', 'failed', 'cancelled')
+    RETURNING queue, status
+), counted AS (
+    INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
+    SELECT queue, status, 0, -1 FROM deleted
+    ON CONFLICT (queue, status, shard) DO UPDATE SET n = t.n + excluded.n
+)
+SELECT count(*) AS n FROM deleted
+
 -- name: register_worker
 INSERT INTO errands_workers (id, info, expires_at) VALUES (%s, %s, %s)
 ON CONFLICT (id) DO UPDATE SET info = excluded.info, expires_at = excluded.expires_at

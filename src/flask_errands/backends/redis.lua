@@ -814,6 +814,16 @@ for k = 1, #got, 2 do
 end
 return {deleted, #got == 2 * batch and got[#got] or ''}
 
+-- name: delete
+-- ARGV: prefix, id. Deletes a finished job: 1, or 0 when it is unknown or not finished.
+local job = state(ARGV[2])
+if not job or not (job.status == 'succeeded' or job.status == 'failed'
+                   or job.status == 'cancelled') then
+  return 0
+end
+delete_job(job)
+return 1
+
 -- name: register_worker
 -- ARGV: prefix, worker id, expiry, info JSON.
 redis.call('ZADD', P .. 'workers', ARGV[3], ARGV[2])

@@ -582,6 +582,9 @@ class RedisBackend(Backend):
 
     # -- live workers --------------------------------------------------------
 
+    def delete(self, job_id: str) -> bool:
+        return bool(self._run("delete", [job_id], CALLER_PATIENCE) == 1)
+
     def register_worker(
         self, worker_id: str, info: Mapping[str, Any], ttl: float, now: float
     ) -> None:

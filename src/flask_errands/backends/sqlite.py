@@ -607,6 +607,13 @@ class SQLiteBackend(Backend):
 
         return self._transaction(purge)
 
+    def delete(self, job_id: str) -> bool:
+        def delete(db: sqlite3.Connection) -> bool:
+            db.execute(QUERIES["adjust_totals_for_delete"], (job_id,))
+            return bool(db.execute(QUERIES["delete_job"], (job_id,)).rowcount == 1)
+
+        return self._transaction(delete)
+
     def register_worker(
         self, worker_id: str, info: Mapping[str, Any], ttl: float, now: float
     ) -> None:

@@ -514,6 +514,16 @@ WHERE status != 'running'
     AND (:queue IS NULL OR queue = :queue)
     AND (:before IS NULL OR coalesce(finished_at, enqueued_at) < :before)
 
+-- name: adjust_totals_for_delete
+INSERT INTO errands_finished_totals (queue, status, n)
+SELECT queue, status, -1 FROM errands_jobs
+WHERE id = ? AND (status = 'succeeded' OR status = 'failed' OR status = 'cancelled')
+ON CONFLICT (queue, status) DO UPDATE SET n = n + excluded.n
+
+-- name: delete_job
+DELETE FROM errands_jobs
+WHERE id = ? AND (status = 'succeeded' OR status = 'failed' OR status = 'cancelled')
+
 -- name: register_worker
 INSERT INTO errands_workers (id, info, expires_at) VALUES (?, ?, ?)
 ON CONFLICT (id) DO UPDATE SET info = excluded.info, expires_at = excluded.expires_at

@@ -143,7 +143,18 @@ def register(bp: Blueprint, admin: Callable[[], Admin]) -> None:
         queue = request.form.get("queue") or None
         if queue is not None:
             checked_name(queue)
-        done = admin().purge([JobStatus.FAILED], queue)
+        api = admin()
+        ids = request.form.getlist("job_id")
+        if ids:
+            done = 0
+            for job_id in ids[:500]:
+                try:
+                    api.delete(checked_name(job_id))
+                    done += 1
+                except (ValueError, LookupError):
+                    pass
+        else:
+            done = api.purge([JobStatus.FAILED], queue)
         flash(f"{done} failed job{'s' if done != 1 else ''} deleted.", "ok")
         return redirect(url_for(".failed"))
 
