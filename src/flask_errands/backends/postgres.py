@@ -40,7 +40,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from functools import cache
 from typing import Any
@@ -174,7 +174,6 @@ class PostgresBackend(Backend):
         self._jobs_table = "errands_jobs"
         self._identity: dict[str, Any] | None = None
         self._closed = threading.Event()
-        self._outcomes = _Combiner(self._finish_many)
 
     # -- connections -----------------------------------------------------------
 
@@ -421,22 +420,21 @@ class PostgresBackend(Backend):
         traceback: str | None = None,
         eta: float | None = None,
     ) -> bool:
-        params = {
-            "id": job_id,
-            "token": lease_token,
-            "status": status,
-            "now": now,
-            "result": result,
-            "error": error,
-            "traceback": traceback,
-            "eta": eta,
-            "channel": self._channel,
-        }
-        applied = self._outcomes.finish(params)
-        due = False
-        if not applied:  # a workflow step (or a lost lease): record it, move its workflow on
-            with self._connection() as conn:
-                params["channel"] = self._channel
+        with self._connection() as conn:
+            params = {
+                "id": job_id,
+                "token": lease_token,
+                "status": status,
+                "now": now,
+                "result": result,
+                "error": error,
+                "traceback": traceback,
+                "eta": eta,
+                "channel": self._channel,
+            }
+            applied = conn.execute(QUERIES["finish"], params).rowcount == 1
+            due = False
+            if not applied:  # a workflow step (or a lost lease): record it, move its workflow on
                 with conn.transaction():
                     row = conn.execute(QUERIES["finish_step"], params).fetchone()
                     if row is not None:
@@ -446,20 +444,6 @@ class PostgresBackend(Backend):
         if applied and (status == SCHEDULED or due):
             self._notify()
         return applied
-
-    def _finish_many(self, outcomes: Sequence[dict[str, Any]]) -> set[str]:
-        """Record jobs' outcomes in one statement; return the ids of those it applied to."""
-        if len(outcomes) == 1:
-            [params] = outcomes
-            with self._connection() as conn:
-                params["channel"] = self._channel
-                applied = conn.execute(QUERIES["finish"], params).rowcount == 1
-            return {params["id"]} if applied else set()
-        columns: dict[str, Any] = {name: [o[name] for o in outcomes] for name in _OUTCOME_COLUMNS}
-        with self._connection() as conn:
-            columns["channel"] = self._channel
-            rows = conn.execute(QUERIES["finish_many"], columns).fetchall()
-        return {row["id"] for row in rows}
 
     def _runner(self, conn: Connection) -> steps.Run:
         """Run this backend's named queries on ``conn``, for :mod:`steps`."""
@@ -801,72 +785,6 @@ class PostgresBackend(Backend):
                     )
                 delay = min(max(delay * 2, 0.1), MAX_RECONNECT_DELAY)
                 self._closed.wait(delay)
-
-
-class _Combiner:
-    """Outcomes that threads record at the same time, written by one statement and one commit.
-
-    A thread with an outcome to record writes it at once if no write is in
-    flight; otherwise it waits for that write to end and then writes, in one
-    statement, every outcome that came in meanwhile (its own among them), while
-    the others wait for its answer. An idle worker's outcome thus waits for
-    nothing, and a busy one's share a commit, where each used to wait for a
-    WAL flush of its own. A failed write fails every outcome it carried.
-    """
-
-    def __init__(self, write: Callable[[Sequence[dict[str, Any]]], set[str]]) -> None:
-        self._write = write
-        self._cond = threading.Condition(threading.Lock())
-        self._waiting: list[_Outcome] = []
-        self._writing = False
-
-    def finish(self, params: dict[str, Any]) -> bool:
-        """Whether the outcome ``params`` was applied (False: not a plain running job)."""
-        mine = _Outcome(params)
-        with self._cond:
-            self._waiting.append(mine)
-            while self._writing and not mine.done:
-                self._cond.wait()
-            if not mine.done:  # nobody writes: write what waits, this outcome included
-                self._writing = True
-                batch, self._waiting = self._waiting, []
-        if not mine.done:
-            failure: BaseException | None = None
-            applied: set[str] = set()
-            try:
-                applied = self._write([outcome.params for outcome in batch])
-            except BaseException as exc:
-                failure = exc
-            if len(batch) > 1 and not isinstance(failure, (BackendUnavailable, type(None))):
-                failure = _ALONE  # one outcome the store refuses must not fail the others
-            with self._cond:
-                for outcome in batch:
-                    outcome.applied = outcome.params["id"] in applied
-                    outcome.failure, outcome.done = failure, True
-                self._writing = False
-                self._cond.notify_all()
-        if mine.failure is _ALONE:
-            return mine.params["id"] in self._write([mine.params])
-        if mine.failure is not None:
-            raise mine.failure
-        return mine.applied
-
-
-@dataclasses.dataclass
-class _Outcome:
-    """One thread's outcome waiting in a :class:`_Combiner`, and what became of it."""
-
-    params: dict[str, Any]
-    done: bool = False
-    applied: bool = False
-    failure: BaseException | None = None
-
-
-#: Marks the outcomes of a batch that failed for another reason than an unreachable store:
-#: each is then written alone, so the error is raised only for the outcome that caused it.
-_ALONE = Exception("write alone")
-#: The outcome fields ``finish_many`` takes, one array each.
-_OUTCOME_COLUMNS = ("id", "token", "status", "now", "result", "error", "traceback", "eta")
 
 
 class _Watchdog:

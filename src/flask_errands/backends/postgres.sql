@@ -339,38 +339,6 @@ WITH finished AS (
 )
 SELECT CASE WHEN status = 'scheduled' THEN pg_notify(%(channel)s, '') END FROM finished
 
--- name: finish_many
--- The outcomes of several jobs (not workflow steps) that finished at once, in one statement and
--- one commit: what finish does for each, counted per minute the same way. Rows are updated in
--- (queue, status) order and counted in key order, so the counter rows two such statements share
--- are always locked in the same order and neither waits for the other in a deadlock.
-WITH outcome AS MATERIALIZED (
-    SELECT j.seq, o.* FROM unnest(
-        %(id)s::text[], %(token)s::text[], %(status)s::text[], %(now)s::float8[],
-        %(result)s::text[], %(error)s::text[], %(traceback)s::text[], %(eta)s::float8[]
-    ) AS o (id, token, status, now, result, error, traceback, eta)
-    JOIN errands_jobs AS j ON j.id = o.id
-    ORDER BY j.queue, o.status, o.id
-), finished AS (
-    UPDATE errands_jobs AS j
-    SET status = o.status, result = o.result, error = o.error, traceback = o.traceback,
-        eta = coalesce(o.eta, j.eta),
-        finished_at = CASE WHEN o.status = 'scheduled' THEN NULL ELSE o.now END,
-        lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
-    FROM outcome AS o
-    WHERE j.seq = o.seq AND j.status = 'running' AND j.lease_token = o.token AND j.flow IS NULL
-    RETURNING j.id, j.status, j.queue, j.task, o.now
-), counted AS (
-    INSERT INTO errands_finished_counts AS c (minute, queue, task, outcome, shard, n)
-    SELECT floor(now / 60)::bigint AS minute, queue, task,
-        CASE WHEN status = 'scheduled' THEN 'retried' ELSE status END AS outcome,
-        pg_backend_pid() %% 8, count(*)
-    FROM finished GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
-    ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + excluded.n
-)
-SELECT id, CASE WHEN status = 'scheduled' THEN pg_notify(%(channel)s, '') END AS woke
-FROM finished
-
 -- name: finish_step
 -- A workflow step's outcome; the caller moves its workflow on in the same transaction.
 WITH finished AS (
