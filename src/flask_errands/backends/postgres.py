@@ -709,7 +709,7 @@ class PostgresBackend(Backend):
             ]
             if len(rows) == 1 and jobs[0].unique_key is None:
                 cursor.execute(insert, rows[0])
-                return [dataclasses.replace(jobs[0])]
+                return [copy.copy(jobs[0])]
             return [
                 self._insert_unique(cursor, job, row, insert, live)
                 for job, row in zip(jobs, rows, strict=True)
