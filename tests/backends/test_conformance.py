@@ -7,6 +7,7 @@ they say exactly what storage must do, independent of the worker threads.
 from __future__ import annotations
 
 import subprocess
+import threading
 import uuid
 from typing import Any
 
@@ -554,3 +555,54 @@ def test_a_delayed_urgent_job_does_not_hide_a_due_one_behind_it(backend: Backend
     assert backend.finish(first.id, token(first), JobStatus.SUCCEEDED, T0 + 1)
     assert backend.next_eta(None) == T0 + 3600
     assert [r.id for r in backend.reserve(None, 5, "worker-a", LEASE, T0 + 3600)] == [later.id]
+
+
+def test_a_batch_is_stored_whole_in_order_with_every_field(backend: Backend) -> None:
+    batch = [
+        job(queue="a", priority=2, max_attempts=3, retry_delay=5, timeout=7, eta=T0 - 1),
+        job(queue="b", timeout=None, retry_delay=0.5, payload='{"args":[1],"kwargs":{}}'),
+        job(queue="a", eta=T0 + 60, status=JobStatus.SCHEDULED),
+        job(queue="a"),
+    ]
+    stored_batch = backend.enqueue(batch)
+    assert [record.id for record in stored_batch] == [record.id for record in batch]
+    for original in batch:
+        assert stored(backend, original.id) == original
+    claimed = reserve(backend, limit=10)
+    assert [record.id for record in claimed] == [batch[0].id, batch[1].id, batch[3].id]
+
+
+def test_outcomes_recorded_by_many_threads_at_once_each_apply_once(backend: Backend) -> None:
+    jobs = [job(queue=f"q{n % 3}", task=f"t{n % 2}") for n in range(24)]
+    backend.enqueue(jobs)
+    claimed = reserve(backend, limit=24)
+    outcomes = ["succeeded", "failed", "scheduled", "cancelled"]
+    start = threading.Barrier(len(claimed))
+    applied: dict[str, bool] = {}
+
+    def finish(n: int, record: JobRecord) -> None:
+        start.wait()
+        status = outcomes[n % 4]
+        eta = T0 + 30 if status == "scheduled" else None
+        lease = "stale" if n == 5 else token(record)
+        applied[record.id] = backend.finish(record.id, lease, status, T0 + 1, eta=eta)
+
+    threads = [
+        threading.Thread(target=finish, args=(n, record)) for n, record in enumerate(claimed)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for n, record in enumerate(claimed):
+        now = stored(backend, record.id)
+        if n == 5:
+            assert not applied[record.id] and now.status == "running"
+            continue
+        assert applied[record.id], f"outcome {n} was not applied"
+        assert now.status == outcomes[n % 4] and now.lease_token is None
+    counts = backend.counts()
+    assert sum(n for (_, status), n in counts.items() if status == "succeeded") == 6
+    assert sum(n for (_, status), n in counts.items() if status == "failed") == 5
+    assert sum(n for (_, status), n in counts.items() if status == "scheduled") == 6
+    assert sum(figure[4] for figure in backend.finished_counts(0)) == 23

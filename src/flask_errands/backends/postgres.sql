@@ -284,6 +284,30 @@ WITH inserted AS (
 )
 SELECT id, pg_notify(%(channel)s, '') FROM inserted
 
+-- name: insert_jobs
+-- A batch without unique keys as one statement: one plan, one index pass per row, one NOTIFY.
+-- {jobs} as in insert_job.
+WITH inserted AS (
+    INSERT INTO {jobs} (
+        id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
+        timeout, unique_key, eta, enqueued_at, flow, blocked_by
+    )
+    SELECT id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
+        timeout, NULL, eta, enqueued_at, flow, blocked_by
+    FROM unnest(
+        %(id)s::text[], %(task)s::text[], %(payload)s::text[], %(queue)s::text[],
+        %(priority)s::integer[], %(status)s::text[], %(attempts)s::integer[],
+        %(max_attempts)s::integer[], %(retry_delay)s::float8[], %(timeout)s::float8[],
+        %(eta)s::float8[], %(enqueued_at)s::float8[], %(flow)s::text[], %(blocked_by)s::integer[]
+    ) WITH ORDINALITY AS batch (
+        id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
+        timeout, eta, enqueued_at, flow, blocked_by, position
+    )
+    ORDER BY position
+    RETURNING 1
+)
+SELECT pg_notify(%(channel)s, '') WHERE EXISTS (SELECT FROM inserted)
+
 -- name: live_unique
 SELECT * FROM {jobs}
 WHERE unique_key = %s AND status IN ('queued', 'scheduled', 'running')
