@@ -32,7 +32,7 @@ local P = ARGV[1]
 local WAITING = {queued = true, scheduled = true}
 local FINISHED = {succeeded = true, failed = true, cancelled = true}
 local STATUSES = {'blocked', 'queued', 'scheduled', 'running', 'succeeded', 'failed', 'cancelled'}
-local STATE = {'status', 'queue', 'priority', 'seq', 'unique_key', 'lease_token', 'eta'}
+local STATE = {'status', 'queue', 'priority', 'seq', 'unique_key', 'lease_token', 'eta', 'task'}
 
 local function job_key(id) return P .. 'job:' .. id end
 local function idx_key(queue, status) return P .. 'idx:' .. queue .. ':' .. status end
@@ -49,7 +49,8 @@ local function state(id)
   local v = redis.call('HMGET', job_key(id), unpack(STATE))
   if not v[1] then return nil end
   return {id = id, status = v[1], queue = v[2] or 'default', prio = prio(v[3]),
-          seq = tonumber(v[4]) or 0, unique = v[5], token = v[6], eta = v[7] or '0'}
+          seq = tonumber(v[4]) or 0, unique = v[5], token = v[6], eta = v[7] or '0',
+          task = v[8] or ''}
 end
 
 local function index(job, status)
@@ -279,9 +280,8 @@ end
 -- Add one attempt that ended with outcome at now to its minute's count; ttl keeps it.
 local function count_finished(job, outcome, now, ttl)
   local minute = string.format('%d', math.floor(tonumber(now) / 60))
-  local task = redis.call('HGET', job_key(job.id), 'task') or ''
   local key = P .. 'finished:' .. minute
-  if redis.call('HINCRBY', key, job.queue .. '\n' .. task .. '\n' .. outcome, 1) == 1 then
+  if redis.call('HINCRBY', key, job.queue .. '\n' .. job.task .. '\n' .. outcome, 1) == 1 then
     redis.call('EXPIRE', key, ttl)
     redis.call('ZADD', P .. 'finishedminutes', minute, minute)
   end

@@ -50,6 +50,36 @@ def parse_every(raw: str) -> float:
     return every
 
 
+def act(action: Callable[[], object], done: str) -> None:
+    """Run an admin action and flash ``done``, or the reason the admin API refused it."""
+    try:
+        action()
+        flash(done, "ok")
+    except ValueError as exc:
+        flash(str(exc), "error")
+
+
+def on_failed(each: Callable[[str], object], every: Callable[[str | None], int]) -> int:
+    """Apply ``each`` to the failed jobs the form selected, or ``every`` to its queue's.
+
+    Returns how many jobs it applied to; a selected job that has changed meanwhile is skipped.
+    """
+    queue = request.form.get("queue") or None
+    if queue is not None:
+        checked_name(queue)
+    ids = request.form.getlist("job_id")
+    if not ids:
+        return every(queue)
+    done = 0
+    for job_id in ids[:500]:
+        try:
+            each(checked_name(job_id))
+            done += 1
+        except (ValueError, LookupError):
+            pass
+    return done
+
+
 def register(bp: Blueprint, admin: Callable[[], Admin]) -> None:
     """Add the pages and their form actions to ``bp``."""
 
@@ -92,20 +122,12 @@ def register(bp: Blueprint, admin: Callable[[], Admin]) -> None:
 
     @bp.post("/jobs/<job_id>/retry")
     def retry(job_id: str) -> Response:
-        try:
-            admin().retry(checked_name(job_id))
-            flash("The job is queued again.", "ok")
-        except ValueError as exc:
-            flash(str(exc), "error")
+        act(lambda: admin().retry(checked_name(job_id)), "The job is queued again.")
         return redirect(url_for(".job", job_id=job_id))
 
     @bp.post("/jobs/<job_id>/cancel")
     def cancel(job_id: str) -> Response:
-        try:
-            admin().cancel(checked_name(job_id))
-            flash("The job is cancelled.", "ok")
-        except ValueError as exc:
-            flash(str(exc), "error")
+        act(lambda: admin().cancel(checked_name(job_id)), "The job is cancelled.")
         return redirect(url_for(".job", job_id=job_id))
 
     @bp.get("/failed")
@@ -121,40 +143,14 @@ def register(bp: Blueprint, admin: Callable[[], Admin]) -> None:
     @bp.post("/failed/retry")
     def retry_failed() -> Response:
         api = admin()
-        queue = request.form.get("queue") or None
-        if queue is not None:
-            checked_name(queue)
-        ids = request.form.getlist("job_id")
-        if ids:
-            done = 0
-            for job_id in ids[:500]:
-                try:
-                    api.retry(checked_name(job_id))
-                    done += 1
-                except (ValueError, LookupError):
-                    pass
-        else:
-            done = api.retry_failed(queue)
+        done = on_failed(api.retry, lambda queue: api.retry_failed(queue))
         flash(f"{done} failed job{'s' if done != 1 else ''} queued again.", "ok")
         return redirect(url_for(".failed"))
 
     @bp.post("/failed/purge")
     def purge_failed() -> Response:
-        queue = request.form.get("queue") or None
-        if queue is not None:
-            checked_name(queue)
         api = admin()
-        ids = request.form.getlist("job_id")
-        if ids:
-            done = 0
-            for job_id in ids[:500]:
-                try:
-                    api.delete(checked_name(job_id))
-                    done += 1
-                except (ValueError, LookupError):
-                    pass
-        else:
-            done = api.purge([JobStatus.FAILED], queue)
+        done = on_failed(api.delete, lambda queue: api.purge([JobStatus.FAILED], queue))
         flash(f"{done} failed job{'s' if done != 1 else ''} deleted.", "ok")
         return redirect(url_for(".failed"))
 
@@ -166,20 +162,15 @@ def register(bp: Blueprint, admin: Callable[[], Admin]) -> None:
 
     @bp.post("/queues/<path:name>/pause")
     def pause_queue(name: str) -> Response:
-        try:
-            admin().pause_queue(checked_name(name))
-            flash(f"Queue {name} paused: workers take nothing from it.", "ok")
-        except ValueError as exc:
-            flash(str(exc), "error")
+        act(
+            lambda: admin().pause_queue(checked_name(name)),
+            f"Queue {name} paused: workers take nothing from it.",
+        )
         return redirect(url_for(".queues"))
 
     @bp.post("/queues/<path:name>/resume")
     def resume_queue(name: str) -> Response:
-        try:
-            admin().resume_queue(checked_name(name))
-            flash(f"Queue {name} resumed.", "ok")
-        except ValueError as exc:
-            flash(str(exc), "error")
+        act(lambda: admin().resume_queue(checked_name(name)), f"Queue {name} resumed.")
         return redirect(url_for(".queues"))
 
     @bp.get("/schedules")
