@@ -177,6 +177,8 @@ def test_a_failing_async_task_is_retried_and_sends_the_signals(
         errands.start_worker()
         job = flaky.delay()
         assert job.result(timeout=30) == 3
+        # The signal follows the stored outcome, so result() may return first.
+        wait_until(lambda: "succeeded" in events, "the job_succeeded signal")
     assert events == ["started 1", "started 2", "started 3", "succeeded"]
 
 
