@@ -19,9 +19,11 @@ from flask import Flask
 
 from flask_errands import Errands
 from flask_errands.backends import Backend, backend_from_url
+from tests.cluster import Cluster
 from tests.helpers import create_database, require, unavailable
 
 REDIS_URL = os.environ.get("ERRANDS_TEST_REDIS", "redis://127.0.0.1:6379/0")
+CLUSTER_PORT = 7100
 POSTGRES_URL = os.environ.get("ERRANDS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -46,6 +48,31 @@ def _redis(tmp_path: str) -> Iterator[str]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+#: The session's Redis Cluster (3 masters on ports 7100-7102), started when a test first needs it.
+_CLUSTERS: list[Cluster] = []
+
+
+def _redis_cluster(tmp_path: str) -> Iterator[str]:
+    redis = require("redis")
+    if not _CLUSTERS:
+        _CLUSTERS.append(Cluster(CLUSTER_PORT).start())
+    prefix = f"errands-test-{uuid.uuid4().hex[:8]}:"
+    yield f"{_CLUSTERS[0].url}?prefix={prefix}"
+    client = redis.RedisCluster(host="127.0.0.1", port=CLUSTER_PORT)
+    keys = list(client.scan_iter(match=f"{{{prefix[:-1]}}}:*", count=1000))
+    for key in keys:
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_redis_cluster() -> Iterator[None]:
+    """Stop the session's Redis Cluster, if a test started it."""
+    yield
+    while _CLUSTERS:
+        _CLUSTERS.pop().stop()
 
 
 @functools.cache
@@ -75,6 +102,7 @@ BACKENDS: dict[str, Callable[[str], Iterator[str]]] = {
     "memory": _memory,
     "sqlite": _sqlite,
     "redis": _redis,
+    "redis-cluster": _redis_cluster,
     "postgres": _postgres,
 }
 

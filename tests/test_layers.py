@@ -27,6 +27,7 @@ LAYERS: list[set[str]] = [
         "backends.memory",
         "backends.sqlite",
         "backends.redis",
+        "backends.redis_cluster",
         "backends.postgres",
         "backends.outbox",
         "backends",

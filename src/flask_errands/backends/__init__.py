@@ -56,6 +56,19 @@ def backend_from_url(
             url, prefix=options.get("prefix"), result_ttl=options.get("result_ttl")
         )
         return backend
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        try:
+            from .redis_cluster import (  # type: ignore[import-not-found,unused-ignore]
+                CLUSTER_URL_OPTIONS,
+                RedisClusterBackend,
+            )
+        except ImportError as exc:
+            raise _missing("redis", exc) from exc
+        check_query(url, CLUSTER_URL_OPTIONS)
+        backend = RedisClusterBackend(
+            url, prefix=options.get("prefix"), result_ttl=options.get("result_ttl")
+        )
+        return backend
     if scheme in ("postgresql", "postgres"):
         try:
             from .postgres import PostgresBackend  # type: ignore[import-not-found,unused-ignore]
@@ -66,7 +79,8 @@ def backend_from_url(
         return backend
     raise ConfigurationError(
         f"ERRANDS_URL {hide_password(url)!r} names no known backend; use memory://, "
-        "sqlite:///path, redis://host or postgresql://host/db"
+        "sqlite:///path, redis://host, redis+cluster://host:port,host:port "
+        "or postgresql://host/db"
     )
 
 

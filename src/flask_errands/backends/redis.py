@@ -233,21 +233,28 @@ class RedisBackend(Backend):
         self.result_ttl = DEFAULT_RESULT_TTL if result_ttl is None else result_ttl
         self._expiry = math.ceil(self.result_ttl + EXPIRY_SLACK)
         rest = urlencode([(key, value) for key, value in query if key != "prefix"])
-        self._client = redis.Redis.from_url(
-            urlunsplit(parts._replace(query=rest)),
+        self._scripts = SCRIPTS
+        self._connections = _Connections(lambda: None)
+        self._client = self._open(urlunsplit(parts._replace(query=rest)))
+        self._execute: Callable[..., Any] = self._client.execute_command
+        self._closed = threading.Event()
+
+    def _open(self, url: str) -> Any:
+        """The client for ``url`` (without our own query parameters); scripts use its pool."""
+        client = redis.Redis.from_url(
+            url,
             # Retries are ours: a script is only run again where that is safe.
             retry=Retry(NoBackoff(), 0),
             **CLIENT_DEFAULTS,
         )
-        self._execute: Callable[..., Any] = self._client.execute_command
-        pool = self._client.connection_pool
+        pool = client.connection_pool
         self._connections = _Connections(lambda: pool.connection_class(**pool.connection_kwargs))
-        self._closed = threading.Event()
+        return client
 
     # -- running scripts -----------------------------------------------------
 
     def _run(self, name: str, args: Sequence[Any], patience: float = WORKER_PATIENCE) -> Any:
-        script = SCRIPTS[name]
+        script = self._scripts[name]
 
         def evalsha() -> Any:
             try:
@@ -260,7 +267,8 @@ class RedisBackend(Backend):
 
     def _evalsha(self, sha: str, args: Sequence[Any]) -> Any:
         """One EVALSHA, packed and sent without redis-py's per-command machinery."""
-        command = ("EVALSHA", sha, 0, self.prefix, *args)
+        # KEYS[1] routes the script to the prefix's hash slot on a cluster (see redis.lua).
+        command = ("EVALSHA", sha, 1, self.prefix, self.prefix, *args)
         connection = self._connections.take()
         sent = False
         try:
@@ -612,14 +620,14 @@ class RedisBackend(Backend):
         """Listen on the wake channel until closed, reconnecting with back-off."""
         pause = 0.0
         while not self._closed.is_set():
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = None
             try:
-                pubsub.subscribe(self._key("wake"))
+                pubsub, receive = self._subscribe()
                 self._notify()  # work may have come while nobody was listening
                 pause = 0.0
                 while not self._closed.is_set():
-                    if pubsub.get_message(timeout=WATCH_TIMEOUT) is not None:
-                        while pubsub.get_message(timeout=0.0) is not None:
+                    if receive(WATCH_TIMEOUT) is not None:
+                        while receive(0.0) is not None:
                             pass
                         self._notify()
             except Exception:  # close() pulls the socket from under redis-py, too
@@ -627,7 +635,18 @@ class RedisBackend(Backend):
                 self._closed.wait(pause)
             finally:
                 with contextlib.suppress(Exception):
-                    pubsub.close()
+                    if pubsub is not None:
+                        pubsub.close()
+
+    def _subscribe(self) -> tuple[Any, Callable[[float], Any]]:
+        """A pub/sub connection listening on the wake channel, and its receive(timeout)."""
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(self._key("wake"))
+        except BaseException:
+            pubsub.close()
+            raise
+        return pubsub, lambda timeout: pubsub.get_message(timeout=timeout)
 
 
 class _Connections:

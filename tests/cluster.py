@@ -1,0 +1,120 @@
+"""A Redis Cluster of the tests' own: ``redis-server`` processes on loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import unavailable, wait_until
+
+
+class Cluster:
+    """``masters`` masters, each with ``replicas`` replicas, on consecutive ports from ``first``.
+
+    Nodes notice a dead peer after ``node_timeout_ms``, and a replica takes over its master.
+    """
+
+    def __init__(
+        self, first: int, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 1000
+    ) -> None:
+        if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+            unavailable("redis-server and redis-cli are needed for the Redis Cluster tests")
+        self.ports = list(range(first, first + masters * (1 + replicas)))
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.directory = Path(tempfile.mkdtemp(prefix=f"errands-cluster-{first}-"))
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        """An ERRANDS_URL naming every node, as a deployment would."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports) + "/"
+
+    def start(self) -> Cluster:
+        for port in self.ports:
+            self.processes[port] = subprocess.Popen(
+                [
+                    *("redis-server", "--port", str(port), "--bind", "127.0.0.1"),
+                    *("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"),
+                    *("--cluster-node-timeout", str(self.node_timeout_ms)),
+                    *("--save", "", "--appendonly", "no", "--dir", str(self.directory)),
+                    *("--logfile", f"redis-{port}.log"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        for port in self.ports:
+            wait_until(functools.partial(self.answers, port, "ping", "PONG"), f"port {port}")
+        created = subprocess.run(
+            [
+                *("redis-cli", "--cluster", "create"),
+                *(f"127.0.0.1:{port}" for port in self.ports),
+                *("--cluster-replicas", str(self.replicas), "--cluster-yes"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if created.returncode != 0:
+            self.stop()
+            pytest.fail(f"redis-cli --cluster create failed: {created.stdout}{created.stderr}")
+        for port in self.ports:
+            wait_until(
+                functools.partial(self.answers, port, "cluster info", "cluster_state:ok"),
+                f"node {port} to see the cluster as ok",
+            )
+        return self
+
+    def answers(self, port: int, command: str, wanted: str) -> bool:
+        return wanted in self.cli(port, *command.split())
+
+    def cli(self, port: int, *command: str) -> str:
+        done = subprocess.run(
+            ["redis-cli", "-p", str(port), *command], capture_output=True, text=True, timeout=10
+        )
+        return done.stdout.strip()
+
+    def master_of(self, key: str) -> int:
+        """The port of the master that holds ``key``'s slot, as the live nodes see it."""
+        live = next(port for port in self.ports if self.processes[port].poll() is None)
+        slot = int(self.cli(live, "cluster", "keyslot", key))
+        for line in self.cli(live, "cluster", "nodes").splitlines():
+            fields = line.split()
+            if "master" in fields[2] and "fail" not in fields[2]:
+                for span in fields[8:]:
+                    low, _, high = span.partition("-")
+                    if low.isdigit() and int(low) <= slot <= int(high or low):
+                        return int(fields[1].split(":")[1].split("@")[0])
+        raise LookupError(f"no live master holds slot {slot}")
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node, as a crash or a pulled plug would."""
+        self.processes[port].kill()
+        self.processes[port].wait()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.directory)
+
+
+def settle(cluster: Cluster, key: str, dead: int, timeout: float = 30.0) -> int:
+    """Wait until a replica has taken over ``key``'s slot from the dead master; its port."""
+
+    def promoted() -> int | None:
+        with contextlib.suppress(LookupError, ValueError):
+            port = cluster.master_of(key)
+            if port != dead:
+                return port
+        return None
+
+    return wait_until(promoted, "a replica to take over", timeout)
