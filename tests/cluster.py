@@ -38,19 +38,7 @@ class Cluster:
 
     def start(self) -> Cluster:
         for port in self.ports:
-            self.processes[port] = subprocess.Popen(
-                [
-                    *("redis-server", "--port", str(port), "--bind", "127.0.0.1"),
-                    *("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"),
-                    *("--cluster-node-timeout", str(self.node_timeout_ms)),
-                    *("--save", "", "--appendonly", "no", "--dir", str(self.directory)),
-                    *("--logfile", f"redis-{port}.log"),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        for port in self.ports:
-            wait_until(functools.partial(self.answers, port, "ping", "PONG"), f"port {port}")
+            self.run(port)
         created = subprocess.run(
             [
                 *("redis-cli", "--cluster", "create"),
@@ -69,7 +57,30 @@ class Cluster:
                 functools.partial(self.answers, port, "cluster info", "cluster_state:ok"),
                 f"node {port} to see the cluster as ok",
             )
+            wait_until(functools.partial(self.replicating, port), f"node {port} to replicate")
         return self
+
+    def run(self, port: int) -> None:
+        """Start (or start again) the node on ``port``; nodes-PORT.conf keeps its identity."""
+        self.processes[port] = subprocess.Popen(
+            [
+                *("redis-server", "--port", str(port), "--bind", "127.0.0.1"),
+                *("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"),
+                *("--cluster-node-timeout", str(self.node_timeout_ms)),
+                *("--save", "", "--appendonly", "no", "--dir", str(self.directory)),
+                *("--logfile", f"redis-{port}.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(functools.partial(self.answers, port, "ping", "PONG"), f"port {port}")
+
+    def replicating(self, port: int) -> bool:
+        """Whether a replica is in sync with its master, or a master has all its replicas."""
+        info = self.cli(port, "info", "replication")
+        if "role:slave" in info:
+            return "master_link_status:up" in info
+        return f"connected_slaves:{self.replicas}" in info
 
     def answers(self, port: int, command: str, wanted: str) -> bool:
         return wanted in self.cli(port, *command.split())
@@ -105,16 +116,3 @@ class Cluster:
                 process.wait()
         with contextlib.suppress(OSError):
             shutil.rmtree(self.directory)
-
-
-def settle(cluster: Cluster, key: str, dead: int, timeout: float = 30.0) -> int:
-    """Wait until a replica has taken over ``key``'s slot from the dead master; its port."""
-
-    def promoted() -> int | None:
-        with contextlib.suppress(LookupError, ValueError):
-            port = cluster.master_of(key)
-            if port != dead:
-                return port
-        return None
-
-    return wait_until(promoted, "a replica to take over", timeout)

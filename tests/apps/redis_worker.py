@@ -7,6 +7,7 @@ key prefix, so the test can count the runs.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 
@@ -19,14 +20,14 @@ app = Flask("redis_test_worker", instance_path=sys.argv[2])
 app.config.update(ERRANDS_URL=sys.argv[1], ERRANDS_LEASE_SECONDS=float(sys.argv[3]))
 errands = Errands(app)
 base, _, query = sys.argv[1].partition("?")
-client = redis.Redis.from_url(base)
 runs_key = query.partition("prefix=")[2] + "runs"
+client = functools.cache(lambda: redis.Redis.from_url(base))  # made by tests.mark only
 
 
 @errands.task(name="tests.mark")
 def mark() -> None:
     """Write down that this job ran."""
-    client.rpush(runs_key, current_job.id)
+    client().rpush(runs_key, current_job.id)
 
 
 @errands.task(name="tests.hang_first")
