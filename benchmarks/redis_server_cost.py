@@ -3,8 +3,8 @@
     python benchmarks/redis_server_cost.py [--redis URL] [--cluster URL] [--jobs N]
 
 For each store (one Redis server; a Redis Cluster if ``--cluster`` names one, as
-``redis+cluster://host:port,...``), it resets the server's statistics on the
-node that holds the store, then runs: N single ``.delay()`` calls, N jobs in
+``redis+cluster://host:port,...``), it runs, on the node that holds the store
+(use a server of your own: other clients' commands would count too): N single ``.delay()`` calls, N jobs in
 ``delay_many`` batches of 1,000, and a drain of those 2N jobs by an in-process
 worker (4 threads). After each phase it reads ``INFO commandstats`` (EVALSHA's
 time, and the wake-ups' PUBLISH or SPUBLISH inside it) and ``INFO cpu`` of that
@@ -60,7 +60,6 @@ def measure(url: str, jobs: int) -> None:
     label = "cluster" if url.startswith("redis+cluster") else "redis"
 
     def phase(name: str, run: Any, per: int) -> None:
-        client.config_resetstat()
         before = stats(client)
         started = time.perf_counter()
         run()
@@ -113,11 +112,13 @@ def fanout(client: redis.Redis, prefix: str, label: str) -> None:
             listeners.append(pubsub)
         time.sleep(0.2)
         command = "SPUBLISH" if sharded else "PUBLISH"
-        client.config_resetstat()
+        name = command.lower()
+        before = stats(client)
         for _ in range(2000):
             client.execute_command(command, channel, "default")
-        found: Any = client.info("commandstats")
-        per = found.get(f"cmdstat_{command.lower()}", {}).get("usec_per_call", 0.0)
+        after = stats(client)
+        calls = after[name + "_calls"] - before[name + "_calls"]
+        per = (after[name] - before[name]) / max(calls, 1) * 1e6
         print(f"{label:8} {command} to {subscribers:3} subscribers  {per:7.1f} µs per call")
         for pubsub in listeners:
             pubsub.close()

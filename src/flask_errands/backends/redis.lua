@@ -1,5 +1,12 @@
 -- Scripts of the Redis backend, one per atomic operation, run by name with EVALSHA.
 -- Each script is the `common` block followed by its own block; ARGV[1] is the key prefix.
+-- KEYS[1] is the prefix too: on a Redis Cluster it names the hash slot (the prefix is a
+-- hash tag there, `{errands}:`) whose master runs the script. Every key below is the
+-- prefix and a suffix, so all of one store's keys are in that slot. They cannot all be
+-- declared in KEYS: a script finds most of them itself (the ids a reserve claims, a
+-- job's queue, a workflow's next steps), and a caller that looked them up first would
+-- lose the atomicity. Redis refuses a script that touches a key of another node.
+-- Wake-ups are PUBLISH on one server and SPUBLISH (sharded, same slot) on a cluster.
 -- Floats travel as Python's repr() text and are stored as given, so they read back exact;
 -- a script never returns a float as a Lua number (Redis would truncate it to an integer).
 --
