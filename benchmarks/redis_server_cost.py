@@ -4,12 +4,13 @@
 
 For each store (one Redis server; a Redis Cluster if ``--cluster`` names one, as
 ``redis+cluster://host:port,...``), it runs, on the node that holds the store
-(use a server of your own: other clients' commands would count too): N single ``.delay()`` calls, N jobs in
-``delay_many`` batches of 1,000, and a drain of those 2N jobs by an in-process
-worker (4 threads). After each phase it reads ``INFO commandstats`` (EVALSHA's
-time, and the wake-ups' PUBLISH or SPUBLISH inside it) and ``INFO cpu`` of that
-node, and prints microseconds per job. Then, with S idle processes' worth of
-subscribers on the wake channel, it reads what one wake-up publish costs.
+(use a server of your own: other clients' commands would count too): N single
+``.delay()`` calls, N jobs in ``delay_many`` batches of 1,000, and a drain of
+those 2N jobs by an in-process worker (4 threads). After each phase it reads
+``INFO commandstats`` (EVALSHA's time, and the wake-ups' PUBLISH or SPUBLISH
+inside it) and ``INFO cpu`` of that node, and prints microseconds per job.
+Then, with S idle processes' worth of subscribers on the wake channel, it
+reads what one wake-up publish costs.
 These are server-side figures: the ceiling of one Redis core is 1 s of them.
 """
 
