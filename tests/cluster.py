@@ -104,6 +104,26 @@ class Cluster:
                         return int(fields[1].split(":")[1].split("@")[0])
         raise LookupError(f"no live master holds slot {slot}")
 
+    def move_slot(self, key: str) -> tuple[int, int]:
+        """Move ``key``'s slot, keys and all, to another master, as a resharding does."""
+        source = self.master_of(key)
+        slot = self.cli(source, "cluster", "keyslot", key)
+        masters = [
+            int(line.split()[1].split(":")[1].split("@")[0])
+            for line in self.cli(source, "cluster", "nodes").splitlines()
+            if "master" in line.split()[2] and "fail" not in line.split()[2]
+        ]
+        target = next(port for port in masters if port != source)
+        source_id = self.cli(source, "cluster", "myid")
+        target_id = self.cli(target, "cluster", "myid")
+        self.cli(target, "cluster", "setslot", slot, "importing", source_id)
+        self.cli(source, "cluster", "setslot", slot, "migrating", target_id)
+        while keys := self.cli(source, "cluster", "getkeysinslot", slot, "100").split():
+            self.cli(source, "migrate", "127.0.0.1", str(target), "", "0", "5000", "keys", *keys)
+        for port in masters:
+            self.cli(port, "cluster", "setslot", slot, "node", target_id)
+        return source, target
+
     def kill(self, port: int) -> None:
         """SIGKILL one node, as a crash or a pulled plug would."""
         self.processes[port].kill()

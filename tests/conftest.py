@@ -54,12 +54,17 @@ def _redis(tmp_path: str) -> Iterator[str]:
 _CLUSTERS: list[Cluster] = []
 
 
-def _redis_cluster(tmp_path: str) -> Iterator[str]:
-    redis = require("redis")
+def shared_cluster() -> Cluster:
+    """The session's Redis Cluster, started on first use."""
     if not _CLUSTERS:
         _CLUSTERS.append(Cluster(CLUSTER_PORT).start())
+    return _CLUSTERS[0]
+
+
+def _redis_cluster(tmp_path: str) -> Iterator[str]:
+    redis = require("redis")
     prefix = f"errands-test-{uuid.uuid4().hex[:8]}:"
-    yield f"{_CLUSTERS[0].url}?prefix={prefix}"
+    yield f"{shared_cluster().url}?prefix={prefix}"
     client = redis.RedisCluster(host="127.0.0.1", port=CLUSTER_PORT)
     keys = list(client.scan_iter(match=f"{{{prefix[:-1]}}}:*", count=1000))
     for key in keys:

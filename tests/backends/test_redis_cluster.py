@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import Cluster
+from tests.conftest import shared_cluster
 from tests.helpers import MakeApp, app_command, require, wait_until
 
 redis = require("redis")
@@ -57,6 +58,20 @@ def test_every_key_of_a_store_is_in_one_slot(backend_url: str, make_app: MakeApp
     assert len(keys) > 10
     assert {client.keyslot(key) for key in keys} == {client.keyslot(prefix)}
     client.close()
+
+
+@ON_CLUSTER
+def test_the_store_follows_its_slot_to_another_master(backend_url: str, make_app: MakeApp) -> None:
+    app, errands = make_app(ERRANDS_URL=backend_url)
+    add = register_tasks(errands)["add"]
+    with app.app_context():
+        before = add.delay(1, 1)
+        prefix = errands.backend.prefix  # type: ignore[attr-defined]
+        source, target = shared_cluster().move_slot(prefix)
+        after = add.delay(2, 2)  # MOVED: the client learns where the slot went
+        errands.drain()
+        assert (before.result(), after.result()) == (2, 4)
+    assert shared_cluster().master_of(prefix) == target != source
 
 
 @pytest.fixture
