@@ -68,6 +68,8 @@ class Cluster:
                 *("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"),
                 *("--cluster-node-timeout", str(self.node_timeout_ms)),
                 *("--save", "", "--appendonly", "no", "--dir", str(self.directory)),
+                # A replica syncs at once, not after the 5 s a master waits for others by default.
+                *("--repl-diskless-sync-delay", "0"),
                 *("--logfile", f"redis-{port}.log"),
             ],
             stdout=subprocess.DEVNULL,
@@ -126,6 +128,91 @@ class Cluster:
 
     def kill(self, port: int) -> None:
         """SIGKILL one node, as a crash or a pulled plug would."""
+        self.processes[port].kill()
+        self.processes[port].wait()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.directory)
+
+
+class Sentinels:
+    """A master, its replica and one sentinel watching them (as ``errands``), from ``first``.
+
+    The sentinel alone is the quorum; it calls the master down after
+    ``down_after_ms`` without an answer and promotes the replica.
+    """
+
+    def __init__(self, first: int, down_after_ms: int = 1000) -> None:
+        if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+            unavailable("redis-server and redis-cli are needed for the Redis Sentinel tests")
+        self.master, self.replica, self.sentinel = first, first + 1, first + 2
+        self.down_after_ms = down_after_ms
+        self.directory = Path(tempfile.mkdtemp(prefix=f"errands-sentinel-{first}-"))
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel}/errands"
+
+    def start(self) -> Sentinels:
+        self.run(self.master)
+        self.run(self.replica, "--replicaof", "127.0.0.1", str(self.master))
+        config = self.directory / "sentinel.conf"
+        config.write_text(
+            f"port {self.sentinel}\nbind 127.0.0.1\ndir {self.directory}\n"
+            f"sentinel monitor errands 127.0.0.1 {self.master} 1\n"
+            f"sentinel down-after-milliseconds errands {self.down_after_ms}\n"
+            "sentinel failover-timeout errands 5000\n"
+            # Known from the start: the sentinel would otherwise learn of it from the
+            # master's INFO, which it reads every 10 s.
+            f"sentinel known-replica errands 127.0.0.1 {self.replica}\n"
+        )
+        self.processes[self.sentinel] = subprocess.Popen(
+            ["redis-server", str(config), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(
+            lambda: (
+                "master_link_status:up" in self.cli(self.replica, "info", "replication")
+                and str(self.replica) in self.cli(self.sentinel, "sentinel", "replicas", "errands")
+            ),
+            "the sentinel to see the replica in sync",
+        )
+        return self
+
+    def run(self, port: int, *extra: str) -> None:
+        self.processes[port] = subprocess.Popen(
+            [
+                *("redis-server", "--port", str(port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--dir", str(self.directory)),
+                # A replica syncs at once, not after the 5 s a master waits for others by default.
+                *("--repl-diskless-sync-delay", "0"),
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: self.cli(port, "ping") == "PONG", f"port {port}")
+
+    def cli(self, port: int, *command: str) -> str:
+        done = subprocess.run(
+            ["redis-cli", "-p", str(port), *command], capture_output=True, text=True, timeout=10
+        )
+        return done.stdout.strip()
+
+    def master_port(self) -> int:
+        """The master's port as the sentinel names it."""
+        return int(
+            self.cli(self.sentinel, "sentinel", "get-master-addr-by-name", "errands").split()[-1]
+        )
+
+    def kill(self, port: int) -> None:
         self.processes[port].kill()
         self.processes[port].wait()
 

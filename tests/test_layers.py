@@ -28,6 +28,7 @@ LAYERS: list[set[str]] = [
         "backends.sqlite",
         "backends.redis",
         "backends.redis_cluster",
+        "backends.redis_sentinel",
         "backends.postgres",
         "backends.outbox",
         "backends",

@@ -1,8 +1,9 @@
-"""What the Redis Cluster adds: one hash slot per store, and a master's failover losing nothing.
+"""What Redis Cluster and Sentinel add: one hash slot per store, failovers losing nothing.
 
 The conformance suite runs on the session's 3-master cluster (``redis-cluster``
 in ``BACKENDS``). The failover test starts a cluster of its own, with a replica
-for each master, on ports 7110-7115, and kills a master under real workers.
+for each master, on ports 7110-7115, and kills a master under real workers;
+the Sentinel test starts a master, a replica and a sentinel on ports 7103-7105.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import Cluster
+from tests.cluster import Cluster, Sentinels
 from tests.conftest import shared_cluster
 from tests.helpers import MakeApp, app_command, require, wait_until
 
@@ -28,6 +29,7 @@ from tests.backends.test_redis import register_tasks  # noqa: E402
 
 ON_CLUSTER = pytest.mark.parametrize("backend_url", ["redis-cluster"], indirect=True)
 FAILOVER_PORT = 7110
+SENTINEL_PORT = 7103
 LEASE = 2.0
 
 
@@ -157,3 +159,26 @@ def _finished(job: Job) -> bool:
         return job.refresh().status == "succeeded"
     except BackendUnavailable:
         return False
+
+
+@pytest.fixture
+def sentinels() -> Iterator[Sentinels]:
+    group = Sentinels(SENTINEL_PORT).start()
+    yield group
+    group.stop()
+
+
+def test_behind_sentinel_a_killed_master_loses_no_acknowledged_job(
+    sentinels: Sentinels, make_app: MakeApp
+) -> None:
+    url = f"{sentinels.url}?prefix=sentinel:&replicas=1"
+    app, errands = make_app(ERRANDS_URL=url, ERRANDS_LEASE_SECONDS=LEASE)
+    add = register_tasks(errands)["add"]
+    with app.app_context():
+        acknowledged = add.delay_many([(n, 1) for n in range(100)])
+        sentinels.kill(sentinels.master)
+        wait_until(lambda: sentinels.master_port() == sentinels.replica, "the sentinel's failover")
+        with pytest.raises(EnqueueError, match="0 of 1 replica"):
+            add.delay(0, 0)  # stored on the new master, which has no replica to confirm it
+        errands.drain()
+        assert [job.result() for job in acknowledged] == [n + 1 for n in range(100)]

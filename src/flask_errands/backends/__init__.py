@@ -69,6 +69,19 @@ def backend_from_url(
             url, prefix=options.get("prefix"), result_ttl=options.get("result_ttl")
         )
         return backend
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
+        try:
+            from .redis_sentinel import (  # type: ignore[import-not-found,unused-ignore]
+                SENTINEL_URL_OPTIONS,
+                RedisSentinelBackend,
+            )
+        except ImportError as exc:
+            raise _missing("redis", exc) from exc
+        check_query(url, SENTINEL_URL_OPTIONS)
+        backend = RedisSentinelBackend(
+            url, prefix=options.get("prefix"), result_ttl=options.get("result_ttl")
+        )
+        return backend
     if scheme in ("postgresql", "postgres"):
         try:
             from .postgres import PostgresBackend  # type: ignore[import-not-found,unused-ignore]
@@ -79,8 +92,8 @@ def backend_from_url(
         return backend
     raise ConfigurationError(
         f"ERRANDS_URL {hide_password(url)!r} names no known backend; use memory://, "
-        "sqlite:///path, redis://host, redis+cluster://host:port,host:port "
-        "or postgresql://host/db"
+        "sqlite:///path, redis://host, redis+cluster://host:port,host:port, "
+        "redis+sentinel://host:port/name or postgresql://host/db"
     )
 
 

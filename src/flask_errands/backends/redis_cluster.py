@@ -63,6 +63,43 @@ def tagged(prefix: str) -> str:
     return "{" + (stem or "errands") + "}" + prefix[len(stem) :]
 
 
+def replica_count(url: str) -> int:
+    """The ``?replicas=`` of ``url`` (0 if absent); a bad value raises ConfigurationError."""
+    query = parse_qsl(urlsplit(url).query, keep_blank_values=True)
+    text = next((value for key, value in query if key == "replicas"), "0")
+    if not text.isdigit():
+        raise ConfigurationError(
+            f"ERRANDS_URL ?replicas={text!r} must be a whole number, 0 or more"
+        )
+    return int(text)
+
+
+def acknowledged(client: Any, command: tuple[Any, ...], replicas: int, text: str) -> Any:
+    """Run a script, then WAIT on the same connection until ``replicas`` replicas have its writes.
+
+    Fewer confirmations raise :class:`_ReplyLost`: the write may or may not
+    survive a failover, as when a reply is lost.
+    """
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        pipe.execute_command(*command)
+        pipe.execute_command("WAIT", replicas, REPLICA_WAIT_MS)
+        try:
+            reply, confirmed = pipe.execute()
+        except redis.exceptions.NoScriptError:
+            if attempt == 2:
+                raise
+            client.script_load(text)
+            continue
+        if int(confirmed) < replicas:
+            raise _ReplyLost(
+                f"stored on the master, but {confirmed} of {replicas} replica(s) "
+                f"confirmed it within {REPLICA_WAIT_MS} ms"
+            )
+        return reply
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class _Unsettled(redis.ConnectionError):
     """The cluster has no master for the store's slot just now (a failover is under way)."""
 
@@ -73,16 +110,7 @@ class RedisClusterBackend(RedisBackend):
     def __init__(
         self, url: str, *, prefix: str | None = None, result_ttl: float | None = None
     ) -> None:
-        query = parse_qsl(urlsplit(url).query, keep_blank_values=True)
-        replicas = next((value for key, value in query if key == "replicas"), "0")
-        try:
-            self._replicas = int(replicas)
-        except ValueError:
-            self._replicas = -1
-        if self._replicas < 0:
-            raise ConfigurationError(
-                f"ERRANDS_URL ?replicas={replicas!r} must be a whole number, 0 or more"
-            )
+        self._replicas = replica_count(url)
         super().__init__(url, prefix=prefix, result_ttl=result_ttl)
         self.prefix = tagged(self.prefix or DEFAULT_PREFIX)
         self._scripts = SHARDED_SCRIPTS
@@ -107,36 +135,18 @@ class RedisClusterBackend(RedisBackend):
             raise _ReplyLost(f"no reply ({type(exc).__name__}: {exc})") from exc
 
     def _acknowledged(self, command: tuple[Any, ...]) -> Any:
-        """Run a script, then WAIT on the same connection until enough replicas have its writes."""
         cluster = self._client.get()
-        node = cluster.get_node_from_key(self.prefix)
-        client = cluster.get_redis_connection(node)
-        for attempt in (1, 2):
-            pipe = client.pipeline(transaction=False)
-            pipe.execute_command(*command)
-            pipe.execute_command("WAIT", self._replicas, REPLICA_WAIT_MS)
-            try:
-                reply, confirmed = pipe.execute()
-            except redis.exceptions.NoScriptError:
-                if attempt == 2:
-                    raise
-                client.script_load(_TEXTS[command[1]])
-                continue
-            except redis.ResponseError as exc:
-                if str(exc).startswith(("MOVED", "ASK", "CLUSTERDOWN")):
-                    self._client.refresh()
-                    raise _Unsettled(f"the store's slot is moving ({exc})") from exc
-                raise
-            except (redis.ConnectionError, redis.TimeoutError):
+        client = cluster.get_redis_connection(cluster.get_node_from_key(self.prefix))
+        try:
+            return acknowledged(client, command, self._replicas, _TEXTS[command[1]])
+        except redis.ResponseError as exc:
+            if str(exc).startswith(("MOVED", "ASK", "CLUSTERDOWN")):
                 self._client.refresh()
-                raise
-            if int(confirmed) < self._replicas:
-                raise _ReplyLost(
-                    f"stored on the master, but {confirmed} of {self._replicas} replica(s) "
-                    f"confirmed it within {REPLICA_WAIT_MS} ms"
-                )
-            return reply
-        raise AssertionError("unreachable")  # pragma: no cover
+                raise _Unsettled(f"the store's slot is moving ({exc})") from exc
+            raise
+        except (redis.ConnectionError, redis.TimeoutError):
+            self._client.refresh()
+            raise
 
     def _subscribe(self) -> tuple[Any, Callable[[float], Any]]:
         """Listen on the store's sharded channel, at the master that holds its slot."""
