@@ -64,12 +64,14 @@ def shared_cluster() -> Cluster:
 def _redis_cluster(tmp_path: str) -> Iterator[str]:
     redis = require("redis")
     prefix = f"errands-test-{uuid.uuid4().hex[:8]}:"
-    yield f"{shared_cluster().url}?prefix={prefix}"
-    client = redis.RedisCluster(host="127.0.0.1", port=CLUSTER_PORT)
-    keys = list(client.scan_iter(match=f"{{{prefix[:-1]}}}:*", count=1000))
-    for key in keys:
-        client.delete(key)
-    client.close()
+    cluster = shared_cluster()
+    yield f"{cluster.url}?prefix={prefix}"
+    tagged = f"{{{prefix[:-1]}}}:"
+    # Every key of the store is in the tag's slot: delete them on the master that holds it.
+    with redis.Redis(port=cluster.master_of(tagged)) as node:
+        keys = list(node.scan_iter(match=f"{tagged}*", count=1000))
+        for start in range(0, len(keys), 1000):
+            node.delete(*keys[start : start + 1000])
 
 
 @pytest.fixture(scope="session", autouse=True)
