@@ -39,11 +39,20 @@ def test_a_prefix_gets_a_hash_tag_unless_it_has_one() -> None:
     assert tagged("{shop}:jobs:") == "{shop}:jobs:"
 
 
+SCHEMES = ["redis+cluster://127.0.0.1:7100,127.0.0.1:7101/", "redis+sentinel://127.0.0.1:7105/m"]
+
+
+@pytest.mark.parametrize("base", SCHEMES)
 @pytest.mark.parametrize("replicas", ["-1", "two"])
-def test_a_bad_replica_count_is_refused(replicas: str, tmp_path: Path) -> None:
-    url = f"redis+cluster://127.0.0.1:{FAILOVER_PORT}/?replicas={replicas}"
+def test_a_bad_replica_count_is_refused(base: str, replicas: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="replicas"):
-        backend_from_url(url, instance_path=str(tmp_path))
+        backend_from_url(f"{base}?replicas={replicas}", instance_path=str(tmp_path))
+
+
+@pytest.mark.parametrize("base", SCHEMES)
+def test_an_unknown_url_parameter_is_refused_listing_replicas(base: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"'prefx'.*prefix.*replicas"):
+        backend_from_url(f"{base}?prefx=a:", instance_path=str(tmp_path))
 
 
 @ON_CLUSTER
