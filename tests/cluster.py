@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -12,6 +13,16 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import unavailable, wait_until
+
+
+def require_free(port: int) -> None:
+    """Fail clearly if ``port`` is taken, as by a server an interrupted run left behind."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as redis-server does
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            pytest.fail(f"port {port} is taken (a redis-server left by an earlier run?)")
 
 
 class Cluster:
@@ -62,6 +73,7 @@ class Cluster:
 
     def run(self, port: int) -> None:
         """Start (or start again) the node on ``port``; nodes-PORT.conf keeps its identity."""
+        require_free(port)
         self.processes[port] = subprocess.Popen(
             [
                 *("redis-server", "--port", str(port), "--bind", "127.0.0.1"),
@@ -172,6 +184,7 @@ class Sentinels:
             # master's INFO, which it reads every 10 s.
             f"sentinel known-replica errands 127.0.0.1 {self.replica}\n"
         )
+        require_free(self.sentinel)
         self.processes[self.sentinel] = subprocess.Popen(
             ["redis-server", str(config), "--sentinel"],
             stdout=subprocess.DEVNULL,
@@ -187,6 +200,7 @@ class Sentinels:
         return self
 
     def run(self, port: int, *extra: str) -> None:
+        require_free(port)
         self.processes[port] = subprocess.Popen(
             [
                 *("redis-server", "--port", str(port), "--bind", "127.0.0.1"),
