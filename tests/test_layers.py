@@ -29,6 +29,8 @@ LAYERS: list[set[str]] = [
         "backends.redis",
         "backends.postgres",
         "backends.outbox",
+        "backends.rabbitmq",
+        "backends.brokered",
         "backends",
     },
     {"jobs", "context", "logs"},
