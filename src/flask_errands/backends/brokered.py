@@ -98,11 +98,14 @@ class BrokeredBackend(Backend):
     def enqueue(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
         stored = self.store.enqueue(jobs)
         fresh = [record for record, job in zip(stored, jobs, strict=True) if record.id == job.id]
+        due = [message_of(r) for r in fresh if r.status == QUEUED]
         try:
-            self._publisher.publish([message_of(r) for r in fresh if r.status == QUEUED])
+            self._publisher.publish(due)
         except BackendUnavailable as exc:
             self._withdraw(fresh)
             raise EnqueueError(f"the job was not enqueued: {exc}") from exc
+        if due:
+            self._notify()  # this process's own workers need not wait for the delivery
         return stored
 
     def _withdraw(self, records: Sequence[JobRecord]) -> None:

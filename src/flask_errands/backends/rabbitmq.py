@@ -18,6 +18,7 @@ changes ``errands.``, for deployments that share a virtual host).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import queue
 import threading
@@ -68,6 +69,20 @@ def split_url(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=rest)), prefix
 
 
+def amqp_queue(prefix: str, queue: str) -> str:
+    """The RabbitMQ queue for the errands queue ``queue``; AMQP names end at 255 bytes.
+
+    A name too long is shortened to its start and a digest of the whole, the
+    same in every process.
+    """
+    full = prefix + queue
+    if len(full.encode()) <= 255:
+        return full
+    digest = hashlib.sha256(queue.encode()).hexdigest()[:32]
+    start = full.encode()[: 255 - 33].decode(errors="ignore")
+    return f"{start}~{digest}"
+
+
 def amqp_priority(priority: int) -> int:
     """An errands priority (any int, higher first) as a RabbitMQ one, 0 to :data:`MAX_PRIORITY`."""
     return max(0, min(MAX_PRIORITY, priority))
@@ -106,7 +121,7 @@ def _publish(
 ) -> None:
     """Publish ``(queue, job_id, priority)`` messages, persistent, declaring queues once."""
     for name, job_id, priority in messages:
-        full_name = prefix + name
+        full_name = amqp_queue(prefix, name)
         if full_name not in declared:
             _declare(channel, full_name)
             declared.add(full_name)
@@ -277,8 +292,9 @@ class Consumer:
     def _subscribe(self, channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
         epoch = self.epoch
         for name in sorted(self._queues - self._consuming):
-            _declare(channel, self.prefix + name)
-            channel.basic_consume(self.prefix + name, partial(self._deliver, name, epoch))
+            full_name = amqp_queue(self.prefix, name)
+            _declare(channel, full_name)
+            channel.basic_consume(full_name, partial(self._deliver, name, epoch))
             self._consuming.add(name)
 
     def _deliver(
