@@ -13,6 +13,7 @@ import functools
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -148,6 +149,17 @@ def backend_url(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[st
 def shared_backend_url(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[str]:
     """A fresh store that several processes can share (not memory://)."""
     yield from _url_fixture(request, tmp_path)
+
+
+def brokered_too(*, shared: bool = False) -> Any:
+    """A ``backend_url`` (or, ``shared``, ``shared_backend_url``) fixture that also runs
+    the stores with RabbitMQ as their transport; a module opts in by assigning it."""
+
+    @pytest.fixture(params=[*(SHARED_BACKENDS if shared else BACKENDS), *BROKERED])
+    def url(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[str]:
+        yield from _url_fixture(request, tmp_path)
+
+    return url
 
 
 @pytest.fixture

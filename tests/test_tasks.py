@@ -40,7 +40,11 @@ from flask_errands import (
 )
 from flask_errands.backends import JobRecord
 from flask_errands.scheduler import Scheduler
+from tests.conftest import brokered_too
 from tests.helpers import wait_until
+
+backend_url = brokered_too()
+shared_backend_url = brokered_too(shared=True)
 
 AppFactory = Callable[..., tuple[Flask, Errands]]
 UTC = dt.timezone.utc

@@ -16,7 +16,11 @@ import pytest
 from flask import Flask
 
 from flask_errands import Errands, JobFailed, JobStatus, current_job
+from tests.conftest import brokered_too
 from tests.helpers import wait_until
+
+backend_url = brokered_too()
+shared_backend_url = brokered_too(shared=True)
 
 AppFactory = Callable[..., tuple[Flask, Errands]]
 

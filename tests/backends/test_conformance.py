@@ -9,7 +9,6 @@ from __future__ import annotations
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,14 +17,10 @@ from flask_errands import DuplicateJob
 from flask_errands.backends import Backend, JobRecord
 from flask_errands.status import JobStatus
 from flask_errands.tasks import MAX_ETA, PRIORITY_RANGE
-from tests.conftest import BACKENDS, BROKERED
+from tests.conftest import brokered_too
 from tests.helpers import app_command
 
-
-@pytest.fixture(params=[*BACKENDS, *BROKERED])
-def backend_url(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[str]:
-    """Every store, and the shared ones with RabbitMQ as their transport."""
-    yield from {**BACKENDS, **BROKERED}[request.param](str(tmp_path))
+backend_url = brokered_too()
 
 T0 = 1_800_000_000.0
 LEASE = 30.0
