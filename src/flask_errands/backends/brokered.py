@@ -116,7 +116,9 @@ class BrokeredBackend(Backend):
                 self.store.cancel(record.id, now)
                 self.store.delete(record.id)
             except BackendUnavailable:
-                logger.warning("errands: could not withdraw job %s after a failed publish", record.id)
+                logger.warning(
+                    "errands: could not withdraw job %s after a failed publish", record.id
+                )
 
     def reserve(
         self,
@@ -214,7 +216,7 @@ class BrokeredBackend(Backend):
         )
 
     def _publish_quietly(self, records: Sequence[JobRecord], what: str) -> None:
-        """Publish jobs the store holds already; if RabbitMQ is away, workers find them by polling."""
+        """Publish jobs the store holds already; if RabbitMQ is away, workers poll for them."""
         try:
             self._publisher.publish([message_of(r) for r in records])
         except BackendUnavailable as exc:

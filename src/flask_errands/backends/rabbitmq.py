@@ -100,8 +100,10 @@ class Delivery:
 
 
 def _parameters(url: str) -> pika.URLParameters:
+    """pika's parameters for ``url``; a ``?heartbeat=`` in it wins over :data:`HEARTBEAT`."""
     params = pika.URLParameters(split_url(url)[0])
-    params.heartbeat = HEARTBEAT
+    if "heartbeat" not in dict(parse_qsl(urlsplit(url).query)):
+        params.heartbeat = HEARTBEAT
     params.socket_timeout = CONNECT_TIMEOUT
     params.stack_timeout = CONNECT_TIMEOUT
     params.blocked_connection_timeout = CONNECT_TIMEOUT
