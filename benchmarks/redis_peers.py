@@ -370,12 +370,18 @@ def rate(count: int, work: Callable[[], None]) -> float:
 
 
 @contextlib.contextmanager
-def workers(system: System, scratch: str) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Start the system's worker processes (each in its own session), and kill them after."""
+def workers(
+    system: System, scratch: str, script: str = __file__
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Start the system's worker processes (each in its own session), and kill them after.
+
+    Each runs ``script --serve NAME --redis BASE``: this file, or another benchmark
+    that reuses this harness with systems of its own.
+    """
     processes = []
     for n in range(system.workers()):
         log = open(os.path.join(scratch, f"{system.name}-{n}.log"), "wb")  # noqa: SIM115
-        command = [sys.executable, __file__, "--serve", system.name, "--redis", system.base]
+        command = [sys.executable, script, "--serve", system.name, "--redis", system.base]
         processes.append(subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True))
     try:
         yield processes
@@ -439,11 +445,19 @@ def latency(
     return cuts[49], cuts[98]
 
 
-def measure(name: str, base: str, args: argparse.Namespace, scratch: str) -> Row:
+def measure(
+    name: str,
+    base: str,
+    args: argparse.Namespace,
+    scratch: str,
+    systems: dict[str, type[System]] = SYSTEMS,
+    script: str = __file__,
+) -> Row:
+    """One round of every figure for system ``name`` of ``systems``, served by ``script``."""
     row = Row(name)
     system: System | None = None
     try:
-        system = SYSTEMS[name](base)
+        system = systems[name](base)
         row.version, row.settings = system.version(), system.settings
         system.empty()
         row.enqueue = rate(args.enqueue_jobs, system.enqueue)
@@ -455,7 +469,7 @@ def measure(name: str, base: str, args: argparse.Namespace, scratch: str) -> Row
                 row.batches[size] = rate(rounds, batch) * size
         system.empty()
         system.enqueue_batches(args.jobs, 500)
-        with workers(system, scratch) as processes:
+        with workers(system, scratch, script) as processes:
             row.drain = drain(system, args.jobs, processes)
             if args.latency_jobs:
                 row.p50, row.p99 = latency(system, args.latency_jobs, args.rate, processes)
