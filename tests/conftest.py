@@ -151,11 +151,17 @@ def shared_backend_url(request: pytest.FixtureRequest, tmp_path: object) -> Iter
     yield from _url_fixture(request, tmp_path)
 
 
-def brokered_too(*, shared: bool = False) -> Any:
+def brokered_too(*, shared: bool = False, slow: tuple[str, ...] = ()) -> Any:
     """A ``backend_url`` (or, ``shared``, ``shared_backend_url``) fixture that also runs
-    the stores with RabbitMQ as their transport; a module opts in by assigning it."""
+    the stores with RabbitMQ as their transport; a module opts in by assigning it.
 
-    @pytest.fixture(params=[*(SHARED_BACKENDS if shared else BACKENDS), *BROKERED])
+    The brokered backends named in ``slow`` run only with the slow tests (``-m slow``).
+    """
+    brokered = [
+        pytest.param(name, marks=pytest.mark.slow) if name in slow else name for name in BROKERED
+    ]
+
+    @pytest.fixture(params=[*(SHARED_BACKENDS if shared else BACKENDS), *brokered])
     def url(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[str]:
         yield from _url_fixture(request, tmp_path)
 
