@@ -31,6 +31,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pika
 import pika.exceptions
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from ..exceptions import BackendUnavailable
 from .urls import hide_password
@@ -49,7 +50,11 @@ MAX_RECONNECT_PAUSE = 5.0
 TICK = 0.05
 
 #: The errors of a connection or channel that is gone or refused, as pika raises them.
-LINK_ERRORS: tuple[type[BaseException], ...] = (pika.exceptions.AMQPError, OSError)
+LINK_ERRORS: tuple[type[BaseException], ...] = (
+    pika.exceptions.AMQPError,
+    AMQPConnectorException,  # a handshake that timed out or failed
+    OSError,
+)
 
 
 #: What the names of a deployment's RabbitMQ queues start with, unless the URL's ``?prefix=`` says.
@@ -284,6 +289,7 @@ class Consumer:
                 logger.exception("errands: RabbitMQ consumer error; reconnecting")
                 self.connected.clear()
                 self._on_lost()
+                down_since = down_since or time.monotonic()
                 self._stop.wait(1.0)
             finally:
                 if connection is not None:
