@@ -23,17 +23,20 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pika
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import redis_peers
 from redis_peers import (
     Row,
     System,
     _dramatiq_noop,
-    _noop,
     _stamp,
     figure,
     measure,
@@ -107,90 +110,33 @@ class Errands(System):
         self.context.pop()
 
 
-class Celery(System):
-    name = "celery"
+class Celery(redis_peers.Celery):
     settings = "prefork -c 2, RabbitMQ broker, Redis results, no gossip/mingle/heartbeat"
-    package = "celery"
 
-    def __init__(self, base: str) -> None:
-        super().__init__(base)
-        import celery
-
-        self.results = f"{base}/12"
-        self.app = celery.Celery(
-            "bench", broker=AMQP_URL, backend=self.results, set_as_current=False
-        )
-        self.app.conf.update(worker_hijack_root_logger=False, broker_connection_retry=True)
-        self.app.conf.broker_connection_retry_on_startup = True
-        self.noop = self.app.task(name="bench.noop")(_noop)
-        self.stamp = self.app.task(name="bench.stamp")(_stamp)
-
-    def enqueue(self) -> None:
-        self.noop.delay()
-
-    def enqueue_stamp(self, now: float) -> None:
-        self.stamp.delay(self.url, now)
-
-    def finished(self) -> int:
-        return int(redis.Redis.from_url(self.results).dbsize())
-
-    def serve(self) -> None:
-        self.app.worker_main(
-            [
-                *("worker", "-P", "prefork", "-c", "2", "-l", "WARNING"),
-                *("--without-gossip", "--without-mingle", "--without-heartbeat"),
-            ]
-        )
+    def broker_url(self) -> str:
+        return AMQP_URL
 
     def empty(self) -> None:
         super().empty()
-        redis.Redis.from_url(self.results).flushdb()
         purge(QUEUES[self.name])
-
-    def close(self) -> None:
-        self.app.close()
 
 
 COUNTER = "bench:dramatiq-done"
 
 
-class Dramatiq(System):
-    name = "dramatiq"
+class Dramatiq(redis_peers.Dramatiq):
     settings = "RabbitmqBroker, 2 processes x 8 threads, send() unconfirmed (its default)"
-    package = "dramatiq"
 
-    def __init__(self, base: str) -> None:
-        super().__init__(base)
-        import dramatiq
+    def make_broker(self) -> Any:
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-        self.dramatiq = dramatiq
-        self.broker = RabbitmqBroker(url=AMQP_URL)
-        dramatiq.set_broker(self.broker)
-        url = self.url
-        self.noop = dramatiq.actor(actor_name="bench_noop", max_retries=0)(lambda: _count(url))
-        self.stamp = dramatiq.actor(actor_name="bench_stamp", max_retries=0)(
-            lambda at: _stamp(url, at)
-        )
-        self.client = redis.Redis.from_url(self.url)
+        return RabbitmqBroker(url=AMQP_URL)
 
-    def enqueue(self) -> None:
-        self.noop.send()
-
-    def enqueue_stamp(self, now: float) -> None:
-        self.stamp.send(now)
+    def noop_body(self) -> Callable[[], None]:
+        return partial(_count, self.url)
 
     def finished(self) -> int:
         return int(self.client.get(COUNTER) or 0)
-
-    def workers(self) -> int:
-        return 2
-
-    def serve(self) -> None:
-        worker = self.dramatiq.Worker(self.broker, worker_threads=8)
-        worker.start()
-        while True:
-            time.sleep(3600)
 
     def empty(self) -> None:
         super().empty()

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -191,12 +192,19 @@ class Celery(System):
         import celery
 
         self.app = celery.Celery(
-            "bench", broker=self.url, backend=f"{base}/{CELERY_RESULTS_DB}", set_as_current=False
+            "bench",
+            broker=self.broker_url(),
+            backend=f"{base}/{CELERY_RESULTS_DB}",
+            set_as_current=False,
         )
         self.app.conf.update(worker_hijack_root_logger=False, broker_connection_retry=True)
         self.app.conf.broker_connection_retry_on_startup = True
         self.noop = self.app.task(name="bench.noop")(_noop)
         self.stamp = self.app.task(name="bench.stamp")(_stamp)
+
+    def broker_url(self) -> str:
+        """Where Celery's messages go: this Redis database (``rabbitmq_peers`` says RabbitMQ)."""
+        return self.url
 
     def enqueue(self) -> None:
         self.noop.delay()
@@ -268,18 +276,25 @@ class Dramatiq(System):
     def __init__(self, base: str) -> None:
         super().__init__(base)
         import dramatiq
-        from dramatiq.brokers.redis import RedisBroker
 
         self.dramatiq = dramatiq
-        self.broker = RedisBroker(url=self.url)
+        self.broker = self.make_broker()
         dramatiq.set_broker(self.broker)
-        self.noop = dramatiq.actor(actor_name="bench_noop", max_retries=0)(_dramatiq_noop)
+        self.noop = dramatiq.actor(actor_name="bench_noop", max_retries=0)(self.noop_body())
         url = self.url
         self.stamp = dramatiq.actor(actor_name="bench_stamp", max_retries=0)(
             lambda at: _stamp(url, at)
         )
         self.client = redis.Redis.from_url(self.url)
         self.total = 0
+
+    def make_broker(self) -> Any:
+        from dramatiq.brokers.redis import RedisBroker
+
+        return RedisBroker(url=self.url)
+
+    def noop_body(self) -> Callable[[], None]:
+        return _dramatiq_noop
 
     def enqueue(self) -> None:
         self.noop.send()
