@@ -22,7 +22,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -37,7 +36,6 @@ from redis_peers import (
     Row,
     System,
     _dramatiq_noop,
-    _stamp,
     figure,
     measure,
     median_row,
@@ -63,51 +61,16 @@ def purge(names: list[str]) -> None:
     connection.close()
 
 
-class Errands(System):
-    name = "flask-errands"
+class Errands(redis_peers.Errands):
     settings = "1 worker process, 4 threads; Redis store, RabbitMQ transport, confirmed"
-    package = "flask-errands"
+    has_batches = False
 
-    def __init__(self, base: str) -> None:
-        super().__init__(base)
-        from flask import Flask
-
-        from flask_errands import Errands as Extension
-
-        self.app = Flask("rabbitmq_peers", instance_path=tempfile.gettempdir())
-        self.app.config.update(
-            ERRANDS_URL=self.url + "?prefix=bench:",
-            ERRANDS_BROKER_URL=AMQP_URL + "?prefix=bench-errands.",
-        )
-        self.errands = Extension(self.app)
-        self.noop = self.errands.task(name="bench.noop")(lambda: None)
-        url = self.url
-        self.stamp = self.errands.task(name="bench.stamp")(lambda at: _stamp(url, at))
-        self.context = self.app.app_context()
-        self.context.push()
-
-    def enqueue(self) -> None:
-        self.noop.delay()
-
-    def enqueue_stamp(self, now: float) -> None:
-        self.stamp.delay(now)
-
-    def finished(self) -> int:
-        counts = self.errands.backend.counts()
-        return sum(n for (_, status), n in counts.items() if status == "succeeded")
-
-    def serve(self) -> None:
-        self.errands.start_worker()
-        while True:
-            time.sleep(3600)
+    def config(self) -> dict[str, Any]:
+        return {"ERRANDS_BROKER_URL": AMQP_URL + "?prefix=bench-errands."}
 
     def empty(self) -> None:
         super().empty()
         purge(QUEUES[self.name])
-
-    def close(self) -> None:
-        self.errands.backend.close()
-        self.context.pop()
 
 
 class Celery(redis_peers.Celery):

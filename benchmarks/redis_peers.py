@@ -139,13 +139,17 @@ class Errands(System):
         from flask_errands import Errands as Extension
 
         self.app = Flask("redis_peers", instance_path=tempfile.gettempdir())
-        self.app.config.update(ERRANDS_URL=self.url + "?prefix=bench:")
+        self.app.config.update(ERRANDS_URL=self.url + "?prefix=bench:", **self.config())
         self.errands = Extension(self.app)
         self.noop = self.errands.task(name="bench.noop")(lambda: None)
         url = self.url
         self.stamp = self.errands.task(name="bench.stamp")(lambda at: _stamp(url, at))
         self.context = self.app.app_context()
         self.context.push()
+
+    def config(self) -> dict[str, Any]:
+        """More of the app's config (``rabbitmq_peers`` adds its broker)."""
+        return {}
 
     def enqueue(self) -> None:
         self.noop.delay()
