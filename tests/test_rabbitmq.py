@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import collections
 import signal
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
 
 from flask_errands import EnqueueError, Errands, JobStatus
-from tests.conftest import BACKENDS, rabbitmq_url
+from flask_errands.backends import JobRecord, backend_from_url
+from flask_errands.backends.base import SCHEDULED
+from tests.conftest import BACKENDS, RABBITMQ_URL, rabbitmq_url
 from tests.helpers import free_port, wait_until
 from tests.processes import Served
 from tests.proxy import Proxy
@@ -243,3 +247,59 @@ def test_delay_with_the_broker_down_raises_enqueue_error_and_stores_nothing(
             noop.delay()
         assert errands.backend.list_jobs() == []
         assert errands.backend.counts() == {}
+
+
+def test_jobs_falling_due_are_published_once_however_many_workers_run(
+    store_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """Three workers' backends compete to lead; the jobs of a queue none of them consumes
+    show what the leader publishes: one message per job, not one per worker."""
+    import pika
+
+    from flask_errands.backends.rabbitmq import amqp_queue
+
+    broker = rabbitmq_url(prefix)
+    backends = [
+        backend_from_url(store_url, instance_path=str(tmp_path), options={"broker_url": broker})
+        for _ in range(3)
+    ]
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    channel = connection.channel()
+
+    def waiting_in_later() -> int:
+        name = amqp_queue(prefix, "later")
+        declared = channel.queue_declare(name, passive=True, durable=True)
+        return int(declared.method.message_count)
+
+    try:
+        for backend in backends:  # each starts consuming "default", as a worker does
+            backend.reserve(["default"], 1, "worker", 30.0, time.time())
+        now = time.time()
+        jobs = [
+            JobRecord(uuid.uuid4().hex, "t", "{}", queue="later", status=SCHEDULED, eta=now + 0.5)
+            for _ in range(5)
+        ]
+        backends[0].enqueue(jobs)
+        wait_until(lambda: _declared(channel, amqp_queue(prefix, "later")), "the leader")
+        wait_until(lambda: waiting_in_later() == 5, "the five jobs to be published")
+        time.sleep(1.0)  # five turns of the leader: none publishes them again
+        assert waiting_in_later() == 5
+    finally:
+        for backend in backends:
+            backend.close()
+        channel.queue_delete(amqp_queue(prefix, "later"))
+        channel.queue_delete(amqp_queue(prefix, "default"))
+        connection.close()
+
+
+def _declared(channel: Any, name: str) -> bool:
+    """Whether queue ``name`` exists (a passive declare of a missing one closes the channel)."""
+    import pika
+
+    probe = channel.connection.channel()
+    try:
+        probe.queue_declare(name, passive=True)
+    except pika.exceptions.ChannelClosedByBroker:
+        return False
+    probe.close()
+    return True
