@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -138,13 +139,17 @@ class Errands(System):
         from flask_errands import Errands as Extension
 
         self.app = Flask("redis_peers", instance_path=tempfile.gettempdir())
-        self.app.config.update(ERRANDS_URL=self.url + "?prefix=bench:")
+        self.app.config.update(ERRANDS_URL=self.url + "?prefix=bench:", **self.config())
         self.errands = Extension(self.app)
         self.noop = self.errands.task(name="bench.noop")(lambda: None)
         url = self.url
         self.stamp = self.errands.task(name="bench.stamp")(lambda at: _stamp(url, at))
         self.context = self.app.app_context()
         self.context.push()
+
+    def config(self) -> dict[str, Any]:
+        """More of the app's config (``rabbitmq_peers`` adds its broker)."""
+        return {}
 
     def enqueue(self) -> None:
         self.noop.delay()
@@ -191,12 +196,19 @@ class Celery(System):
         import celery
 
         self.app = celery.Celery(
-            "bench", broker=self.url, backend=f"{base}/{CELERY_RESULTS_DB}", set_as_current=False
+            "bench",
+            broker=self.broker_url(),
+            backend=f"{base}/{CELERY_RESULTS_DB}",
+            set_as_current=False,
         )
         self.app.conf.update(worker_hijack_root_logger=False, broker_connection_retry=True)
         self.app.conf.broker_connection_retry_on_startup = True
         self.noop = self.app.task(name="bench.noop")(_noop)
         self.stamp = self.app.task(name="bench.stamp")(_stamp)
+
+    def broker_url(self) -> str:
+        """Where Celery's messages go: this Redis database (``rabbitmq_peers`` says RabbitMQ)."""
+        return self.url
 
     def enqueue(self) -> None:
         self.noop.delay()
@@ -268,18 +280,25 @@ class Dramatiq(System):
     def __init__(self, base: str) -> None:
         super().__init__(base)
         import dramatiq
-        from dramatiq.brokers.redis import RedisBroker
 
         self.dramatiq = dramatiq
-        self.broker = RedisBroker(url=self.url)
+        self.broker = self.make_broker()
         dramatiq.set_broker(self.broker)
-        self.noop = dramatiq.actor(actor_name="bench_noop", max_retries=0)(_dramatiq_noop)
+        self.noop = dramatiq.actor(actor_name="bench_noop", max_retries=0)(self.noop_body())
         url = self.url
         self.stamp = dramatiq.actor(actor_name="bench_stamp", max_retries=0)(
             lambda at: _stamp(url, at)
         )
         self.client = redis.Redis.from_url(self.url)
         self.total = 0
+
+    def make_broker(self) -> Any:
+        from dramatiq.brokers.redis import RedisBroker
+
+        return RedisBroker(url=self.url)
+
+    def noop_body(self) -> Callable[[], None]:
+        return _dramatiq_noop
 
     def enqueue(self) -> None:
         self.noop.send()
@@ -370,12 +389,18 @@ def rate(count: int, work: Callable[[], None]) -> float:
 
 
 @contextlib.contextmanager
-def workers(system: System, scratch: str) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Start the system's worker processes (each in its own session), and kill them after."""
+def workers(
+    system: System, scratch: str, script: str = __file__
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Start the system's worker processes (each in its own session), and kill them after.
+
+    Each runs ``script --serve NAME --redis BASE``: this file, or another benchmark
+    that reuses this harness with systems of its own.
+    """
     processes = []
     for n in range(system.workers()):
         log = open(os.path.join(scratch, f"{system.name}-{n}.log"), "wb")  # noqa: SIM115
-        command = [sys.executable, __file__, "--serve", system.name, "--redis", system.base]
+        command = [sys.executable, script, "--serve", system.name, "--redis", system.base]
         processes.append(subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True))
     try:
         yield processes
@@ -439,11 +464,19 @@ def latency(
     return cuts[49], cuts[98]
 
 
-def measure(name: str, base: str, args: argparse.Namespace, scratch: str) -> Row:
+def measure(
+    name: str,
+    base: str,
+    args: argparse.Namespace,
+    scratch: str,
+    systems: dict[str, type[System]] = SYSTEMS,
+    script: str = __file__,
+) -> Row:
+    """One round of every figure for system ``name`` of ``systems``, served by ``script``."""
     row = Row(name)
     system: System | None = None
     try:
-        system = SYSTEMS[name](base)
+        system = systems[name](base)
         row.version, row.settings = system.version(), system.settings
         system.empty()
         row.enqueue = rate(args.enqueue_jobs, system.enqueue)
@@ -455,7 +488,7 @@ def measure(name: str, base: str, args: argparse.Namespace, scratch: str) -> Row
                 row.batches[size] = rate(rounds, batch) * size
         system.empty()
         system.enqueue_batches(args.jobs, 500)
-        with workers(system, scratch) as processes:
+        with workers(system, scratch, script) as processes:
             row.drain = drain(system, args.jobs, processes)
             if args.latency_jobs:
                 row.p50, row.p99 = latency(system, args.latency_jobs, args.rate, processes)

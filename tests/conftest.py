@@ -12,7 +12,8 @@ import contextlib
 import functools
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -25,6 +26,10 @@ from tests.helpers import create_database, require, unavailable
 REDIS_URL = os.environ.get("ERRANDS_TEST_REDIS", "redis://127.0.0.1:6379/0")
 CLUSTER_PORT = 7100
 POSTGRES_URL = os.environ.get("ERRANDS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+RABBITMQ_URL = os.environ.get("ERRANDS_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+#: The RabbitMQ URL to pair with a store URL a brokered backend fixture made, by store URL.
+BROKERS: dict[str, str] = {}
 
 
 def _memory(tmp_path: str) -> Iterator[str]:
@@ -104,6 +109,48 @@ def _postgres(tmp_path: str) -> Iterator[str]:
     admin.close()
 
 
+def rabbitmq_url(prefix: str) -> str:
+    """The test broker's URL with its own queue ``prefix``; skips if RabbitMQ is not there."""
+    pika = require("pika")
+    try:
+        pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL)).close()
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        unavailable(f"no RabbitMQ at {RABBITMQ_URL}: {exc!r}")
+    separator = "&" if "?" in RABBITMQ_URL else "?"
+    return f"{RABBITMQ_URL}{separator}prefix={prefix}"
+
+
+def _brokered(store: Callable[[str], Iterator[str]]) -> Callable[[str], Iterator[str]]:
+    """A store fixture whose URL is paired with RabbitMQ, under queues of the test's own."""
+
+    def fixture(tmp_path: str) -> Iterator[str]:
+        prefix = f"errands-test-{uuid.uuid4().hex[:8]}."
+        broker = rabbitmq_url(prefix)
+        for url in store(tmp_path):
+            BROKERS[url] = broker
+            yield url
+            del BROKERS[url]
+            _delete_queues(url, prefix, tmp_path)
+
+    return fixture
+
+
+def _delete_queues(url: str, prefix: str, tmp_path: str) -> None:
+    """Delete the test's RabbitMQ queues: those its store has jobs in, and ``default``."""
+    pika = require("pika")
+    from flask_errands.backends.rabbitmq import amqp_queue
+
+    store = backend_from_url(url, instance_path=tmp_path)
+    names = {"default"} | {queue for queue, _ in store.counts()}
+    store.close()
+    with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+        connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+        channel = connection.channel()
+        for name in names:
+            channel.queue_delete(amqp_queue(prefix, name))
+        connection.close()
+
+
 #: Every backend the suite knows, by name; a backend joins the conformance suite here.
 BACKENDS: dict[str, Callable[[str], Iterator[str]]] = {
     "memory": _memory,
@@ -118,12 +165,18 @@ BACKENDS: dict[str, Callable[[str], Iterator[str]]] = {
 #: widens the fixtures there) and its failover test, not every feature's tests again.
 SUITE_BACKENDS = [name for name in BACKENDS if name != "redis-cluster"]
 
+#: Stores with RabbitMQ as their transport (ERRANDS_BROKER_URL), for the suites that run them.
+BROKERED: dict[str, Callable[[str], Iterator[str]]] = {
+    "rabbitmq+postgres": _brokered(_postgres),
+    "rabbitmq+redis": _brokered(_redis),
+}
+
 #: Backends whose store outlives a process, for the crash and multi-process tests.
 SHARED_BACKENDS = [name for name in SUITE_BACKENDS if name != "memory"]
 
 
 def _url_fixture(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[str]:
-    yield from BACKENDS[request.param](str(tmp_path))
+    yield from {**BACKENDS, **BROKERED}[request.param](str(tmp_path))
 
 
 @pytest.fixture(params=SUITE_BACKENDS)
@@ -138,6 +191,28 @@ def shared_backend_url(request: pytest.FixtureRequest, tmp_path: object) -> Iter
     yield from _url_fixture(request, tmp_path)
 
 
+def brokered_too(
+    *, shared: bool = False, slow: tuple[str, ...] = (), stores: Sequence[str] = SUITE_BACKENDS
+) -> Any:
+    """A ``backend_url`` (or, ``shared``, ``shared_backend_url``) fixture that also runs
+    the stores with RabbitMQ as their transport; a module opts in by assigning it.
+
+    ``stores`` are the plain stores it runs on; the brokered backends named in ``slow``
+    run only with the slow tests (``-m slow``).
+    """
+    brokered = [
+        pytest.param(name, marks=pytest.mark.slow) if name in slow else name for name in BROKERED
+    ]
+
+    plain = [name for name in stores if not shared or name != "memory"]
+
+    @pytest.fixture(params=[*plain, *brokered])
+    def url(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[str]:
+        yield from _url_fixture(request, tmp_path)
+
+    return url
+
+
 @pytest.fixture
 def sqlite_url(tmp_path: object) -> str:
     """A SQLite store in the test's folder, for tests that run real worker processes on it."""
@@ -146,7 +221,8 @@ def sqlite_url(tmp_path: object) -> str:
 
 @pytest.fixture
 def backend(backend_url: str, tmp_path: object) -> Iterator[Backend]:
-    store = backend_from_url(backend_url, instance_path=str(tmp_path))
+    options = {"broker_url": BROKERS.get(backend_url)}
+    store = backend_from_url(backend_url, instance_path=str(tmp_path), options=options)
     yield store
     store.close()
 
@@ -169,6 +245,8 @@ def make_app(
         app = Flask("errands_test_app", instance_path=str(tmp_path))
         app.config.update(ERRANDS_URL="memory://", ERRANDS_LEASE_SECONDS=30)
         app.config.update(config)
+        if app.config["ERRANDS_URL"] in BROKERS:
+            app.config.setdefault("ERRANDS_BROKER_URL", BROKERS[app.config["ERRANDS_URL"]])
         errands = Errands(app)
         made.append((app, errands))
         return app, errands

@@ -31,6 +31,8 @@ LAYERS: list[set[str]] = [
         "backends.redis_sentinel",
         "backends.postgres",
         "backends.outbox",
+        "backends.rabbitmq",
+        "backends.brokered",
         "backends",
     },
     {"jobs", "context", "logs"},

@@ -40,7 +40,13 @@ from flask_errands import (
 )
 from flask_errands.backends import JobRecord
 from flask_errands.scheduler import Scheduler
+from tests.conftest import brokered_too
 from tests.helpers import wait_until
+
+# RabbitMQ with PostgreSQL as the store runs here with the slow tests only: the
+# conformance suite and tests/test_rabbitmq.py cover that pair in the default run.
+backend_url = brokered_too(slow=("rabbitmq+postgres",))
+shared_backend_url = brokered_too(shared=True, slow=("rabbitmq+postgres",))
 
 AppFactory = Callable[..., tuple[Flask, Errands]]
 UTC = dt.timezone.utc

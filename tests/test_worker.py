@@ -16,7 +16,13 @@ import pytest
 from flask import Flask
 
 from flask_errands import Errands, JobFailed, JobStatus, current_job
+from tests.conftest import brokered_too
 from tests.helpers import wait_until
+
+# RabbitMQ with PostgreSQL as the store runs here with the slow tests only: the
+# conformance suite and tests/test_rabbitmq.py cover that pair in the default run.
+backend_url = brokered_too(slow=("rabbitmq+postgres",))
+shared_backend_url = brokered_too(shared=True, slow=("rabbitmq+postgres",))
 
 AppFactory = Callable[..., tuple[Flask, Errands]]
 

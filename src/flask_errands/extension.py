@@ -63,6 +63,7 @@ class Errands:
             options = {
                 "prefix": app.config["ERRANDS_REDIS_PREFIX"],
                 "result_ttl": settings.result_ttl,
+                "broker_url": settings.broker_url,
             }
             backend = backend_from_url(
                 settings.url, instance_path=app.instance_path, options=options

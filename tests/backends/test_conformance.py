@@ -17,7 +17,10 @@ from flask_errands import DuplicateJob
 from flask_errands.backends import Backend, JobRecord
 from flask_errands.status import JobStatus
 from flask_errands.tasks import MAX_ETA, PRIORITY_RANGE
+from tests.conftest import BACKENDS, brokered_too
 from tests.helpers import app_command
+
+backend_url = brokered_too(stores=list(BACKENDS))
 
 T0 = 1_800_000_000.0
 LEASE = 30.0

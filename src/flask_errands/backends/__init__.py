@@ -25,6 +25,9 @@ def backend_from_url(
     listing those it does, so a typo (``?prefx=``) is not silently ignored.
     """
     options = options or {}
+    broker_url = options.get("broker_url")
+    if broker_url:
+        return _brokered(url, broker_url, instance_path, options)
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         from .memory import MemoryBackend
@@ -95,6 +98,31 @@ def backend_from_url(
         "sqlite:///path, redis://host, redis+cluster://host:port,host:port, "
         "redis+sentinel://host:port/name or postgresql://host/db"
     )
+
+
+def _brokered(
+    url: str, broker_url: str, instance_path: str, options: Mapping[str, Any]
+) -> Backend:
+    """The store ``url`` names, with RabbitMQ at ``broker_url`` carrying its jobs."""
+    if urlsplit(broker_url).scheme not in ("amqp", "amqps"):
+        raise ConfigurationError(
+            f"ERRANDS_BROKER_URL {hide_password(broker_url)!r} is not a RabbitMQ URL; "
+            "use amqp://user:password@host:5672/vhost"
+        )
+    if urlsplit(url).scheme == "memory":
+        raise ConfigurationError(
+            "ERRANDS_BROKER_URL needs a store every worker shares: set ERRANDS_URL to "
+            "postgresql://, redis:// or sqlite:///, not memory://"
+        )
+    try:
+        from .brokered import BrokeredBackend  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise _missing("rabbitmq", exc) from exc
+    store = backend_from_url(
+        url, instance_path=instance_path, options={**options, "broker_url": None}
+    )
+    backend: Backend = BrokeredBackend(store, broker_url)
+    return backend
 
 
 def check_query(url: str, known: Collection[str]) -> None:

@@ -1,0 +1,373 @@
+"""RabbitMQ as the transport: durable priority queues, confirmed publishes, a consumer thread.
+
+Built on pika. Each thread that publishes (``.delay()`` in a web request, a
+worker's retry) has its own ``BlockingConnection`` with publisher confirms, so
+a publish returns only once RabbitMQ has the message on disk, and no lock
+serialises the threads of a web server. Consuming happens on one thread of
+its own, which owns its connection: it takes deliveries, applies acks asked
+for by other threads, and reconnects by itself with a growing pause after a
+broker restart or a cut connection (heartbeats find a silent one).
+
+Queues are classic durable queues with ``x-max-priority``: quorum queues only
+know two priorities (normal and high), and errands tasks have many. A message
+says which job it is for (its id as body); the store holds everything else.
+A queue ``emails`` is RabbitMQ's ``errands.emails`` (the URL's ``?prefix=``
+changes ``errands.``, for deployments that share a virtual host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import pika
+import pika.exceptions
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
+
+from ..exceptions import BackendUnavailable
+from .urls import hide_password
+
+logger = logging.getLogger("flask_errands")
+
+#: The highest RabbitMQ priority; errands priorities above it are delivered as this one.
+MAX_PRIORITY = 9
+#: Heartbeats of the consumer's and publishers' connections: a silent link is found in ~2x.
+HEARTBEAT = 5
+#: How long connecting (TCP, AMQP handshake) may take before a publish gives up.
+CONNECT_TIMEOUT = 5.0
+#: The longest pause between two tries at reconnecting the consumer.
+MAX_RECONNECT_PAUSE = 5.0
+#: How often the consumer thread looks up from the socket for acks and chores.
+TICK = 0.05
+
+#: The errors of a connection or channel that is gone or refused, as pika raises them.
+LINK_ERRORS: tuple[type[BaseException], ...] = (
+    pika.exceptions.AMQPError,
+    AMQPConnectorException,  # a handshake that timed out or failed
+    OSError,
+)
+
+
+#: What the names of a deployment's RabbitMQ queues start with, unless the URL's ``?prefix=`` says.
+DEFAULT_PREFIX = "errands."
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``url`` without its ``prefix`` query parameter (pika's own are kept), and that prefix.
+
+    Deployments that share a virtual host keep apart by their prefixes: each has
+    its own queues and its own leader.
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = next((value for key, value in query if key == "prefix"), DEFAULT_PREFIX)
+    rest = urlencode([(key, value) for key, value in query if key != "prefix"])
+    return urlunsplit(parts._replace(query=rest)), prefix
+
+
+def amqp_queue(prefix: str, queue: str) -> str:
+    """The RabbitMQ queue for the errands queue ``queue``; AMQP names end at 255 bytes.
+
+    A name too long is shortened to its start and a digest of the whole, the
+    same in every process.
+    """
+    full = prefix + queue
+    if len(full.encode()) <= 255:
+        return full
+    digest = hashlib.sha256(queue.encode()).hexdigest()[:32]
+    start = full.encode()[: 255 - 33].decode(errors="ignore")
+    return f"{start}~{digest}"
+
+
+def amqp_priority(priority: int) -> int:
+    """An errands priority (any int, higher first) as a RabbitMQ one, 0 to :data:`MAX_PRIORITY`."""
+    return max(0, min(MAX_PRIORITY, priority))
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A message for ``job_id`` taken from ``queue`` by the consumer's connection ``epoch``."""
+
+    job_id: str
+    queue: str
+    tag: int
+    epoch: int
+    redelivered: bool
+
+
+def _parameters(url: str) -> pika.URLParameters:
+    """pika's parameters for ``url``; a ``?heartbeat=`` in it wins over :data:`HEARTBEAT`."""
+    params = pika.URLParameters(split_url(url)[0])
+    if "heartbeat" not in dict(parse_qsl(urlsplit(url).query)):
+        params.heartbeat = HEARTBEAT
+    params.socket_timeout = CONNECT_TIMEOUT
+    params.stack_timeout = CONNECT_TIMEOUT
+    params.blocked_connection_timeout = CONNECT_TIMEOUT
+    params.connection_attempts = 1
+    return params
+
+
+def _declare(channel: pika.adapters.blocking_connection.BlockingChannel, full_name: str) -> None:
+    channel.queue_declare(full_name, durable=True, arguments={"x-max-priority": MAX_PRIORITY})
+
+
+def _publish(
+    channel: pika.adapters.blocking_connection.BlockingChannel,
+    declared: set[str],
+    prefix: str,
+    messages: Sequence[tuple[str, str, int]],
+) -> None:
+    """Publish ``(queue, job_id, priority)`` messages, persistent, declaring queues once."""
+    for name, job_id, priority in messages:
+        full_name = amqp_queue(prefix, name)
+        if full_name not in declared:
+            _declare(channel, full_name)
+            declared.add(full_name)
+        channel.basic_publish(
+            "",
+            full_name,
+            job_id.encode(),
+            pika.BasicProperties(
+                delivery_mode=pika.DeliveryMode.Persistent, priority=amqp_priority(priority)
+            ),
+        )
+
+
+class Publisher:
+    """Confirmed publishes, over one connection per thread (pika connections are not shared)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.prefix = split_url(url)[1]
+        self._params = _parameters(url)
+        self._local = threading.local()
+        self._all: list[pika.BlockingConnection] = []
+        self._lock = threading.Lock()
+
+    def publish(self, messages: Sequence[tuple[str, str, int]]) -> None:
+        """Publish ``(queue, job_id, priority)`` messages, persistent, each confirmed.
+
+        A connection found dead is replaced and the publish tried once more;
+        raises :class:`BackendUnavailable` if RabbitMQ cannot be reached or refuses.
+        """
+        if not messages:
+            return
+        for attempt in (1, 2):
+            fresh = getattr(self._local, "channel", None) is None
+            try:
+                _publish(self._channel(), self._local.declared, self.prefix, messages)
+                return
+            except LINK_ERRORS as exc:
+                self._drop()
+                if fresh or attempt == 2:
+                    raise BackendUnavailable(
+                        f"RabbitMQ at {hide_password(self.url)} did not take the message: "
+                        f"{type(exc).__name__} {exc}".strip()
+                    ) from exc
+
+    def _channel(self) -> pika.adapters.blocking_connection.BlockingChannel:
+        channel = getattr(self._local, "channel", None)
+        if channel is None or channel.is_closed:
+            connection = pika.BlockingConnection(self._params)
+            channel = connection.channel()
+            channel.confirm_delivery()
+            self._local.channel, self._local.declared = channel, set()
+            with self._lock:
+                self._all.append(connection)
+        return channel
+
+    def _drop(self) -> None:
+        channel = getattr(self._local, "channel", None)
+        self._local.channel = None
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                channel.connection.close()
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._all = self._all, []
+        for connection in connections:
+            with contextlib.suppress(Exception):
+                if connection.is_open:
+                    connection.close()
+
+
+class Consumer:
+    """One thread that keeps a consuming connection up and hands deliveries to ``on_delivery``.
+
+    Acks and rejections asked for from other threads (:meth:`ack`, :meth:`requeue`)
+    are applied on the consumer's thread. A delivery of an earlier connection
+    (``epoch``) cannot be acked any more: RabbitMQ has requeued it already.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        prefetch: int,
+        on_delivery: Callable[[Delivery], None],
+        on_lost: Callable[[], None],
+        chore: Callable[[Publisher | None], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.prefix = split_url(url)[1]
+        self.prefetch = max(1, prefetch)
+        self.epoch = 0
+        self._params = _parameters(url)
+        self._on_delivery = on_delivery
+        self._on_lost = on_lost
+        self._chore = chore
+        self._queues: set[str] = set()
+        self._consuming: set[str] = set()
+        self._replies: queue.SimpleQueue[tuple[int, int, bool]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="errands-rabbitmq", daemon=True)
+        self.connected = threading.Event()
+
+    def start(self, queues: Iterable[str]) -> Consumer:
+        self._queues.update(queues)
+        self._thread.start()
+        return self
+
+    def add_queues(self, queues: Iterable[str]) -> None:
+        """Consume from these queues too, from the next turn of the consumer's loop."""
+        self._queues.update(queues)
+
+    def ack(self, delivery: Delivery) -> None:
+        self._replies.put((delivery.epoch, delivery.tag, True))
+
+    def requeue(self, delivery: Delivery) -> None:
+        self._replies.put((delivery.epoch, delivery.tag, False))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        pause, down_since = 0.2, None
+        while not self._stop.is_set():
+            connection = None
+            try:
+                connection = pika.BlockingConnection(self._params)
+                self.epoch += 1
+                self._consuming = set()
+                channel = connection.channel()
+                channel.basic_qos(prefetch_count=self.prefetch)
+                leader = _Leader(connection, self.prefix)
+                self.connected.set()
+                if down_since is not None:
+                    logger.warning("errands: RabbitMQ at %s is back", hide_password(self.url))
+                pause, down_since = 0.2, None
+                while not self._stop.is_set():
+                    self._subscribe(channel)
+                    connection.process_data_events(time_limit=TICK)
+                    self._reply(channel)
+                    if self._chore is not None:
+                        self._chore(leader.publisher())
+            except LINK_ERRORS as exc:
+                self.connected.clear()
+                self._on_lost()
+                if down_since is None:
+                    down_since = time.monotonic()
+                    logger.warning(
+                        "errands: lost RabbitMQ at %s (%s); reconnecting",
+                        hide_password(self.url),
+                        f"{type(exc).__name__} {exc}".strip(),
+                    )
+                self._stop.wait(pause)
+                pause = min(pause * 2, MAX_RECONNECT_PAUSE)
+            except Exception:
+                logger.exception("errands: RabbitMQ consumer error; reconnecting")
+                self.connected.clear()
+                self._on_lost()
+                down_since = down_since or time.monotonic()
+                self._stop.wait(1.0)
+            finally:
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        if connection.is_open:
+                            connection.close()
+
+    def _subscribe(self, channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
+        epoch = self.epoch
+        for name in sorted(self._queues - self._consuming):
+            full_name = amqp_queue(self.prefix, name)
+            _declare(channel, full_name)
+            channel.basic_consume(full_name, partial(self._deliver, name, epoch))
+            self._consuming.add(name)
+
+    def _deliver(
+        self, name: str, epoch: int, _channel: object, method: Any, _props: object, body: bytes
+    ) -> None:
+        delivery = Delivery(body.decode(), name, method.delivery_tag, epoch, method.redelivered)
+        self._on_delivery(delivery)
+
+    def _reply(self, channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
+        while True:
+            try:
+                epoch, tag, ack = self._replies.get_nowait()
+            except queue.Empty:
+                return
+            if epoch != self.epoch:
+                continue
+            if ack:
+                channel.basic_ack(tag)
+            else:
+                channel.basic_nack(tag, requeue=True)
+
+
+class _Leader:
+    """Leadership of a deployment's chores, held as an exclusive queue on one connection.
+
+    Only one connection at a time may hold ``<prefix>~leader``: the first to declare
+    it publishes jobs as they fall due, and when its process dies RabbitMQ drops
+    the queue, so the next worker to try takes over.
+    """
+
+    RETRY = 2.0
+
+    def __init__(self, connection: pika.BlockingConnection, prefix: str) -> None:
+        self._connection = connection
+        self._prefix = prefix
+        self._channel: pika.adapters.blocking_connection.BlockingChannel | None = None
+        self._next_try = 0.0
+        self._publisher: _ChannelPublisher | None = None
+
+    def publisher(self) -> Publisher | None:
+        """A publisher on this connection if it leads, else None (trying again now and then)."""
+        if self._publisher is not None:
+            return self._publisher  # type: ignore[return-value]
+        if time.monotonic() < self._next_try:
+            return None
+        self._next_try = time.monotonic() + self.RETRY
+        channel = self._connection.channel()
+        try:
+            channel.queue_declare(self._prefix + "~leader", exclusive=True, auto_delete=True)
+        except pika.exceptions.ChannelClosedByBroker:
+            return None  # RESOURCE_LOCKED: another connection leads
+        channel.confirm_delivery()
+        self._publisher = _ChannelPublisher(channel, self._prefix)
+        return self._publisher  # type: ignore[return-value]
+
+
+class _ChannelPublisher:
+    """Confirmed publishes on the leader's own channel, in the consumer's thread."""
+
+    def __init__(
+        self, channel: pika.adapters.blocking_connection.BlockingChannel, prefix: str
+    ) -> None:
+        self._channel = channel
+        self._prefix = prefix
+        self._declared: set[str] = set()
+
+    def publish(self, messages: Sequence[tuple[str, str, int]]) -> None:
+        _publish(self._channel, self._declared, self._prefix, messages)
