@@ -265,22 +265,67 @@ DROP INDEX IF EXISTS errands_jobs_listing
 -- name: migrate_hot_page_index
 CREATE INDEX IF NOT EXISTS errands_jobs_pages ON errands_jobs (status, queue, task, seq)
 
+-- name: migrate_timings_trace
+-- Version 7: figures for metrics, kept in the statements that store, claim and end jobs (as
+-- the per-minute counts are): jobs enqueued per queue and task, and histograms of attempts'
+-- durations and jobs' waits (due to start) in the buckets of base.TIMING_BOUNDS, never
+-- decreased. And the traceparent of the span that enqueued a job. Names without a number:
+-- the step can be renumbered as it is.
+ALTER TABLE errands_jobs ADD COLUMN IF NOT EXISTS trace text
+
+-- name: migrate_timings_enqueued
+-- Rows only ever inserted, no key, so an enqueue in an app's open transaction locks nothing
+-- another enqueue waits for; sample_depth and prune fold them into one row per queue and task.
+CREATE TABLE IF NOT EXISTS errands_enqueued_counts (
+    queue text NOT NULL,
+    task text NOT NULL,
+    n bigint NOT NULL
+)
+
+-- name: migrate_timings_table
+-- One row per timing, queue, task, bucket (an index into base.TIMING_BOUNDS, its length for
+-- +Inf) and shard (by server process, as errands_finished_counts): values in it, their sum.
+CREATE TABLE IF NOT EXISTS errands_timings (
+    timing text NOT NULL,
+    queue text NOT NULL,
+    task text NOT NULL,
+    bucket smallint NOT NULL,
+    shard smallint NOT NULL,
+    n bigint NOT NULL,
+    total double precision NOT NULL,
+    PRIMARY KEY (timing, queue, task, bucket, shard)
+)
+
+-- name: migrate_timings_bucket
+-- The bucket of a time in seconds, as base.bucket_of.
+CREATE OR REPLACE FUNCTION errands_bucket(seconds double precision) RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+SELECT (CASE WHEN seconds <= 0.005 THEN 0 WHEN seconds <= 0.01 THEN 1
+    WHEN seconds <= 0.025 THEN 2 WHEN seconds <= 0.05 THEN 3 WHEN seconds <= 0.1 THEN 4
+    WHEN seconds <= 0.25 THEN 5 WHEN seconds <= 0.5 THEN 6 WHEN seconds <= 1 THEN 7
+    WHEN seconds <= 2.5 THEN 8 WHEN seconds <= 5 THEN 9 WHEN seconds <= 10 THEN 10
+    WHEN seconds <= 30 THEN 11 WHEN seconds <= 60 THEN 12 WHEN seconds <= 120 THEN 13
+    WHEN seconds <= 300 THEN 14 ELSE 15 END)::smallint
+$$
+
 -- name: insert_job
 -- {jobs} is the table, qualified with the store's schema when written through an app's
 -- connection, whose search_path may differ.
 WITH inserted AS (
     INSERT INTO {jobs} (
         id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, unique_key, eta, enqueued_at, flow, blocked_by
+        timeout, unique_key, eta, enqueued_at, flow, blocked_by, trace
     ) VALUES (
         %(id)s, %(task)s, %(payload)s, %(queue)s, %(priority)s, %(status)s, %(attempts)s,
         %(max_attempts)s, %(retry_delay)s, %(timeout)s, %(unique_key)s, %(eta)s, %(enqueued_at)s,
-        %(flow)s, %(blocked_by)s
+        %(flow)s, %(blocked_by)s, %(trace)s
     )
     ON CONFLICT (unique_key)
         WHERE unique_key IS NOT NULL AND status IN ('queued', 'scheduled', 'running')
         DO NOTHING
-    RETURNING id
+    RETURNING id, queue, task
+), counted AS (
+    INSERT INTO {enqueued} (queue, task, n) SELECT queue, task, 1 FROM inserted
 )
 SELECT id, pg_notify(%(channel)s, '') FROM inserted
 
@@ -290,21 +335,25 @@ SELECT id, pg_notify(%(channel)s, '') FROM inserted
 WITH inserted AS (
     INSERT INTO {jobs} (
         id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, unique_key, eta, enqueued_at, flow, blocked_by
+        timeout, unique_key, eta, enqueued_at, flow, blocked_by, trace
     )
     SELECT id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, NULL, eta, enqueued_at, flow, blocked_by
+        timeout, NULL, eta, enqueued_at, flow, blocked_by, trace
     FROM unnest(
         %(id)s::text[], %(task)s::text[], %(payload)s::text[], %(queue)s::text[],
         %(priority)s::integer[], %(status)s::text[], %(attempts)s::integer[],
         %(max_attempts)s::integer[], %(retry_delay)s::float8[], %(timeout)s::float8[],
-        %(eta)s::float8[], %(enqueued_at)s::float8[], %(flow)s::text[], %(blocked_by)s::integer[]
+        %(eta)s::float8[], %(enqueued_at)s::float8[], %(flow)s::text[], %(blocked_by)s::integer[],
+        %(trace)s::text[]
     ) WITH ORDINALITY AS batch (
         id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, eta, enqueued_at, flow, blocked_by, position
+        timeout, eta, enqueued_at, flow, blocked_by, trace, position
     )
     ORDER BY position
-    RETURNING 1
+    RETURNING queue, task
+), counted AS (
+    INSERT INTO {enqueued} (queue, task, n)
+    SELECT queue, task, count(*) FROM inserted GROUP BY queue, task
 )
 SELECT pg_notify(%(channel)s, '') WHERE EXISTS (SELECT FROM inserted)
 
@@ -361,6 +410,20 @@ RETURNING j.*
     SELECT floor(%(now)s / 60)::bigint, queue, task, 'failed', pg_backend_pid() %% 8, count(*)
     FROM updated WHERE status = 'failed' GROUP BY queue, task
     ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + excluded.n
+), timed AS (
+    -- The waits of the jobs claimed from their queues, the durations of those given up.
+    INSERT INTO errands_timings AS t (timing, queue, task, bucket, shard, n, total)
+    SELECT timing, queue, task, errands_bucket(s), pg_backend_pid() %% 8, count(*), sum(s)
+    FROM (
+        SELECT 'wait' AS timing, u.queue, u.task, greatest(%(now)s - u.eta, 0) AS s
+        FROM updated AS u JOIN due ON u.seq = due.seq
+        UNION ALL
+        SELECT 'duration', queue, task, greatest(%(now)s - started_at, 0)
+        FROM updated WHERE status = 'failed'
+    ) AS measured
+    GROUP BY timing, queue, task, errands_bucket(s)
+    ON CONFLICT (timing, queue, task, bucket, shard) DO UPDATE
+    SET n = t.n + excluded.n, total = t.total + excluded.total
 )
 SELECT * FROM updated
 UNION ALL
@@ -384,7 +447,7 @@ WITH finished AS (
         finished_at = CASE WHEN %(status)s = 'scheduled' THEN NULL ELSE %(now)s END,
         lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
     WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s AND flow IS NULL
-    RETURNING status, queue, task
+    RETURNING status, queue, task, started_at
 ), counted AS (
     -- The attempt's end, counted in its minute in the same statement.
     INSERT INTO errands_finished_counts AS c (minute, queue, task, outcome, shard, n)
@@ -392,6 +455,13 @@ WITH finished AS (
         CASE WHEN status = 'scheduled' THEN 'retried' ELSE status END, pg_backend_pid() %% 8, 1
     FROM finished
     ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + 1
+), timed AS (
+    -- The attempt's duration, in the same statement.
+    INSERT INTO errands_timings AS t (timing, queue, task, bucket, shard, n, total)
+    SELECT 'duration', queue, task, errands_bucket(s), pg_backend_pid() %% 8, 1, s
+    FROM (SELECT queue, task, greatest(%(now)s - started_at, 0) AS s FROM finished) AS ran
+    ON CONFLICT (timing, queue, task, bucket, shard) DO UPDATE
+    SET n = t.n + 1, total = t.total + excluded.total
 )
 SELECT CASE WHEN status = 'scheduled' THEN pg_notify(%(channel)s, '') END FROM finished
 
@@ -404,13 +474,20 @@ WITH finished AS (
         finished_at = CASE WHEN %(status)s = 'scheduled' THEN NULL ELSE %(now)s END,
         lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
     WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s
-    RETURNING status, queue, task, flow
+    RETURNING status, queue, task, flow, started_at
 ), counted AS (
     INSERT INTO errands_finished_counts AS c (minute, queue, task, outcome, shard, n)
     SELECT floor(%(now)s / 60)::bigint, queue, task,
         CASE WHEN status = 'scheduled' THEN 'retried' ELSE status END, pg_backend_pid() %% 8, 1
     FROM finished
     ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + 1
+), timed AS (
+    -- The attempt's duration, in the same statement.
+    INSERT INTO errands_timings AS t (timing, queue, task, bucket, shard, n, total)
+    SELECT 'duration', queue, task, errands_bucket(s), pg_backend_pid() %% 8, 1, s
+    FROM (SELECT queue, task, greatest(%(now)s - started_at, 0) AS s FROM finished) AS ran
+    ON CONFLICT (timing, queue, task, bucket, shard) DO UPDATE
+    SET n = t.n + 1, total = t.total + excluded.total
 )
 SELECT task, flow FROM finished
 
@@ -605,6 +682,19 @@ SELECT schedule, paused, every, cron, since FROM errands_schedule_states
 -- name: finished_counts
 SELECT minute, queue, task, outcome, sum(n)::bigint AS n FROM errands_finished_counts
 WHERE minute >= %s GROUP BY minute, queue, task, outcome ORDER BY minute, queue, task, outcome
+
+-- name: enqueued_counts
+SELECT queue, task, sum(n)::bigint AS n FROM errands_enqueued_counts GROUP BY queue, task
+
+-- name: timings
+SELECT timing, queue, task, bucket, sum(n)::bigint AS n, sum(total) AS total
+FROM errands_timings GROUP BY timing, queue, task, bucket
+
+-- name: roll_up_enqueued
+-- One row per queue and task again; rows of enqueues not committed yet are left for later.
+WITH taken AS (DELETE FROM errands_enqueued_counts RETURNING queue, task, n)
+INSERT INTO errands_enqueued_counts (queue, task, n)
+SELECT queue, task, sum(n) FROM taken GROUP BY queue, task
 
 -- name: sample_depth
 INSERT INTO errands_depth_samples (minute, sample)

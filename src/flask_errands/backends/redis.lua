@@ -21,6 +21,10 @@
 --                         paused ('1' or '0'), every and since (float text), cron
 --   finished:<minute>     hash "<queue>\n<task>\n<outcome>" -> attempts that ended so in
 --                         that minute (Unix time // 60); finishedminutes zset of its minutes
+--   enqueued              hash "<queue>\n<task>" -> jobs stored since the store began
+--   timings               hash "<timing>\n<queue>\n<task>\n<bucket>" -> values in that bucket
+--                         (an index into base.TIMING_BOUNDS, its length for +Inf), and
+--                         "<timing>\n<queue>\n<task>\nsum" -> their sum; never expire
 --   depth:<minute>        string: JSON [[queue, status, n], ...] sampled once in the minute;
 --                         depthminutes zset of its minutes
 --   reserved:<token>      list of the ids one reserve call claimed, for 60 s: a retried
@@ -32,7 +36,8 @@ local P = ARGV[1]
 local WAITING = {queued = true, scheduled = true}
 local FINISHED = {succeeded = true, failed = true, cancelled = true}
 local STATUSES = {'blocked', 'queued', 'scheduled', 'running', 'succeeded', 'failed', 'cancelled'}
-local STATE = {'status', 'queue', 'priority', 'seq', 'unique_key', 'lease_token', 'eta', 'task'}
+local STATE = {'status', 'queue', 'priority', 'seq', 'unique_key', 'lease_token', 'eta', 'task',
+               'started_at'}
 
 local function job_key(id) return P .. 'job:' .. id end
 local function idx_key(queue, status) return P .. 'idx:' .. queue .. ':' .. status end
@@ -50,7 +55,7 @@ local function state(id)
   if not v[1] then return nil end
   return {id = id, status = v[1], queue = v[2] or 'default', prio = prio(v[3]),
           seq = tonumber(v[4]) or 0, unique = v[5], token = v[6], eta = v[7] or '0',
-          task = v[8] or ''}
+          task = v[8] or '', started = v[9]}
 end
 
 local function index(job, status)
@@ -182,7 +187,7 @@ local function parse_jobs(text)
   local jobs = cjson.decode(text)
   for i, job in ipairs(jobs) do
     jobs[i] = {id = job[1], queue = job[2], prio = prio(job[3]), status = job[4], eta = job[5],
-               unique = job[6] ~= cjson.null and job[6], fields = job[7]}
+               unique = job[6] ~= cjson.null and job[6], fields = job[7], task = job[7][4]}
   end
   return jobs
 end
@@ -277,13 +282,44 @@ local function serving_from(pos)
   return serving
 end
 
--- Add one attempt that ended with outcome at now to its minute's count; ttl keeps it.
-local function count_finished(job, outcome, now, ttl)
+-- The upper bounds of the timings' buckets: base.TIMING_BOUNDS.
+local BOUNDS = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300}
+
+-- Add seconds (at least 0) to the histogram of timing for queue and task.
+local function add_timing(timing, queue, task, seconds)
+  seconds = math.max(seconds, 0)
+  local bucket = #BOUNDS
+  for i = 1, #BOUNDS do
+    if seconds <= BOUNDS[i] then
+      bucket = i - 1
+      break
+    end
+  end
+  local field = timing .. '\n' .. queue .. '\n' .. task .. '\n'
+  redis.call('HINCRBY', P .. 'timings', field .. bucket, 1)
+  redis.call('HINCRBYFLOAT', P .. 'timings', field .. 'sum', string.format('%.17g', seconds))
+end
+
+-- Add one attempt that ended with outcome at now to its minute's count, and its duration.
+-- The minute is kept until prune or sample_depth folds it into minute 0: never expired, so
+-- the counts since the store began stay whole.
+local function count_finished(job, outcome, now)
   local minute = string.format('%d', math.floor(tonumber(now) / 60))
   local key = P .. 'finished:' .. minute
   if redis.call('HINCRBY', key, job.queue .. '\n' .. job.task .. '\n' .. outcome, 1) == 1 then
-    redis.call('EXPIRE', key, ttl)
     redis.call('ZADD', P .. 'finishedminutes', minute, minute)
+  end
+  add_timing('duration', job.queue, job.task, tonumber(now) - (tonumber(job.started) or tonumber(now)))
+end
+
+-- Fold the per-minute counts of the minutes before cut (a ZRANGEBYSCORE bound) into minute 0.
+local function fold_finished(cut)
+  for _, minute in ipairs(redis.call('ZRANGEBYSCORE', P .. 'finishedminutes', '(0', cut)) do
+    local counts = redis.call('HGETALL', P .. 'finished:' .. minute)
+    for k = 1, #counts, 2 do redis.call('HINCRBY', P .. 'finished:0', counts[k], counts[k + 1]) end
+    if #counts > 0 then redis.call('ZADD', P .. 'finishedminutes', 0, '0') end
+    redis.call('DEL', P .. 'finished:' .. minute)
+    redis.call('ZREM', P .. 'finishedminutes', minute)
   end
 end
 
@@ -294,10 +330,15 @@ local jobs = parse_jobs(ARGV[3])
 local replayed, taken = replayed_ids(jobs, nonce)
 if not replayed then return redis.error_reply('ERRANDS job id already stored: ' .. taken) end
 number(jobs)
-local out = {}
+local out, stored = {}, {}
 for i, job in ipairs(jobs) do
   out[i] = replayed[job.id] and 0 or insert(job, nonce)
+  if out[i] == 0 and not replayed[job.id] then
+    local field = job.queue .. '\n' .. job.task
+    stored[field] = (stored[field] or 0) + 1
+  end
 end
+for field, n in pairs(stored) do redis.call('HINCRBY', P .. 'enqueued', field, n) end
 write_pending()
 if #jobs > 0 then wake(jobs[1].queue) end
 return out
@@ -343,8 +384,8 @@ local function give_up(id, attempts, lost, dead_worker)
   redis.call('ZREM', lease_key(job.queue), id)
   redis.call('HDEL', job_key(id), 'lease_expires_at', 'lease_token', 'traceback')
   redis.call('HSET', job_key(id), 'lost_leases', lost, 'error', error)
+  count_finished(job, 'failed', now)
   end_job(job, 'failed', now, ttl)
-  count_finished(job, 'failed', now, ttl)
   advance(id, 'failed', now, ttl, ARGV[10])
   given_up[#given_up + 1] = id
 end
@@ -402,8 +443,9 @@ if need > 0 then
     local _, _, m, queue, key = unpack(found[k])
     local id = string.sub(m, 17)
     redis.call('ZREM', key, m)
-    local v = redis.call('HMGET', job_key(id), 'status', 'attempts')
+    local v = redis.call('HMGET', job_key(id), 'status', 'attempts', 'task')
     if WAITING[v[1]] then
+      add_timing('wait', queue, v[3] or '', tonumber(now) - found[k][2])
       redis.call('ZREM', idx_key(queue, v[1]), id)
       redis.call('ZADD', idx_key(queue, 'running'), tonumber(string.sub(m, 1, 16)), id)
       redis.call('ZADD', lease_key(queue), expires, id)
@@ -455,7 +497,7 @@ return 0
 local job = state(ARGV[2])
 if not job or job.status ~= 'running' or job.token ~= ARGV[3] then return 0 end
 local status, key = ARGV[4], job_key(job.id)
-count_finished(job, status == 'scheduled' and 'retried' or status, ARGV[5], ARGV[7])
+count_finished(job, status == 'scheduled' and 'retried' or status, ARGV[5])
 local sets, deletes = field_block(9)
 redis.call('HDEL', key, 'lease_expires_at', 'lease_token', 'lost_leases', unpack(deletes))
 redis.call('ZREM', lease_key(job.queue), job.id)
@@ -643,7 +685,8 @@ end
 return out
 
 -- name: sample_depth
--- ARGV: prefix, minute, ttl. Returns 1 if this call stored the minute's sample.
+-- ARGV: prefix, minute, ttl, the first minute whose count is kept apart (older ones are
+-- folded into minute 0). Returns 1 if this call stored the minute's sample.
 local key = P .. 'depth:' .. ARGV[2]
 if redis.call('EXISTS', key) == 1 then return 0 end
 local sample = {}
@@ -655,7 +698,16 @@ for _, queue in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
 end
 redis.call('SET', key, #sample > 0 and cjson.encode(sample) or '[]', 'EX', ARGV[3])
 redis.call('ZADD', P .. 'depthminutes', ARGV[2], ARGV[2])
+fold_finished('(' .. ARGV[4])  -- once a minute, by whoever sampled, as the SQL stores do
 return 1
+
+-- name: enqueued_counts
+-- ARGV: prefix. Returns field, count pairs.
+return redis.call('HGETALL', P .. 'enqueued')
+
+-- name: timings
+-- ARGV: prefix. Returns field, value pairs.
+return redis.call('HGETALL', P .. 'timings')
 
 -- name: depth_samples
 -- ARGV: prefix, since minute. Returns minute, JSON pairs.
@@ -770,17 +822,11 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'workers', '-inf', ARGV[2])
   redis.call('HDEL', P .. 'workerinfo', id)
 end
 local cut = '(' .. string.format('%d', math.floor(tonumber(ARGV[2]) / 60))
-for _, kind in ipairs({'finished', 'depth'}) do
-  for _, minute in ipairs(redis.call('ZRANGEBYSCORE', P .. kind .. 'minutes', '(0', cut)) do
-    if kind == 'finished' then
-      -- Minute 0 keeps the counts of every minute pruned: totals since the start stay known.
-      local counts = redis.call('HGETALL', P .. 'finished:' .. minute)
-      for k = 1, #counts, 2 do redis.call('HINCRBY', P .. 'finished:0', counts[k], counts[k + 1]) end
-      if #counts > 0 then redis.call('ZADD', P .. 'finishedminutes', 0, '0') end
-    end
-    redis.call('DEL', P .. kind .. ':' .. minute)
-    redis.call('ZREM', P .. kind .. 'minutes', minute)
-  end
+-- Minute 0 keeps the counts of every minute pruned: totals since the start stay known.
+fold_finished(cut)
+for _, minute in ipairs(redis.call('ZRANGEBYSCORE', P .. 'depthminutes', '(0', cut)) do
+  redis.call('DEL', P .. 'depth:' .. minute)
+  redis.call('ZREM', P .. 'depthminutes', minute)
 end
 for _, queue in ipairs(queues) do
   for _, p in ipairs(redis.call('SMEMBERS', prios_key(queue))) do

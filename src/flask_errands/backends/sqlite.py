@@ -51,7 +51,9 @@ from .base import (
     JobRecord,
     JobStatus,
     ScheduleState,
+    Timing,
     claimed_only,
+    gather_timings,
     minute_of,
     page_bounds,
     page_of,
@@ -65,7 +67,7 @@ T = TypeVar("T")
 QUERIES = load_queries("sqlite.sql")
 SCHEMA = tuple(QUERIES[name] for name in QUERIES if name.startswith("create_"))
 #: The schema's version, kept in ``PRAGMA user_version`` (0 in files made before it was).
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 8
 #: The statements that bring the tables from the version before to each version.
 MIGRATIONS = {
     2: (QUERIES["migrate_2_lost_leases"],),
@@ -85,6 +87,10 @@ MIGRATIONS = {
         *(QUERIES[name] for name in QUERIES if name.startswith("migrate_hot_")),
         QUERIES["migrate_3_count_trigger"],
     ),
+    # Taken by the rate and concurrency limits (issue 14), which land apart.
+    7: (),
+    # Figures for metrics and the trace context (see sqlite.sql); it can be renumbered.
+    8: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_timings_")),
 }
 
 logger = logging.getLogger("flask_errands")
@@ -545,6 +551,12 @@ class SQLiteBackend(Backend):
         rows = self._read(QUERIES["finished_counts"], (since_minute,))
         return [(row[0], row[1], row[2], row[3], row[4]) for row in rows]
 
+    def enqueued_counts(self) -> dict[tuple[str, str], int]:
+        return {(row[0], row[1]): row[2] for row in self._read(QUERIES["enqueued_counts"])}
+
+    def timings(self) -> dict[tuple[str, str, str], Timing]:
+        return gather_timings(tuple(row) for row in self._read(QUERIES["timings"]))
+
     def sample_depth(self, now: float) -> bool:
         minute = minute_of(now)
 
@@ -876,6 +888,7 @@ _INSERT_FIELDS = operator.attrgetter(
     "enqueued_at",
     "flow",
     "blocked_by",
+    "trace",
 )
 
 

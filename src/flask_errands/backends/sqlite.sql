@@ -247,13 +247,98 @@ DROP INDEX IF EXISTS errands_jobs_listing
 -- name: migrate_hot_page_index
 CREATE INDEX IF NOT EXISTS errands_jobs_pages ON errands_jobs (status, queue, task, seq)
 
+-- name: migrate_timings_trace
+-- Version 8: figures for metrics, kept by triggers as jobs are stored, claimed and end (the
+-- per-minute counts already were): jobs enqueued per queue and task, and histograms of
+-- attempts' durations and of jobs' waits (due to start), in the buckets of
+-- base.TIMING_BOUNDS, never decreased. And the traceparent of the span that enqueued a job.
+-- Names without a number: the step can be renumbered as it is.
+ALTER TABLE errands_jobs ADD COLUMN trace TEXT
+
+-- name: migrate_timings_enqueued
+CREATE TABLE IF NOT EXISTS errands_enqueued_counts (
+    queue TEXT NOT NULL,
+    task TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (queue, task)
+) WITHOUT ROWID
+
+-- name: migrate_timings_table
+-- One row per timing, queue, task and bucket (an index into base.TIMING_BOUNDS, its length
+-- for +Inf): how many values fell in it, and their sum.
+CREATE TABLE IF NOT EXISTS errands_timings (
+    timing TEXT NOT NULL,
+    queue TEXT NOT NULL,
+    task TEXT NOT NULL,
+    bucket INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    total REAL NOT NULL,
+    PRIMARY KEY (timing, queue, task, bucket)
+) WITHOUT ROWID
+
+-- name: migrate_timings_count_enqueued
+CREATE TRIGGER IF NOT EXISTS errands_count_enqueued AFTER INSERT ON errands_jobs
+BEGIN
+    INSERT INTO errands_enqueued_counts (queue, task, n) VALUES (new.queue, new.task, 1)
+    ON CONFLICT (queue, task) DO UPDATE SET n = n + 1;
+END
+
+-- name: migrate_timings_time_wait
+-- A waiting job's claim (not an expired lease's): from its eta to now.
+CREATE TRIGGER IF NOT EXISTS errands_time_wait
+AFTER UPDATE OF status ON errands_jobs
+WHEN (old.status = 'queued' OR old.status = 'scheduled') AND new.status = 'running'
+BEGIN
+    INSERT INTO errands_timings (timing, queue, task, bucket, n, total)
+    SELECT 'wait', new.queue, new.task,
+        CASE WHEN s <= 0.005 THEN 0 WHEN s <= 0.01 THEN 1 WHEN s <= 0.025 THEN 2
+        WHEN s <= 0.05 THEN 3 WHEN s <= 0.1 THEN 4 WHEN s <= 0.25 THEN 5 WHEN s <= 0.5 THEN 6
+        WHEN s <= 1 THEN 7 WHEN s <= 2.5 THEN 8 WHEN s <= 5 THEN 9 WHEN s <= 10 THEN 10
+        WHEN s <= 30 THEN 11 WHEN s <= 60 THEN 12 WHEN s <= 120 THEN 13 WHEN s <= 300 THEN 14
+        ELSE 15 END, 1, s
+    FROM (SELECT max(new.started_at - old.eta, 0.0) AS s) AS waited
+    WHERE true
+    ON CONFLICT (timing, queue, task, bucket) DO UPDATE SET n = n + 1, total = total + excluded.total;
+END
+
+-- name: migrate_timings_drop_count_trigger
+DROP TRIGGER IF EXISTS errands_count_finished
+
+-- name: migrate_timings_count_trigger
+-- migrate_3_count_trigger, which also adds the attempt's duration to its histogram.
+CREATE TRIGGER IF NOT EXISTS errands_count_finished
+AFTER UPDATE OF status ON errands_jobs
+WHEN old.status = 'running' AND (new.status = 'succeeded' OR new.status = 'failed'
+    OR new.status = 'cancelled' OR new.status = 'scheduled')
+BEGIN
+    INSERT INTO errands_finished_counts (minute, queue, task, outcome, n)
+    VALUES (
+        CAST(coalesce(new.finished_at, new.ended_at) / 60 AS INTEGER), new.queue, new.task,
+        CASE new.status WHEN 'scheduled' THEN 'retried' ELSE new.status END, 1
+    )
+    ON CONFLICT (minute, queue, task, outcome) DO UPDATE SET n = n + 1;
+    INSERT INTO errands_timings (timing, queue, task, bucket, n, total)
+    SELECT 'duration', new.queue, new.task,
+        CASE WHEN s <= 0.005 THEN 0 WHEN s <= 0.01 THEN 1 WHEN s <= 0.025 THEN 2
+        WHEN s <= 0.05 THEN 3 WHEN s <= 0.1 THEN 4 WHEN s <= 0.25 THEN 5 WHEN s <= 0.5 THEN 6
+        WHEN s <= 1 THEN 7 WHEN s <= 2.5 THEN 8 WHEN s <= 5 THEN 9 WHEN s <= 10 THEN 10
+        WHEN s <= 30 THEN 11 WHEN s <= 60 THEN 12 WHEN s <= 120 THEN 13 WHEN s <= 300 THEN 14
+        ELSE 15 END, 1, s
+    FROM (
+        SELECT max(coalesce(new.finished_at, new.ended_at) - coalesce(old.started_at, 0), 0.0)
+            AS s
+    ) AS ran
+    WHERE true
+    ON CONFLICT (timing, queue, task, bucket) DO UPDATE SET n = n + 1, total = total + excluded.total;
+END
+
 -- name: insert_job
 -- Positional parameters, in the order of INSERT_FIELDS in sqlite.py: binding them costs
 -- less than looking each name up in a dict.
 INSERT INTO errands_jobs (
     id, task, payload, queue, priority, attempts, max_attempts, retry_delay, timeout,
-    unique_key, eta, enqueued_at, flow, blocked_by, status
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    unique_key, eta, enqueued_at, flow, blocked_by, trace, status
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (unique_key)
     WHERE unique_key IS NOT NULL
         AND (status = 'queued' OR status = 'scheduled' OR status = 'running')
@@ -463,6 +548,12 @@ SELECT schedule, paused, every, cron, since FROM errands_schedule_states
 -- name: finished_counts
 SELECT minute, queue, task, outcome, n FROM errands_finished_counts WHERE minute >= ?
 ORDER BY minute, queue, task, outcome
+
+-- name: enqueued_counts
+SELECT queue, task, n FROM errands_enqueued_counts
+
+-- name: timings
+SELECT timing, queue, task, bucket, n, total FROM errands_timings
 
 -- name: sample_depth
 INSERT OR IGNORE INTO errands_depth_samples (minute, sample)
