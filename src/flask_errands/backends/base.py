@@ -242,7 +242,7 @@ TIMINGS = ("duration", "wait")
 
 
 def bucket_of(seconds: float) -> int:
-    """The index in :data:`TIMING_BOUNDS` of the first bound at least ``seconds``, or its length."""
+    """The index in :data:`TIMING_BOUNDS` of the first bound >= ``seconds``, or its length."""
     for index, bound in enumerate(TIMING_BOUNDS):
         if seconds <= bound:
             return index

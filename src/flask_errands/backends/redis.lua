@@ -214,8 +214,9 @@ local function replayed_ids(jobs, nonce)
   return replayed
 end
 
--- Index writes of new jobs, sent per key once the whole batch is stored.
-local pending, known = {}, {}
+-- Index writes of new jobs, sent per key once the whole batch is stored; and how many jobs
+-- of each queue and task were stored.
+local pending, known, stored = {}, {}, {}
 
 local function later(command, key, ...)
   local args = pending[key]
@@ -233,6 +234,8 @@ local function write_pending()
     end
   end
   pending = {}
+  for field, n in pairs(stored) do redis.call('HINCRBY', P .. 'enqueued', field, n) end
+  stored = {}
 end
 
 local function add_once(key, value)
@@ -254,6 +257,8 @@ local function insert(job, nonce)
   add_once(P .. 'queues', job.queue)
   add_once(prios_key(job.queue), job.prio)
   later('ZADD', idx_key(job.queue, job.status), job.seq, job.id)
+  local counted = job.queue .. '\n' .. job.task
+  stored[counted] = (stored[counted] or 0) + 1
   if job.status ~= 'blocked' then
     later('ZADD', wait_key(job.queue, job.prio), job.eta, member(job.seq, job.id))
   end
@@ -330,15 +335,10 @@ local jobs = parse_jobs(ARGV[3])
 local replayed, taken = replayed_ids(jobs, nonce)
 if not replayed then return redis.error_reply('ERRANDS job id already stored: ' .. taken) end
 number(jobs)
-local out, stored = {}, {}
+local out = {}
 for i, job in ipairs(jobs) do
   out[i] = replayed[job.id] and 0 or insert(job, nonce)
-  if out[i] == 0 and not replayed[job.id] then
-    local field = job.queue .. '\n' .. job.task
-    stored[field] = (stored[field] or 0) + 1
-  end
 end
-for field, n in pairs(stored) do redis.call('HINCRBY', P .. 'enqueued', field, n) end
 write_pending()
 if #jobs > 0 then wake(jobs[1].queue) end
 return out
