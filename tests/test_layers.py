@@ -40,6 +40,7 @@ LAYERS: list[set[str]] = [
     {"admin", "process"},
     {
         "cli",
+        "metrics",
         "dashboard",
         "dashboard.api",
         "dashboard.auth",

@@ -3,6 +3,8 @@ run time, keyset pages of jobs, and per-minute figures; run against each backend
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from flask_errands.backends import Backend
@@ -215,7 +217,8 @@ def test_every_attempt_that_ends_adds_its_duration_and_every_claim_its_wait(
     bounds = len(TIMING_BOUNDS) + 1
 
     def histogram(values: dict[int, int], total: float) -> Timing:
-        return Timing([values.get(i, 0) for i in range(bounds)], pytest.approx(total))
+        approx: Any = pytest.approx(total)
+        return Timing([values.get(i, 0) for i in range(bounds)], approx)
 
     timings = backend.timings()
     assert set(timings) == {
