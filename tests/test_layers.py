@@ -32,7 +32,7 @@ LAYERS: list[set[str]] = [
         "backends",
     },
     {"jobs", "context", "logs"},
-    {"tasks", "outcomes", "transactions"},
+    {"tasks", "outcomes", "transactions", "tracing"},
     {"schedules", "runner", "workflows"},
     {"worker", "scheduler"},
     {"service", "serving"},

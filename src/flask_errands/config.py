@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "ERRANDS_SHUTDOWN_GRACE": 25,  # seconds the embedded worker's jobs get when the process ends
     "ERRANDS_REDIS_PREFIX": "errands:",  # a ?prefix= in a redis:// ERRANDS_URL wins
     "ERRANDS_OUTBOX_URL": None,  # the app's database (SQLAlchemy URL), for the outbox
+    "ERRANDS_TRACING": False,  # OpenTelemetry spans of enqueues and attempts
 }
 
 EMBEDDED_SCHEMES = ("memory", "sqlite")
@@ -62,6 +63,7 @@ class Settings:
     shutdown_grace: float = 25.0
     outbox_url: str | None = None
     async_concurrency: int = 100
+    tracing: bool = False
 
     @classmethod
     def from_config(
@@ -91,6 +93,7 @@ class Settings:
             shutdown_grace=seconds(config["ERRANDS_SHUTDOWN_GRACE"], "ERRANDS_SHUTDOWN_GRACE"),
             outbox_url=config["ERRANDS_OUTBOX_URL"] or None,
             async_concurrency=_positive_int(config, "ERRANDS_ASYNC_CONCURRENCY"),
+            tracing=boolean(config["ERRANDS_TRACING"], "ERRANDS_TRACING"),
         )
 
 
