@@ -154,13 +154,19 @@ def test_finish_counts_each_attempt_in_its_minute(backend: Backend) -> None:
     ]
 
 
-def test_a_job_failed_for_lost_leases_is_counted_as_failed(backend: Backend) -> None:
+def lose_leases(backend: Backend) -> float:
+    """Enqueue a job of task ``killer`` whose workers die twice under it, till it is failed."""
     backend.enqueue([job(queue="q", task="killer")])
     now = T0
     for _ in range(2):
         assert len(backend.reserve(None, 1, "w", LEASE, now, max_lost_leases=2)) == 1
         now += LEASE + 1
     assert backend.reserve(None, 1, "w", LEASE, now, max_lost_leases=2) == []
+    return now
+
+
+def test_a_job_failed_for_lost_leases_is_counted_as_failed(backend: Backend) -> None:
+    now = lose_leases(backend)
     assert backend.finished_counts(1) == [(int(now // 60), "q", "killer", "failed", 1)]
 
 
@@ -236,12 +242,7 @@ def test_every_attempt_that_ends_adds_its_duration_and_every_claim_its_wait(
 
 
 def test_a_job_given_up_for_lost_leases_has_its_last_attempt_timed(backend: Backend) -> None:
-    backend.enqueue([job(queue="q", task="killer")])
-    now = T0
-    for _ in range(2):
-        assert len(backend.reserve(None, 1, "w", LEASE, now, max_lost_leases=2)) == 1
-        now += LEASE + 1
-    assert backend.reserve(None, 1, "w", LEASE, now, max_lost_leases=2) == []
+    lose_leases(backend)
     timings = backend.timings()
     assert timings["wait", "q", "killer"].count == 1  # a lease taken over is no wait
     assert timings["duration", "q", "killer"].count == 1

@@ -276,6 +276,16 @@ CREATE TABLE IF NOT EXISTS errands_timings (
     PRIMARY KEY (timing, queue, task, bucket)
 ) WITHOUT ROWID
 
+-- name: migrate_timings_buckets
+-- The buckets' upper bounds: base.TIMING_BOUNDS, one row each; bucket 15 (+Inf) holds the rest.
+CREATE TABLE IF NOT EXISTS errands_buckets (le REAL PRIMARY KEY, bucket INTEGER NOT NULL)
+    WITHOUT ROWID
+
+-- name: migrate_timings_bounds
+INSERT OR IGNORE INTO errands_buckets (le, bucket) VALUES
+    (0.005, 0), (0.01, 1), (0.025, 2), (0.05, 3), (0.1, 4), (0.25, 5), (0.5, 6), (1, 7),
+    (2.5, 8), (5, 9), (10, 10), (30, 11), (60, 12), (120, 13), (300, 14)
+
 -- name: migrate_timings_count_enqueued
 CREATE TRIGGER IF NOT EXISTS errands_count_enqueued AFTER INSERT ON errands_jobs
 BEGIN
@@ -291,39 +301,21 @@ WHEN (old.status = 'queued' OR old.status = 'scheduled') AND new.status = 'runni
 BEGIN
     INSERT INTO errands_timings (timing, queue, task, bucket, n, total)
     SELECT 'wait', new.queue, new.task,
-        CASE WHEN s <= 0.005 THEN 0 WHEN s <= 0.01 THEN 1 WHEN s <= 0.025 THEN 2
-        WHEN s <= 0.05 THEN 3 WHEN s <= 0.1 THEN 4 WHEN s <= 0.25 THEN 5 WHEN s <= 0.5 THEN 6
-        WHEN s <= 1 THEN 7 WHEN s <= 2.5 THEN 8 WHEN s <= 5 THEN 9 WHEN s <= 10 THEN 10
-        WHEN s <= 30 THEN 11 WHEN s <= 60 THEN 12 WHEN s <= 120 THEN 13 WHEN s <= 300 THEN 14
-        ELSE 15 END, 1, s
+        coalesce((SELECT bucket FROM errands_buckets WHERE le >= s ORDER BY le LIMIT 1), 15), 1, s
     FROM (SELECT max(new.started_at - old.eta, 0.0) AS s) AS waited
     WHERE true
     ON CONFLICT (timing, queue, task, bucket) DO UPDATE SET n = n + 1, total = total + excluded.total;
 END
 
--- name: migrate_timings_drop_count_trigger
-DROP TRIGGER IF EXISTS errands_count_finished
-
--- name: migrate_timings_count_trigger
--- migrate_3_count_trigger, which also adds the attempt's duration to its histogram.
-CREATE TRIGGER IF NOT EXISTS errands_count_finished
+-- name: migrate_timings_time_attempt
+-- An attempt's end, as errands_count_finished counts it: from its start to now.
+CREATE TRIGGER IF NOT EXISTS errands_time_attempt
 AFTER UPDATE OF status ON errands_jobs
-WHEN old.status = 'running' AND (new.status = 'succeeded' OR new.status = 'failed'
-    OR new.status = 'cancelled' OR new.status = 'scheduled')
+WHEN old.status = 'running' AND new.status != 'running' AND new.status != 'queued'
 BEGIN
-    INSERT INTO errands_finished_counts (minute, queue, task, outcome, n)
-    VALUES (
-        CAST(coalesce(new.finished_at, new.ended_at) / 60 AS INTEGER), new.queue, new.task,
-        CASE new.status WHEN 'scheduled' THEN 'retried' ELSE new.status END, 1
-    )
-    ON CONFLICT (minute, queue, task, outcome) DO UPDATE SET n = n + 1;
     INSERT INTO errands_timings (timing, queue, task, bucket, n, total)
     SELECT 'duration', new.queue, new.task,
-        CASE WHEN s <= 0.005 THEN 0 WHEN s <= 0.01 THEN 1 WHEN s <= 0.025 THEN 2
-        WHEN s <= 0.05 THEN 3 WHEN s <= 0.1 THEN 4 WHEN s <= 0.25 THEN 5 WHEN s <= 0.5 THEN 6
-        WHEN s <= 1 THEN 7 WHEN s <= 2.5 THEN 8 WHEN s <= 5 THEN 9 WHEN s <= 10 THEN 10
-        WHEN s <= 30 THEN 11 WHEN s <= 60 THEN 12 WHEN s <= 120 THEN 13 WHEN s <= 300 THEN 14
-        ELSE 15 END, 1, s
+        coalesce((SELECT bucket FROM errands_buckets WHERE le >= s ORDER BY le LIMIT 1), 15), 1, s
     FROM (
         SELECT max(coalesce(new.finished_at, new.ended_at) - coalesce(old.started_at, 0), 0.0)
             AS s
