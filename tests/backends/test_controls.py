@@ -199,12 +199,15 @@ def test_enqueued_jobs_are_counted_for_good_but_not_those_a_live_unique_job_stan
     backend.enqueue([job(queue="r", task="a", status="scheduled", eta=T0 + 60)])
     assert backend.fire_tick("nightly", T0, job(queue="q", task="a"), T0)
     assert backend.enqueued_counts() == {("q", "a"): 3, ("q", "b"): 1, ("r", "a"): 1}
-    for claimed in reserve(backend, limit=5, now=T0 + 60):
+    ended = reserve(backend, limit=5, now=T0 + 60)
+    for claimed in ended:
         backend.finish(claimed.id, token(claimed), "succeeded", T0 + 61)
+    backend.enqueue([job(queue="q", task="b", status="scheduled", eta=T0 + 10**6)])
+    assert backend.delete(ended[0].id)
     backend.prune(T0 + 3600)
-    backend.purge()
+    backend.purge()  # the scheduled one
     assert backend.counts() == {}
-    assert backend.enqueued_counts() == {("q", "a"): 3, ("q", "b"): 1, ("r", "a"): 1}
+    assert backend.enqueued_counts() == {("q", "a"): 3, ("q", "b"): 2, ("r", "a"): 1}
 
 
 def test_every_attempt_that_ends_adds_its_duration_and_every_claim_its_wait(

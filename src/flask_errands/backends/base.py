@@ -584,9 +584,12 @@ class Backend(ABC):
     def enqueued_counts(self) -> dict[tuple[str, str], int]:
         """How many jobs were stored since the store began, per ``(queue, task)``.
 
-        Counted atomically with each store of new jobs (:meth:`enqueue`,
-        :meth:`enqueue_in` once committed, :meth:`fire_tick`), never decreased: a
-        job whose unique key a live job held is not counted, pruned jobs stay counted.
+        Jobs stored by :meth:`enqueue`, :meth:`enqueue_in` (once committed) and
+        :meth:`fire_tick`; never decreased: a job whose unique key a live job held
+        is not counted, deleted jobs stay counted. A store counts them as it
+        stores them (memory, Redis), or as the jobs it holds plus those it deleted,
+        noted by :meth:`prune`, :meth:`purge` and :meth:`delete` (the SQL stores:
+        no write on the enqueue path; the read scans an index of the jobs).
         """
 
     @abstractmethod

@@ -628,7 +628,6 @@ class PostgresBackend(Backend):
                 return False
             # Once a minute, by whoever sampled; one statement, exact under concurrent finishes.
             conn.execute(QUERIES["roll_up_figures"], (minute - FIGURE_MINUTES,))
-            conn.execute(QUERIES["roll_up_enqueued"])
             return True
 
     def enqueued_counts(self) -> dict[tuple[str, str], int]:
@@ -674,7 +673,7 @@ class PostgresBackend(Backend):
             conn.execute(QUERIES["prune_ticks"], (finished_before,))
             conn.execute(QUERIES["prune_workers"], (finished_before,))
             conn.execute(QUERIES["roll_up_figures"], (minute_of(finished_before),))
-            conn.execute(QUERIES["roll_up_enqueued"])
+            conn.execute(QUERIES["roll_up_deleted"])
             conn.execute(QUERIES["prune_samples"], (minute_of(finished_before),))
             return int(_value(conn.execute(QUERIES["prune_jobs"], (finished_before,)).fetchone()))
 
@@ -941,10 +940,8 @@ def _job_queries(table: str, psycopg3: bool = True) -> tuple[str, str, str]:
     psycopg quotes every element with a regular expression, which for JSON
     payloads cost more than the rest of the batch's Python. psycopg2 knows only ``%s``.
     """
-    enqueued = table.removesuffix("errands_jobs") + "errands_enqueued_counts"
     insert, live, many = (
-        QUERIES[name].format(jobs=table, enqueued=enqueued)
-        for name in ("insert_job", "live_unique", "insert_jobs")
+        QUERIES[name].format(jobs=table) for name in ("insert_job", "live_unique", "insert_jobs")
     )
     if psycopg3:
         many = re.sub(r"%\((\w+)\)s::", r"%(\1)b::", many)

@@ -266,17 +266,18 @@ DROP INDEX IF EXISTS errands_jobs_listing
 CREATE INDEX IF NOT EXISTS errands_jobs_pages ON errands_jobs (status, queue, task, seq)
 
 -- name: migrate_timings_trace
--- Version 7: figures for metrics, kept in the statements that store, claim and end jobs (as
--- the per-minute counts are): jobs enqueued per queue and task, and histograms of attempts'
--- durations and jobs' waits (due to start) in the buckets of base.TIMING_BOUNDS, never
+-- Version 7: figures for metrics: histograms of attempts' durations and jobs' waits (due to
+-- start) in the buckets of base.TIMING_BOUNDS, kept in the statements that claim and end jobs
+-- (as the per-minute counts are), and the jobs deleted, for the count of jobs enqueued; never
 -- decreased. And the traceparent of the span that enqueued a job. Names without a number:
 -- the step can be renumbered as it is.
 ALTER TABLE errands_jobs ADD COLUMN IF NOT EXISTS trace text
 
--- name: migrate_timings_enqueued
--- Rows only ever inserted, no key, so an enqueue in an app's open transaction locks nothing
--- another enqueue waits for; sample_depth and prune fold them into one row per queue and task.
-CREATE TABLE IF NOT EXISTS errands_enqueued_counts (
+-- name: migrate_timings_deleted
+-- Jobs deleted (pruned, purged, deleted) per queue and task: with the jobs stored, how many
+-- were ever enqueued, counted at no cost to an enqueue. Rows only ever inserted, no key: prune
+-- folds them into one per queue and task.
+CREATE TABLE IF NOT EXISTS errands_deleted_counts (
     queue text NOT NULL,
     task text NOT NULL,
     n bigint NOT NULL
@@ -323,9 +324,7 @@ WITH inserted AS (
     ON CONFLICT (unique_key)
         WHERE unique_key IS NOT NULL AND status IN ('queued', 'scheduled', 'running')
         DO NOTHING
-    RETURNING id, queue, task
-), counted AS (
-    INSERT INTO {enqueued} (queue, task, n) SELECT queue, task, 1 FROM inserted
+    RETURNING id
 )
 SELECT id, pg_notify(%(channel)s, '') FROM inserted
 
@@ -350,10 +349,7 @@ WITH inserted AS (
         timeout, eta, enqueued_at, flow, blocked_by, trace, position
     )
     ORDER BY position
-    RETURNING queue, task
-), counted AS (
-    INSERT INTO {enqueued} (queue, task, n)
-    SELECT queue, task, count(*) FROM inserted GROUP BY queue, task
+    RETURNING 1
 )
 SELECT pg_notify(%(channel)s, '') WHERE EXISTS (SELECT FROM inserted)
 
@@ -684,16 +680,21 @@ SELECT minute, queue, task, outcome, sum(n)::bigint AS n FROM errands_finished_c
 WHERE minute >= %s GROUP BY minute, queue, task, outcome ORDER BY minute, queue, task, outcome
 
 -- name: enqueued_counts
-SELECT queue, task, sum(n)::bigint AS n FROM errands_enqueued_counts GROUP BY queue, task
+SELECT queue, task, sum(n)::bigint AS n FROM (
+    SELECT queue, task, count(*) AS n FROM errands_jobs GROUP BY queue, task
+    UNION ALL
+    SELECT queue, task, n FROM errands_deleted_counts
+) AS ever
+GROUP BY queue, task
 
 -- name: timings
 SELECT timing, queue, task, bucket, sum(n)::bigint AS n, sum(total) AS total
 FROM errands_timings GROUP BY timing, queue, task, bucket
 
--- name: roll_up_enqueued
--- One row per queue and task again; rows of enqueues not committed yet are left for later.
-WITH taken AS (DELETE FROM errands_enqueued_counts RETURNING queue, task, n)
-INSERT INTO errands_enqueued_counts (queue, task, n)
+-- name: roll_up_deleted
+-- One row per queue and task again; rows of deletes not committed yet are left for later.
+WITH taken AS (DELETE FROM errands_deleted_counts RETURNING queue, task, n)
+INSERT INTO errands_deleted_counts (queue, task, n)
 SELECT queue, task, sum(n) FROM taken GROUP BY queue, task
 
 -- name: sample_depth
@@ -737,7 +738,10 @@ ORDER BY schedule, fire_time DESC
 WITH pruned AS (
     DELETE FROM errands_jobs
     WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < %s
-    RETURNING queue, status
+    RETURNING queue, status, task
+), gone AS (
+    INSERT INTO errands_deleted_counts (queue, task, n)
+    SELECT queue, task, count(*) FROM pruned GROUP BY queue, task
 ), counted AS (
     INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
     SELECT queue, status, 0, -count(*) FROM pruned GROUP BY queue, status
@@ -759,7 +763,10 @@ WITH purged AS (
         AND (%(queue)s::text IS NULL OR queue = %(queue)s)
         AND (%(before)s::double precision IS NULL
             OR coalesce(finished_at, enqueued_at) < %(before)s)
-    RETURNING queue, status
+    RETURNING queue, status, task
+), gone AS (
+    INSERT INTO errands_deleted_counts (queue, task, n)
+    SELECT queue, task, count(*) FROM purged GROUP BY queue, task
 ), counted AS (
     INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
     SELECT queue, status, 0, -count(*) FROM purged
@@ -772,7 +779,10 @@ SELECT count(*) AS n FROM purged
 WITH deleted AS (
     DELETE FROM errands_jobs
     WHERE id = %s AND status IN ('succeeded', 'failed', 'cancelled')
-    RETURNING queue, status
+    RETURNING queue, status, task
+), gone AS (
+    INSERT INTO errands_deleted_counts (queue, task, n)
+    SELECT queue, task, count(*) FROM deleted GROUP BY queue, task
 ), counted AS (
     INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
     SELECT queue, status, 0, -1 FROM deleted

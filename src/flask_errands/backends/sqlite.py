@@ -604,6 +604,7 @@ class SQLiteBackend(Backend):
             _fold_figures(db, minute_of(finished_before))
             db.execute(QUERIES["prune_samples"], (minute_of(finished_before),))
             db.execute(QUERIES["adjust_totals_for_prune"], (finished_before,))
+            db.execute(QUERIES["count_deleted_for_prune"], (finished_before,))
             return db.execute(QUERIES["prune_jobs"], (finished_before,)).rowcount
 
         return self._transaction(prune)
@@ -615,6 +616,7 @@ class SQLiteBackend(Backend):
 
         def purge(db: sqlite3.Connection) -> int:
             db.execute(QUERIES["adjust_totals_for_purge"], params)
+            db.execute(QUERIES["count_deleted_for_purge"], params)
             return db.execute(QUERIES["purge"], params).rowcount
 
         return self._transaction(purge)
@@ -622,6 +624,7 @@ class SQLiteBackend(Backend):
     def delete(self, job_id: str) -> bool:
         def delete(db: sqlite3.Connection) -> bool:
             db.execute(QUERIES["adjust_totals_for_delete"], (job_id,))
+            db.execute(QUERIES["count_deleted_for_delete"], (job_id,))
             return bool(db.execute(QUERIES["delete_job"], (job_id,)).rowcount == 1)
 
         return self._transaction(delete)
