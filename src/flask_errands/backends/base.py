@@ -596,11 +596,11 @@ class Backend(ABC):
     def timings(self) -> dict[tuple[str, str, str], Timing]:
         """Histograms since the store began, per ``(timing, queue, task)``, never decreased.
 
-        ``duration``: from an attempt's start to its end, added atomically with
-        each end :meth:`finished_counts` counts (so its count is theirs). ``wait``:
-        from a job's ``eta`` to the start of an attempt, added atomically with
-        each claim of a waiting job by :meth:`reserve` (not of an expired lease).
-        A negative time (clocks apart) counts as 0.
+        Both are added atomically with each end of an attempt that
+        :meth:`finished_counts` counts, so each histogram's count is theirs:
+        ``duration`` from the attempt's start to its end, ``wait`` from the ``eta``
+        it was due at to its start. An attempt whose lease was taken over never
+        ended, and is in neither. A negative time (clocks apart) counts as 0.
         """
 
     @abstractmethod

@@ -127,7 +127,6 @@ class MemoryBackend(Backend):
                 due = self._pop_due(heaps)
                 if due is None:
                     break
-                self._time("wait", due, now - due.eta)
                 claimed.append(due)
             for job in claimed:
                 job.status = RUNNING
@@ -485,11 +484,13 @@ class MemoryBackend(Backend):
     # -- internals, called with the lock held --------------------------------
 
     def _count(self, job: JobRecord, status: str, now: float) -> None:
-        """Add an attempt that ended so to its minute's count and its duration, as every
-        store's finish does."""
+        """Add an attempt that ended so to its minute's count, and its duration and wait to
+        their histograms, as every store's finish does."""
         key = (minute_of(now), job.queue, job.task, OUTCOMES[status])
         self._finished_counts[key] = self._finished_counts.get(key, 0) + 1
-        self._time("duration", job, now - (job.started_at or now))
+        started = now if job.started_at is None else job.started_at
+        self._time("duration", job, now - started)
+        self._time("wait", job, started - job.eta)
 
     def _time(self, timing: str, job: JobRecord, seconds: float) -> None:
         """Add one value to a histogram of :meth:`timings`."""

@@ -407,16 +407,13 @@ RETURNING j.*
     FROM updated WHERE status = 'failed' GROUP BY queue, task
     ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + excluded.n
 ), timed AS (
-    -- The waits of the jobs claimed from their queues, the durations of those given up.
+    -- The last attempt of each job given up: its duration, and its wait (due to start).
     INSERT INTO errands_timings AS t (timing, queue, task, bucket, shard, n, total)
     SELECT timing, queue, task, errands_bucket(s), pg_backend_pid() %% 8, count(*), sum(s)
-    FROM (
-        SELECT 'wait' AS timing, u.queue, u.task, greatest(%(now)s - u.eta, 0) AS s
-        FROM updated AS u JOIN due ON u.seq = due.seq
-        UNION ALL
-        SELECT 'duration', queue, task, greatest(%(now)s - started_at, 0)
-        FROM updated WHERE status = 'failed'
-    ) AS measured
+    FROM updated, LATERAL (VALUES
+        ('duration', greatest(%(now)s - started_at, 0)), ('wait', greatest(started_at - eta, 0))
+    ) AS measured (timing, s)
+    WHERE status = 'failed'
     GROUP BY timing, queue, task, errands_bucket(s)
     ON CONFLICT (timing, queue, task, bucket, shard) DO UPDATE
     SET n = t.n + excluded.n, total = t.total + excluded.total
@@ -436,7 +433,8 @@ UPDATE errands_jobs SET progress = %(progress)s, progress_message = %(message)s
 WHERE id = %(id)s AND status = 'running'
 
 -- name: finish
-WITH finished AS (
+-- claimed: the eta the attempt was due at, read before the update changes it.
+WITH claimed AS (SELECT eta FROM errands_jobs WHERE id = %(id)s), finished AS (
     UPDATE errands_jobs
     SET status = %(status)s, result = %(result)s, error = %(error)s, traceback = %(traceback)s,
         eta = coalesce(%(eta)s, eta),
@@ -452,10 +450,13 @@ WITH finished AS (
     FROM finished
     ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + 1
 ), timed AS (
-    -- The attempt's duration, in the same statement.
+    -- The attempt's duration (start to now) and wait (due to start), in the same statement.
     INSERT INTO errands_timings AS t (timing, queue, task, bucket, shard, n, total)
-    SELECT 'duration', queue, task, errands_bucket(s), pg_backend_pid() %% 8, 1, s
-    FROM (SELECT queue, task, greatest(%(now)s - started_at, 0) AS s FROM finished) AS ran
+    SELECT timing, queue, task, errands_bucket(s), pg_backend_pid() %% 8, 1, s
+    FROM finished, LATERAL (VALUES
+        ('duration', greatest(%(now)s - started_at, 0)),
+        ('wait', greatest(started_at - (SELECT eta FROM claimed), 0))
+    ) AS measured (timing, s)
     ON CONFLICT (timing, queue, task, bucket, shard) DO UPDATE
     SET n = t.n + 1, total = t.total + excluded.total
 )
@@ -463,7 +464,8 @@ SELECT CASE WHEN status = 'scheduled' THEN pg_notify(%(channel)s, '') END FROM f
 
 -- name: finish_step
 -- A workflow step's outcome; the caller moves its workflow on in the same transaction.
-WITH finished AS (
+-- claimed: the eta the attempt was due at, read before the update changes it.
+WITH claimed AS (SELECT eta FROM errands_jobs WHERE id = %(id)s), finished AS (
     UPDATE errands_jobs
     SET status = %(status)s, result = %(result)s, error = %(error)s, traceback = %(traceback)s,
         eta = coalesce(%(eta)s, eta),
@@ -478,10 +480,13 @@ WITH finished AS (
     FROM finished
     ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + 1
 ), timed AS (
-    -- The attempt's duration, in the same statement.
+    -- The attempt's duration (start to now) and wait (due to start), in the same statement.
     INSERT INTO errands_timings AS t (timing, queue, task, bucket, shard, n, total)
-    SELECT 'duration', queue, task, errands_bucket(s), pg_backend_pid() %% 8, 1, s
-    FROM (SELECT queue, task, greatest(%(now)s - started_at, 0) AS s FROM finished) AS ran
+    SELECT timing, queue, task, errands_bucket(s), pg_backend_pid() %% 8, 1, s
+    FROM finished, LATERAL (VALUES
+        ('duration', greatest(%(now)s - started_at, 0)),
+        ('wait', greatest(started_at - (SELECT eta FROM claimed), 0))
+    ) AS measured (timing, s)
     ON CONFLICT (timing, queue, task, bucket, shard) DO UPDATE
     SET n = t.n + 1, total = t.total + excluded.total
 )

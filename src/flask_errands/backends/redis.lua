@@ -305,16 +305,19 @@ local function add_timing(timing, queue, task, seconds)
   redis.call('HINCRBYFLOAT', P .. 'timings', field .. 'sum', string.format('%.17g', seconds))
 end
 
--- Add one attempt that ended with outcome at now to its minute's count, and its duration.
--- The minute is kept until prune or sample_depth folds it into minute 0: never expired, so
--- the counts since the store began stay whole.
+-- Add one attempt that ended with outcome at now to its minute's count, and its duration
+-- (start to now) and wait (eta to start) to their histograms. The minute is kept until prune
+-- or sample_depth folds it into minute 0: never expired, so the counts since the store began
+-- stay whole.
 local function count_finished(job, outcome, now)
   local minute = string.format('%d', math.floor(tonumber(now) / 60))
   local key = P .. 'finished:' .. minute
   if redis.call('HINCRBY', key, job.queue .. '\n' .. job.task .. '\n' .. outcome, 1) == 1 then
     redis.call('ZADD', P .. 'finishedminutes', minute, minute)
   end
-  add_timing('duration', job.queue, job.task, tonumber(now) - (tonumber(job.started) or tonumber(now)))
+  local started = tonumber(job.started) or tonumber(now)
+  add_timing('duration', job.queue, job.task, tonumber(now) - started)
+  add_timing('wait', job.queue, job.task, started - tonumber(job.eta))
 end
 
 -- Fold the per-minute counts of the minutes before cut (a ZRANGEBYSCORE bound) into minute 0.
@@ -443,9 +446,8 @@ if need > 0 then
     local _, _, m, queue, key = unpack(found[k])
     local id = string.sub(m, 17)
     redis.call('ZREM', key, m)
-    local v = redis.call('HMGET', job_key(id), 'status', 'attempts', 'task')
+    local v = redis.call('HMGET', job_key(id), 'status', 'attempts')
     if WAITING[v[1]] then
-      add_timing('wait', queue, v[3] or '', tonumber(now) - found[k][2])
       redis.call('ZREM', idx_key(queue, v[1]), id)
       redis.call('ZADD', idx_key(queue, 'running'), tonumber(string.sub(m, 1, 16)), id)
       redis.call('ZADD', lease_key(queue), expires, id)

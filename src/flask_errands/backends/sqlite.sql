@@ -265,18 +265,12 @@ CREATE TABLE IF NOT EXISTS errands_deleted_counts (
     PRIMARY KEY (queue, task)
 ) WITHOUT ROWID
 
--- name: migrate_timings_table
--- One row per timing, queue, task and bucket (an index into base.TIMING_BOUNDS, its length
--- for +Inf): how many values fell in it, and their sum.
-CREATE TABLE IF NOT EXISTS errands_timings (
-    timing TEXT NOT NULL,
-    queue TEXT NOT NULL,
-    task TEXT NOT NULL,
-    bucket INTEGER NOT NULL,
-    n INTEGER NOT NULL,
-    total REAL NOT NULL,
-    PRIMARY KEY (timing, queue, task, bucket)
-) WITHOUT ROWID
+-- name: migrate_timings_seconds
+-- The histograms live in errands_finished_counts, as rows whose outcome is 'duration:<bucket>'
+-- or 'wait:<bucket>' (an index into base.TIMING_BOUNDS, its length for +Inf), with the sum of
+-- their values: next to the attempt's own count in the same b-tree, so the finish's commit
+-- writes no page more (a table of their own cost SQLite's claim and finish a third).
+ALTER TABLE errands_finished_counts ADD COLUMN seconds REAL NOT NULL DEFAULT 0
 
 -- name: migrate_timings_buckets
 -- The buckets' upper bounds: base.TIMING_BOUNDS, one row each; bucket 15 (+Inf) holds the rest.
@@ -288,35 +282,34 @@ INSERT OR IGNORE INTO errands_buckets (le, bucket) VALUES
     (0.005, 0), (0.01, 1), (0.025, 2), (0.05, 3), (0.1, 4), (0.25, 5), (0.5, 6), (1, 7),
     (2.5, 8), (5, 9), (10, 10), (30, 11), (60, 12), (120, 13), (300, 14)
 
--- name: migrate_timings_time_wait
--- A waiting job's claim (not an expired lease's): from its eta to now.
-CREATE TRIGGER IF NOT EXISTS errands_time_wait
-AFTER UPDATE OF status ON errands_jobs
-WHEN (old.status = 'queued' OR old.status = 'scheduled') AND new.status = 'running'
-BEGIN
-    INSERT INTO errands_timings (timing, queue, task, bucket, n, total)
-    SELECT 'wait', new.queue, new.task,
-        coalesce((SELECT bucket FROM errands_buckets WHERE le >= s ORDER BY le LIMIT 1), 15), 1, s
-    FROM (SELECT max(new.started_at - old.eta, 0.0) AS s) AS waited
-    WHERE true
-    ON CONFLICT (timing, queue, task, bucket) DO UPDATE SET n = n + 1, total = total + excluded.total;
-END
+-- name: migrate_timings_drop_count_trigger
+DROP TRIGGER IF EXISTS errands_count_finished
 
--- name: migrate_timings_time_attempt
--- An attempt's end, as errands_count_finished counts it: from its start to now.
-CREATE TRIGGER IF NOT EXISTS errands_time_attempt
+-- name: migrate_timings_count_trigger
+-- migrate_3_count_trigger, which also files the attempt's duration (start to end) and wait
+-- (due to start) in their buckets, in the same minute.
+CREATE TRIGGER IF NOT EXISTS errands_count_finished
 AFTER UPDATE OF status ON errands_jobs
-WHEN old.status = 'running' AND new.status != 'running' AND new.status != 'queued'
+WHEN old.status = 'running' AND (new.status = 'succeeded' OR new.status = 'failed'
+    OR new.status = 'cancelled' OR new.status = 'scheduled')
 BEGIN
-    INSERT INTO errands_timings (timing, queue, task, bucket, n, total)
-    SELECT 'duration', new.queue, new.task,
-        coalesce((SELECT bucket FROM errands_buckets WHERE le >= s ORDER BY le LIMIT 1), 15), 1, s
+    INSERT INTO errands_finished_counts (minute, queue, task, outcome, n, seconds)
+    SELECT CAST(coalesce(new.finished_at, new.ended_at) / 60 AS INTEGER), new.queue, new.task,
+        CASE WHEN timing = '' THEN outcome ELSE timing || coalesce(
+            (SELECT bucket FROM errands_buckets WHERE le >= s ORDER BY le LIMIT 1), 15) END,
+        1, s
     FROM (
-        SELECT max(coalesce(new.finished_at, new.ended_at) - coalesce(old.started_at, 0), 0.0)
-            AS s
-    ) AS ran
+        SELECT CASE new.status WHEN 'scheduled' THEN 'retried' ELSE new.status END AS outcome,
+            '' AS timing, 0.0 AS s
+        UNION ALL
+        SELECT '', 'duration:',
+            max(coalesce(new.finished_at, new.ended_at) - coalesce(old.started_at, 0), 0.0)
+        UNION ALL
+        SELECT '', 'wait:', max(coalesce(old.started_at, 0) - old.eta, 0.0)
+    ) AS ended
     WHERE true
-    ON CONFLICT (timing, queue, task, bucket) DO UPDATE SET n = n + 1, total = total + excluded.total;
+    ON CONFLICT (minute, queue, task, outcome) DO UPDATE
+    SET n = n + 1, seconds = seconds + excluded.seconds;
 END
 
 -- name: insert_job
@@ -533,7 +526,8 @@ ON CONFLICT (schedule) DO UPDATE SET
 SELECT schedule, paused, every, cron, since FROM errands_schedule_states
 
 -- name: finished_counts
-SELECT minute, queue, task, outcome, n FROM errands_finished_counts WHERE minute >= ?
+SELECT minute, queue, task, outcome, n FROM errands_finished_counts
+WHERE minute >= ? AND outcome NOT LIKE '%:%'
 ORDER BY minute, queue, task, outcome
 
 -- name: enqueued_counts
@@ -570,7 +564,10 @@ WHERE id = ? AND (status = 'succeeded' OR status = 'failed' OR status = 'cancell
 ON CONFLICT (queue, task) DO UPDATE SET n = n + excluded.n
 
 -- name: timings
-SELECT timing, queue, task, bucket, n, total FROM errands_timings
+SELECT substr(outcome, 1, instr(outcome, ':') - 1) AS timing, queue, task,
+    CAST(substr(outcome, instr(outcome, ':') + 1) AS INTEGER) AS bucket, sum(n), sum(seconds)
+FROM errands_finished_counts WHERE outcome LIKE '%:%'
+GROUP BY outcome, queue, task
 
 -- name: sample_depth
 INSERT OR IGNORE INTO errands_depth_samples (minute, sample)
@@ -585,10 +582,11 @@ SELECT minute, sample FROM errands_depth_samples WHERE minute >= ?
 
 -- name: roll_up_figures
 -- Minute 0 keeps the counts of every minute pruned, so totals since the start stay known.
-INSERT INTO errands_finished_counts (minute, queue, task, outcome, n)
-SELECT 0, queue, task, outcome, sum(n) FROM errands_finished_counts
+INSERT INTO errands_finished_counts (minute, queue, task, outcome, n, seconds)
+SELECT 0, queue, task, outcome, sum(n), sum(seconds) FROM errands_finished_counts
 WHERE minute > 0 AND minute < ? GROUP BY queue, task, outcome
-ON CONFLICT (minute, queue, task, outcome) DO UPDATE SET n = n + excluded.n
+ON CONFLICT (minute, queue, task, outcome) DO UPDATE
+SET n = n + excluded.n, seconds = seconds + excluded.seconds
 
 -- name: prune_figures
 DELETE FROM errands_finished_counts WHERE minute > 0 AND minute < ?
