@@ -317,7 +317,7 @@ local function count_finished(job, outcome, now)
   end
   local started = tonumber(job.started) or tonumber(now)
   add_timing('duration', job.queue, job.task, tonumber(now) - started)
-  add_timing('wait', job.queue, job.task, started - tonumber(job.eta))
+  add_timing('wait', job.queue, job.task, started - (tonumber(job.eta) or started))
 end
 
 -- Fold the per-minute counts of the minutes before cut (a ZRANGEBYSCORE bound) into minute 0.
