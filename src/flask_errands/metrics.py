@@ -18,12 +18,13 @@ from .admin import Admin, Totals
 from .backends.base import TIMING_BOUNDS
 from .dashboard.auth import Authorize, ask, refusal
 from .exceptions import ConfigurationError
+from .status import JobStatus
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
-#: The states :data:`errands_queue_jobs` is given for, per queue.
-GAUGED = ("queued", "scheduled", "running")
+#: The states ``errands_queue_jobs`` is given for, per queue.
+GAUGED = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.RUNNING)
 #: The help of each timing's histogram.
 TIMING_HELP = {
     "duration": "Seconds from the start to the end of each attempt.",
@@ -88,7 +89,7 @@ def families(totals: Totals) -> list[Any]:
     )
     for queue, counts in totals.counts.items():
         for status in GAUGED:
-            depth.add_metric([queue, status], counts.get(status, 0))  # type: ignore[call-overload]
+            depth.add_metric([queue, status.value], counts.get(status, 0))
     workers = core.GaugeMetricFamily("errands_workers", "Live workers, now.")
     workers.add_metric([], totals.workers)
     return [enqueued, finished, *histograms, depth, workers]
