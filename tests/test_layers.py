@@ -36,7 +36,7 @@ LAYERS: list[set[str]] = [
         "backends",
     },
     {"jobs", "context", "logs"},
-    {"tasks", "outcomes", "transactions"},
+    {"tasks", "outcomes", "transactions", "tracing"},
     {"schedules", "runner", "workflows"},
     {"worker", "scheduler"},
     {"service", "serving"},
@@ -44,6 +44,7 @@ LAYERS: list[set[str]] = [
     {"admin", "process"},
     {
         "cli",
+        "metrics",
         "dashboard",
         "dashboard.api",
         "dashboard.auth",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .admin import Admin, JobPage, QueueInfo, ScheduleInfo, Stats, WorkerInfo
+from .admin import Admin, JobPage, QueueInfo, ScheduleInfo, Stats, Totals, WorkerInfo
 from .context import RunningJob, current_job
 from .dashboard import BasicAuth
 from .exceptions import (
@@ -58,6 +58,7 @@ __all__ = [
     "Stats",
     "Task",
     "TaskOptions",
+    "Totals",
     "UnknownTask",
     "WorkerInfo",
     "WorkflowJob",

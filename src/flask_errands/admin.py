@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from .backends.base import ScheduleState, minute_of
+from .backends.base import ScheduleState, Timing, minute_of
 from .exceptions import ErrandsError, JobNotFound, ScheduleNotFound, UnknownTask
 from .jobs import Job
 from .runtime import Runtime
@@ -122,6 +122,24 @@ class Stats:
         data = dataclasses.asdict(self)
         data["minutes"] = [minute.isoformat() for minute in self.minutes]
         return data
+
+
+@dataclasses.dataclass(frozen=True)
+class Totals:
+    """The whole deployment's figures since the store began, as metrics show them.
+
+    Read from the store, whichever process asks: ``enqueued`` per ``(queue,
+    task)``; ``finished`` per ``(queue, task, outcome)`` (succeeded, failed,
+    cancelled, retried), from the per-minute counts the dashboard charts;
+    ``timings`` per ``(timing, queue, task)`` (``duration`` of attempts, ``wait``
+    from due to start); ``counts`` per queue and status now; ``workers`` live now.
+    """
+
+    enqueued: dict[tuple[str, str], int]
+    finished: dict[tuple[str, str, str], int]
+    timings: dict[tuple[str, str, str], Timing]
+    counts: dict[str, dict[JobStatus, int]]
+    workers: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,6 +403,19 @@ class Admin:
             queued=depth["queued"],
             scheduled=depth["scheduled"],
             running=depth["running"],
+        )
+
+    def totals(self) -> Totals:
+        """The figures since the store began, of every process (see :class:`Totals`)."""
+        finished: dict[tuple[str, str, str], int] = {}
+        for _minute, queue, task, outcome, n in self._backend.finished_counts(0):
+            finished[queue, task, outcome] = finished.get((queue, task, outcome), 0) + n
+        return Totals(
+            enqueued=self._backend.enqueued_counts(),
+            finished=finished,
+            timings=self._backend.timings(),
+            counts=self.counts(),
+            workers=len(self._backend.list_workers(self._clock())),
         )
 
     def workers(self) -> list[WorkerInfo]:

@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "ERRANDS_REDIS_PREFIX": "errands:",  # a ?prefix= in a redis:// ERRANDS_URL wins
     "ERRANDS_OUTBOX_URL": None,  # the app's database (SQLAlchemy URL), for the outbox
     "ERRANDS_BROKER_URL": None,  # amqp://: RabbitMQ delivers the jobs, ERRANDS_URL keeps them
+    "ERRANDS_TRACING": False,  # OpenTelemetry spans of enqueues and attempts
 }
 
 EMBEDDED_SCHEMES = ("memory", "sqlite")
@@ -64,6 +65,7 @@ class Settings:
     outbox_url: str | None = None
     async_concurrency: int = 100
     broker_url: str | None = None
+    tracing: bool = False
 
     @classmethod
     def from_config(
@@ -94,6 +96,7 @@ class Settings:
             outbox_url=config["ERRANDS_OUTBOX_URL"] or None,
             async_concurrency=_positive_int(config, "ERRANDS_ASYNC_CONCURRENCY"),
             broker_url=config["ERRANDS_BROKER_URL"] or None,
+            tracing=boolean(config["ERRANDS_TRACING"], "ERRANDS_TRACING"),
         )
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from flask import Blueprint, Flask, current_app
 
-from . import transactions
+from . import metrics, transactions
 from .admin import Admin
 from .backends import Backend, JobRecord, backend_from_url
 from .cli import errands_cli
@@ -22,6 +22,9 @@ from .schedules import Schedule, check_call, schedules_from_config
 from .tasks import P, R, Task, TaskOptions
 from .transactions import Transaction
 from .worker import Worker
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
 
 
 class Errands:
@@ -209,6 +212,19 @@ class Errands:
         without it, or when the app has no ``secret_key`` for CSRF tokens.
         """
         return mount(app, lambda: self.admin, url_prefix=url_prefix, authorize=authorize)
+
+    def init_metrics(
+        self, app: Flask, *, path: str = "/metrics", authorize: Authorize | None = None
+    ) -> CollectorRegistry:
+        """Serve Prometheus metrics of the whole deployment at ``path`` on ``app``.
+
+        Every figure is read from the store at each scrape, so any process of the
+        app shows every process's work. ``authorize`` is required and works as
+        the dashboard's: ``"admin"`` or ``"viewer"`` may scrape; None is refused
+        (401 with a challenge under HTTP Basic, else 403). Needs
+        ``pip install 'flask-errands[prometheus]'``. Returns the registry served.
+        """
+        return metrics.mount(app, lambda: self.admin, path=path, authorize=authorize)
 
     def enqueue(self, records: list[JobRecord]) -> list[Job]:
         """Store new job records for the current app and return their jobs; ``delay()`` uses it."""

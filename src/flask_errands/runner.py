@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from flask import Flask
 
     from .tasks import Task
+    from .tracing import Tracing
 
 logger = logging.getLogger("flask_errands")
 
@@ -55,6 +57,8 @@ class Execution(RunningJob):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._settled = False
         self._started = False
+        #: How the attempt ended, once :meth:`Runner.conclude` settled it (for its trace).
+        self.outcome: Outcome | None = None
 
     @property
     def settled(self) -> bool:
@@ -134,6 +138,8 @@ class Outcome:
     error: str | None = None
     trace: str | None = None
     requested_delay: float | None = None
+    #: What the task raised, for the attempt's trace span.
+    exception: BaseException | None = None
 
 
 class Runner:
@@ -151,12 +157,14 @@ class Runner:
         *,
         clock: Callable[[], float] = time.time,
         backoff: bool = True,
+        tracing: Tracing | None = None,
     ) -> None:
         self.app = app
         self.backend = backend
         self.tasks = tasks
         self.clock = clock
         self.backoff = backoff
+        self.tracing = tracing
 
     def start(self, record: JobRecord) -> Execution:
         return Execution(record, self.backend, self.clock())
@@ -183,10 +191,11 @@ class Runner:
         started = time.perf_counter()
         if not execution.begin(self.clock()):
             return  # released before a thread could take it
-        task = self.tasks.get(record.task)
-        decision = self._refuse(execution, task)
-        if decision is None and task is not None:
-            decision = self._call(execution, task)
+        with self._traced(execution):
+            task = self.tasks.get(record.task)
+            decision = self._refuse(execution, task)
+            if decision is None and task is not None:
+                decision = self._call(execution, task)
         if decision is not None:  # else a watchdog settled it and logs it
             _log_outcome(execution, decision, time.perf_counter() - started)
 
@@ -199,12 +208,19 @@ class Runner:
         started = time.perf_counter()
         if not execution.begin(self.clock(), thread=False):
             return
-        task = self.tasks[execution.record.task]
-        decision = await asyncio.to_thread(self._refuse, execution, task)
-        if decision is None:
-            decision = await self._await(execution, task)
+        with self._traced(execution):
+            task = self.tasks[execution.record.task]
+            decision = await asyncio.to_thread(self._refuse, execution, task)
+            if decision is None:
+                decision = await self._await(execution, task)
         if decision is not None:
             _log_outcome(execution, decision, time.perf_counter() - started)
+
+    def _traced(self, execution: Execution) -> contextlib.AbstractContextManager[None]:
+        """The attempt's trace span, when tracing is on (see :mod:`~flask_errands.tracing`)."""
+        if self.tracing is None:
+            return _UNTRACED
+        return self.tracing.attempt(execution)
 
     def _refuse(self, execution: Execution, task: Task[Any, Any] | None) -> Decision | None:
         """End an attempt that must not call its task: cancelled already, or task unknown."""
@@ -315,6 +331,7 @@ class Runner:
         record = execution.record
         if not claimed and not execution.claim():
             return None
+        execution.outcome = outcome
         ending, requested_delay = outcome.ending, outcome.requested_delay
         result, error, trace = outcome.result, outcome.error, outcome.trace
         decision = self.decide(execution, ending, requested_delay)
@@ -392,6 +409,9 @@ def _persist(write: Callable[[], T], record: JobRecord) -> T:
             pause = min(pause * 2, 5.0)
 
 
+#: The context of an attempt nobody traces: one object, entered and left at no cost.
+_UNTRACED = contextlib.nullcontext()
+
 _SIGNALS = {
     SUCCEEDED: signals.job_succeeded,
     FAILED: signals.job_failed,
@@ -406,7 +426,8 @@ def _failure(exc: BaseException) -> Outcome:
     if isinstance(exc, JobCancelled):
         return Outcome(Ending.CANCELLED)
     trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return Outcome(Ending.RAISED, error=_describe(exc), trace=serialization.storable_text(trace))
+    text = serialization.storable_text(trace)
+    return Outcome(Ending.RAISED, error=_describe(exc), trace=text, exception=exc)
 
 
 def _warn_left_behind(execution: Execution) -> None:

@@ -11,6 +11,7 @@ worker`` are built the same way.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -35,6 +36,7 @@ from .scheduler import Fired, Scheduler
 from .schedules import Schedule
 from .service import Service
 from .tasks import Task, check_size
+from .tracing import Tracing
 from .worker import Worker, new_worker_id
 
 if TYPE_CHECKING:
@@ -65,11 +67,12 @@ class Runtime:
         self.tasks = tasks
         self._code_schedules = code_schedules
         self._config_schedules = config_schedules
-        self.runner = Runner(app, backend, tasks)
+        self.tracing = Tracing() if settings.tracing else None
+        self.runner = Runner(app, backend, tasks, tracing=self.tracing)
         self._no_backoff_runner: Runner | None = None
         self.eager_backend = MemoryBackend("memory://eager") if settings.eager else None
         self.eager_runner = (
-            Runner(app, self.eager_backend, tasks, backoff=False)
+            Runner(app, self.eager_backend, tasks, backoff=False, tracing=self.tracing)
             if self.eager_backend is not None
             else None
         )
@@ -105,6 +108,12 @@ class Runtime:
     def enqueue(self, records: list[JobRecord]) -> list[Job]:
         """Check new jobs, then store them now, or in (or after) ``errands.transaction()``'s."""
         self._check(records)
+        if self.tracing is not None:
+            with self.tracing.enqueuing(records):
+                return self._enqueue(records)
+        return self._enqueue(records)
+
+    def _enqueue(self, records: list[JobRecord]) -> list[Job]:
         transaction = transactions.current()
         if transaction is not None:
             return transaction.enqueue(self, records)
@@ -153,7 +162,9 @@ class Runtime:
             )
             record.eta = fire_time.timestamp()  # a tick's job is due at its tick, even a late one
             self._check([record])
-            if not self.backend.fire_tick(schedule.name, fire_time.timestamp(), record, now):
+            with self.tracing.enqueuing([record]) if self.tracing else contextlib.nullcontext():
+                fired = self.backend.fire_tick(schedule.name, fire_time.timestamp(), record, now)
+            if not fired:
                 return None
             local = fire_time.astimezone(schedule.zone).isoformat()
             if schedule.max_running is not None and self.backend.get(record.id) is None:
@@ -224,7 +235,9 @@ class Runtime:
         runner = self.runner
         if not backoff:
             if self._no_backoff_runner is None:
-                self._no_backoff_runner = Runner(self.app, self.backend, self.tasks, backoff=False)
+                self._no_backoff_runner = Runner(
+                    self.app, self.backend, self.tasks, backoff=False, tracing=self.tracing
+                )
             runner = self._no_backoff_runner
         return self._drain(self.backend, runner, queues, on_job)
 

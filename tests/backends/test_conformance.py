@@ -66,11 +66,19 @@ def test_enqueue_then_get_returns_every_field(backend: Backend) -> None:
         timeout=9.0,
         unique_key="k1",
         payload='{"args":[1],"kwargs":{"x":"é"}}',
+        trace="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
     )
     [stored] = backend.enqueue([original])
     assert stored == original
     assert backend.get(original.id) == original
     assert backend.get("no-such-job") is None
+
+
+def test_a_batch_keeps_each_job_trace_context_and_the_claim_returns_it(backend: Backend) -> None:
+    traced = [job(trace=f"00-{i:032x}-{i:016x}-01") for i in range(1, 3)]
+    backend.enqueue([*traced, job()])
+    assert [backend.get(j.id).trace for j in traced] == [j.trace for j in traced]  # type: ignore[union-attr]
+    assert [j.trace for j in reserve(backend, limit=3)] == [*(j.trace for j in traced), None]
 
 
 def test_reserve_takes_higher_priority_first_then_enqueue_order(backend: Backend) -> None:

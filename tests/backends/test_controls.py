@@ -3,10 +3,18 @@ run time, keyset pages of jobs, and per-minute figures; run against each backend
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from flask_errands.backends import Backend
-from flask_errands.backends.base import ScheduleState
+from flask_errands.backends.base import (
+    FIGURE_MINUTES,
+    TIMING_BOUNDS,
+    ScheduleState,
+    Timing,
+    bucket_of,
+)
 from tests.backends.test_conformance import LEASE, T0, job, reserve, token
 from tests.backends.test_steps import chain_of
 
@@ -146,13 +154,19 @@ def test_finish_counts_each_attempt_in_its_minute(backend: Backend) -> None:
     ]
 
 
-def test_a_job_failed_for_lost_leases_is_counted_as_failed(backend: Backend) -> None:
+def lose_leases(backend: Backend) -> float:
+    """Enqueue a job of task ``killer`` whose workers die twice under it, till it is failed."""
     backend.enqueue([job(queue="q", task="killer")])
     now = T0
     for _ in range(2):
         assert len(backend.reserve(None, 1, "w", LEASE, now, max_lost_leases=2)) == 1
         now += LEASE + 1
     assert backend.reserve(None, 1, "w", LEASE, now, max_lost_leases=2) == []
+    return now
+
+
+def test_a_job_failed_for_lost_leases_is_counted_as_failed(backend: Backend) -> None:
+    now = lose_leases(backend)
     assert backend.finished_counts(1) == [(int(now // 60), "q", "killer", "failed", 1)]
 
 
@@ -171,6 +185,99 @@ def test_depth_is_sampled_once_a_minute_whoever_asks(backend: Backend) -> None:
     assert list(backend.depth_samples(MINUTE + 1)) == [MINUTE + 1]
     backend.prune(T0 + 60)
     assert list(backend.depth_samples(0)) == [MINUTE + 1]
+
+
+# -- figures for metrics -------------------------------------------------------------------
+
+
+def test_enqueued_jobs_are_counted_for_good_but_not_those_a_live_unique_job_stands_for(
+    backend: Backend,
+) -> None:
+    backend.enqueue([job(queue="q", task="a"), job(queue="q", task="b")])
+    backend.enqueue([job(queue="q", task="a", unique_key="k")])
+    backend.enqueue([job(queue="q", task="a", unique_key="k")])  # the live one stands in
+    backend.enqueue([job(queue="r", task="a", status="scheduled", eta=T0 + 60)])
+    assert backend.fire_tick("nightly", T0, job(queue="q", task="a"), T0)
+    assert backend.enqueued_counts() == {("q", "a"): 3, ("q", "b"): 1, ("r", "a"): 1}
+    ended = reserve(backend, limit=5, now=T0 + 60)
+    for claimed in ended:
+        backend.finish(claimed.id, token(claimed), "succeeded", T0 + 61)
+    backend.enqueue([job(queue="q", task="b", status="scheduled", eta=T0 + 10**6)])
+    assert backend.delete(ended[0].id)
+    backend.prune(T0 + 3600)
+    backend.purge()  # the scheduled one
+    assert backend.counts() == {}
+    assert backend.enqueued_counts() == {("q", "a"): 3, ("q", "b"): 2, ("r", "a"): 1}
+
+
+def test_every_attempt_that_ends_adds_its_duration_and_its_wait(
+    backend: Backend,
+) -> None:
+    late, due = job(queue="q", task="t", eta=T0 - 2.5), job(queue="q", task="t")
+    backend.enqueue([late, due, job(queue="q", task="u", eta=T0 - 1000)])
+    third, first, second = reserve(backend, limit=3)  # in eta order
+    assert (first.id, second.id, third.task) == (late.id, due.id, "u")
+    assert backend.finish(first.id, token(first), "succeeded", T0 + 0.05)
+    assert not backend.finish(first.id, token(first), "succeeded", T0 + 0.07)  # not applied
+    assert backend.finish(second.id, token(second), "scheduled", T0 + 40, eta=T0 + 40)
+    assert backend.finish(third.id, token(third), "failed", T0 + 400, error="E: x")
+    [again] = reserve(backend, now=T0 + 40.5)  # the retry waited half a second
+    assert backend.release(again.id, token(again), T0 + 41)  # no attempt ended: not timed
+    bounds = len(TIMING_BOUNDS) + 1
+
+    def histogram(values: dict[int, int], total: float) -> Timing:
+        approx: Any = pytest.approx(total)
+        return Timing([values.get(i, 0) for i in range(bounds)], approx)
+
+    timings = backend.timings()
+    assert set(timings) == {
+        ("duration", "q", "t"),
+        ("duration", "q", "u"),
+        ("wait", "q", "t"),
+        ("wait", "q", "u"),
+    }
+    assert timings["duration", "q", "t"] == histogram({3: 1, 12: 1}, 40.05)
+    assert timings["duration", "q", "u"] == histogram({15: 1}, 400.0)
+    # Filed as each attempt ends: the released one never did.
+    assert timings["wait", "q", "t"] == histogram({0: 1, 8: 1}, 2.5)
+    assert timings["wait", "q", "u"] == histogram({15: 1}, 1000.0)
+    ended = sum(n for *_, n in backend.finished_counts(0))
+    for timing in ("duration", "wait"):
+        assert sum(t.count for (name, _, _), t in timings.items() if name == timing) == ended
+
+
+def test_a_job_given_up_for_lost_leases_has_its_last_attempt_timed(backend: Backend) -> None:
+    lose_leases(backend)
+    timings = backend.timings()
+    assert timings["wait", "q", "killer"].count == 1  # of the attempt given up only
+    assert timings["duration", "q", "killer"].count == 1
+    assert timings["duration", "q", "killer"].total == pytest.approx(LEASE + 1)
+
+
+def test_the_bucket_bounds_are_the_same_in_every_store(backend: Backend) -> None:
+    """Values just under and just past each bound fall in the buckets ``bucket_of`` says."""
+    values = [bound * factor for bound in TIMING_BOUNDS for factor in (0.999, 1.001)]
+    backend.enqueue([job(queue="q", task="t", eta=T0 - value) for value in values])
+    for claimed in reserve(backend, limit=len(values)):
+        backend.finish(claimed.id, token(claimed), "succeeded", T0)
+    expected = [0] * (len(TIMING_BOUNDS) + 1)
+    for value in values:
+        expected[bucket_of(value)] += 1
+    assert expected[0] == 1 and expected[-1] == 1
+    assert backend.timings()["wait", "q", "t"].buckets == expected
+
+
+def test_the_finished_counts_since_the_start_survive_folding_and_pruning(
+    backend: Backend,
+) -> None:
+    backend.enqueue([job(queue="q", task="t", eta=T0 + 60 * i) for i in range(3)])
+    for i in range(3):
+        [claimed] = reserve(backend, now=T0 + 60 * i)
+        backend.finish(claimed.id, token(claimed), "succeeded", T0 + 60 * i)
+    assert backend.sample_depth(T0 + 60 * (FIGURE_MINUTES + 1))  # folds the oldest minutes
+    backend.prune(T0 + 90)
+    backend.prune(T0 + 30)  # an earlier cut-off later changes nothing
+    assert sum(n for *_, n in backend.finished_counts(0)) == 3
 
 
 @pytest.mark.parametrize("limit", [1, 3])

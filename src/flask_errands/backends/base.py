@@ -23,7 +23,7 @@ import json
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..status import FINISHED, LIVE, STATUSES, WAITING, JobStatus
@@ -55,6 +55,7 @@ __all__ = [
     "JobRecord",
     "JobStatus",
     "ScheduleState",
+    "Timing",
 ]
 
 #: How many leases in a row a job may lose (its worker died running it) before it fails.
@@ -107,6 +108,9 @@ class JobRecord:
     flow: str | None = None
     #: For a blocked step, how many of its inputs (upstream results) are not stored yet.
     blocked_by: int = 0
+    #: The W3C ``traceparent`` of the span that enqueued the job, when tracing is on; the
+    #: attempts' spans are its children, in whichever process runs them.
+    trace: str | None = None
 
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any]) -> JobRecord:
@@ -211,6 +215,66 @@ OUTCOMES["scheduled"] = "retried"
 #: the last hour): the first :meth:`Backend.sample_depth` of each minute folds older ones into
 #: minute 0, so finished jobs are counted from a few thousand rows at most.
 FIGURE_MINUTES = 180
+
+
+#: The upper bounds, in seconds, of the buckets of the timings every store keeps
+#: (:meth:`Backend.timings`); one more bucket, +Inf, holds what is longer. Fixed, as the
+#: stores' scripts and statements spell them out too (redis.lua, sqlite.sql, postgres.sql).
+TIMING_BOUNDS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+#: The timings kept: ``duration`` (start to end of an attempt) and ``wait`` (due to start).
+TIMINGS = ("duration", "wait")
+
+
+def bucket_of(seconds: float) -> int:
+    """The index in :data:`TIMING_BOUNDS` of the first bound >= ``seconds``, or its length."""
+    for index, bound in enumerate(TIMING_BOUNDS):
+        if seconds <= bound:
+            return index
+    return len(TIMING_BOUNDS)
+
+
+@dataclasses.dataclass
+class Timing:
+    """One histogram of a queue and task: how many values fell in each bucket, and their sum.
+
+    ``buckets[i]`` counts the values of bucket ``i`` alone (not cumulative); the
+    last one is +Inf.
+    """
+
+    buckets: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(TIMING_BOUNDS) + 1))
+    total: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return sum(self.buckets)
+
+
+def gather_timings(
+    rows: Iterable[tuple[str, str, str, int, int, float]],
+) -> dict[tuple[str, str, str], Timing]:
+    """:meth:`Backend.timings` from a store's rows ``(timing, queue, task, bucket, n, total)``."""
+    timings: dict[tuple[str, str, str], Timing] = {}
+    for timing, queue, task, bucket, n, total in rows:
+        found = timings.setdefault((timing, queue, task), Timing())
+        found.buckets[min(int(bucket), len(TIMING_BOUNDS))] += int(n)
+        found.total += float(total)
+    return timings
 
 
 def minute_of(moment: float) -> int:
@@ -514,6 +578,29 @@ class Backend(ABC):
         :meth:`finish`. :meth:`prune` folds the minutes before its cut-off into
         minute 0, which so holds the counts since the store began (for metrics);
         the SQL stores also fold those :data:`FIGURE_MINUTES` older than each depth sample.
+        """
+
+    @abstractmethod
+    def enqueued_counts(self) -> dict[tuple[str, str], int]:
+        """How many jobs were stored since the store began, per ``(queue, task)``.
+
+        Jobs stored by :meth:`enqueue`, :meth:`enqueue_in` (once committed) and
+        :meth:`fire_tick`; never decreased: a job whose unique key a live job held
+        is not counted, deleted jobs stay counted. A store counts them as it
+        stores them (memory, Redis), or as the jobs it holds plus those it deleted,
+        noted by :meth:`prune`, :meth:`purge` and :meth:`delete` (the SQL stores:
+        no write on the enqueue path; the read scans an index of the jobs).
+        """
+
+    @abstractmethod
+    def timings(self) -> dict[tuple[str, str, str], Timing]:
+        """Histograms since the store began, per ``(timing, queue, task)``, never decreased.
+
+        Both are added atomically with each end of an attempt that
+        :meth:`finished_counts` counts, so each histogram's count is theirs:
+        ``duration`` from the attempt's start to its end, ``wait`` from the ``eta``
+        it was due at to its start. An attempt whose lease was taken over never
+        ended, and is in neither. A negative time (clocks apart) counts as 0.
         """
 
     @abstractmethod

@@ -44,6 +44,7 @@ from .base import (
     Flow,
     JobRecord,
     ScheduleState,
+    Timing,
     logger,
 )
 from .rabbitmq import Consumer, Delivery, Publisher
@@ -312,6 +313,12 @@ class BrokeredBackend(Backend):
 
     def finished_counts(self, since_minute: int) -> list[tuple[int, str, str, str, int]]:
         return self.store.finished_counts(since_minute)
+
+    def enqueued_counts(self) -> dict[tuple[str, str], int]:
+        return self.store.enqueued_counts()
+
+    def timings(self) -> dict[tuple[str, str, str], Timing]:
+        return self.store.timings()
 
     def sample_depth(self, now: float) -> bool:
         return self.store.sample_depth(now)

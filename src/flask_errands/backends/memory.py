@@ -34,6 +34,8 @@ from .base import (
     JobRecord,
     JobStatus,
     ScheduleState,
+    Timing,
+    bucket_of,
     claimed_only,
     minute_of,
     upstream_failed,
@@ -78,6 +80,8 @@ class MemoryBackend(Backend):
         self._schedule_states: dict[str, ScheduleState] = {}
         self._finished_counts: dict[tuple[int, str, str, str], int] = {}
         self._depth: dict[int, dict[tuple[str, str], int]] = {}
+        self._enqueued: dict[tuple[str, str], int] = {}
+        self._timings: dict[tuple[str, str, str], Timing] = {}
         #: Workflow steps' inputs: ``{job id: {position: result JSON}}``.
         self._inputs: dict[str, dict[int, str]] = {}
 
@@ -111,8 +115,8 @@ class MemoryBackend(Backend):
                     job.lost_leases += 1
                     (given_up if job.lost_leases >= max_lost_leases else claimed).append(job)
             for job in given_up:
-                self._give_up(job, now)
                 self._count(job, "failed", now)
+                self._give_up(job, now)
             names = list(self._delayed if queues is None else queues)
             heaps = [
                 self._promote(name, now)
@@ -359,6 +363,17 @@ class MemoryBackend(Backend):
                 (*key, n) for key, n in self._finished_counts.items() if key[0] >= since_minute
             )
 
+    def enqueued_counts(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._enqueued)
+
+    def timings(self) -> dict[tuple[str, str, str], Timing]:
+        with self._lock:
+            return {
+                key: Timing(list(timing.buckets), timing.total)
+                for key, timing in self._timings.items()
+            }
+
     def sample_depth(self, now: float) -> bool:
         minute = minute_of(now)
         with self._lock:
@@ -469,9 +484,23 @@ class MemoryBackend(Backend):
     # -- internals, called with the lock held --------------------------------
 
     def _count(self, job: JobRecord, status: str, now: float) -> None:
-        """Add an attempt that ended so to its minute's count, as every store's finish does."""
+        """Add an attempt that ended so to its minute's count, and its duration and wait to
+        their histograms, as every store's finish does."""
         key = (minute_of(now), job.queue, job.task, OUTCOMES[status])
         self._finished_counts[key] = self._finished_counts.get(key, 0) + 1
+        started = now if job.started_at is None else job.started_at
+        self._time("duration", job, now - started)
+        self._time("wait", job, started - job.eta)
+
+    def _time(self, timing: str, job: JobRecord, seconds: float) -> None:
+        """Add one value to a histogram of :meth:`timings`."""
+        key = (timing, job.queue, job.task)
+        found = self._timings.get(key)
+        if found is None:
+            found = self._timings[key] = Timing()
+        seconds = max(seconds, 0.0)
+        found.buckets[bucket_of(seconds)] += 1
+        found.total += seconds
 
     def _insert(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
         taken = [job.id for job in jobs if job.id in self._jobs]
@@ -484,6 +513,8 @@ class MemoryBackend(Backend):
                 stored.append(_copy(existing))
                 continue
             job = _copy(job)
+            key = (job.queue, job.task)
+            self._enqueued[key] = self._enqueued.get(key, 0) + 1
             self._jobs[job.id] = job
             self._seq[job.id] = next(self._counter)
             if job.unique_key is not None:

@@ -69,7 +69,9 @@ from .base import (
     Cursor,
     JobRecord,
     ScheduleState,
+    Timing,
     claimed_only,
+    gather_timings,
     minute_of,
     page_bounds,
     page_of,
@@ -103,7 +105,7 @@ class Connection(psycopg.Connection[DictRow]):
 
 
 QUERIES = load_queries("postgres.sql")
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 7
 #: The statements that bring a schema from the version before to each version.
 MIGRATIONS = {
     1: tuple(QUERIES[name] for name in QUERIES if name.startswith("create_")),
@@ -113,6 +115,10 @@ MIGRATIONS = {
     # Finished totals from the per-minute counts, one page index (see postgres.sql). Names
     # without a number: the step can be renumbered as it is.
     5: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_hot_")),
+    # Taken by the rate and concurrency limits (issue 14), which land apart.
+    6: (),
+    # Figures for metrics and the trace context (see postgres.sql); it can be renumbered.
+    7: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_timings_")),
 }
 
 #: Settings read from (and removed from) the URL's query, with their defaults.
@@ -624,6 +630,18 @@ class PostgresBackend(Backend):
             conn.execute(QUERIES["roll_up_figures"], (minute - FIGURE_MINUTES,))
             return True
 
+    def enqueued_counts(self) -> dict[tuple[str, str], int]:
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["enqueued_counts"]).fetchall()
+        return {(row["queue"], row["task"]): row["n"] for row in rows}
+
+    def timings(self) -> dict[tuple[str, str, str], Timing]:
+        with self._connection() as conn:
+            rows = conn.execute(QUERIES["timings"]).fetchall()
+        return gather_timings(
+            (r["timing"], r["queue"], r["task"], r["bucket"], r["n"], r["total"]) for r in rows
+        )
+
     def depth_samples(self, since_minute: int) -> dict[int, dict[tuple[str, str], int]]:
         with self._connection() as conn:
             rows = conn.execute(QUERIES["depth_samples"], (since_minute,)).fetchall()
@@ -655,6 +673,7 @@ class PostgresBackend(Backend):
             conn.execute(QUERIES["prune_ticks"], (finished_before,))
             conn.execute(QUERIES["prune_workers"], (finished_before,))
             conn.execute(QUERIES["roll_up_figures"], (minute_of(finished_before),))
+            conn.execute(QUERIES["roll_up_deleted"])
             conn.execute(QUERIES["prune_samples"], (minute_of(finished_before),))
             return int(_value(conn.execute(QUERIES["prune_jobs"], (finished_before,)).fetchone()))
 
@@ -909,7 +928,7 @@ def _record(row: Mapping[str, Any]) -> JobRecord:
 #: The columns :meth:`PostgresBackend._columns` sends as arrays for ``insert_jobs``.
 _BATCH_COLUMNS = (
     *("id", "task", "payload", "queue", "priority", "status", "attempts", "max_attempts"),
-    *("retry_delay", "timeout", "eta", "enqueued_at", "flow", "blocked_by"),
+    *("retry_delay", "timeout", "eta", "enqueued_at", "flow", "blocked_by", "trace"),
 )
 
 

@@ -265,17 +265,61 @@ DROP INDEX IF EXISTS errands_jobs_listing
 -- name: migrate_hot_page_index
 CREATE INDEX IF NOT EXISTS errands_jobs_pages ON errands_jobs (status, queue, task, seq)
 
+-- name: migrate_timings_trace
+-- Version 7: figures for metrics: histograms of attempts' durations and jobs' waits (due to
+-- start) in the buckets of base.TIMING_BOUNDS, kept in the statements that claim and end jobs
+-- (as the per-minute counts are), and the jobs deleted, for the count of jobs enqueued; never
+-- decreased. And the traceparent of the span that enqueued a job. Names without a number:
+-- the step can be renumbered as it is.
+ALTER TABLE errands_jobs ADD COLUMN IF NOT EXISTS trace text
+
+-- name: migrate_timings_deleted
+-- Jobs deleted (pruned, purged, deleted) per queue and task: with the jobs stored, how many
+-- were ever enqueued, counted at no cost to an enqueue. Rows only ever inserted, no key: prune
+-- folds them into one per queue and task.
+CREATE TABLE IF NOT EXISTS errands_deleted_counts (
+    queue text NOT NULL,
+    task text NOT NULL,
+    n bigint NOT NULL
+)
+
+-- name: migrate_timings_table
+-- One row per timing, queue, task, bucket (an index into base.TIMING_BOUNDS, its length for
+-- +Inf) and shard (by server process, as errands_finished_counts): values in it, their sum.
+CREATE TABLE IF NOT EXISTS errands_timings (
+    timing text NOT NULL,
+    queue text NOT NULL,
+    task text NOT NULL,
+    bucket smallint NOT NULL,
+    shard smallint NOT NULL,
+    n bigint NOT NULL,
+    total double precision NOT NULL,
+    PRIMARY KEY (timing, queue, task, bucket, shard)
+)
+
+-- name: migrate_timings_bucket
+-- The bucket of a time in seconds, as base.bucket_of.
+CREATE OR REPLACE FUNCTION errands_bucket(seconds double precision) RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+SELECT (CASE WHEN seconds <= 0.005 THEN 0 WHEN seconds <= 0.01 THEN 1
+    WHEN seconds <= 0.025 THEN 2 WHEN seconds <= 0.05 THEN 3 WHEN seconds <= 0.1 THEN 4
+    WHEN seconds <= 0.25 THEN 5 WHEN seconds <= 0.5 THEN 6 WHEN seconds <= 1 THEN 7
+    WHEN seconds <= 2.5 THEN 8 WHEN seconds <= 5 THEN 9 WHEN seconds <= 10 THEN 10
+    WHEN seconds <= 30 THEN 11 WHEN seconds <= 60 THEN 12 WHEN seconds <= 120 THEN 13
+    WHEN seconds <= 300 THEN 14 ELSE 15 END)::smallint
+$$
+
 -- name: insert_job
 -- {jobs} is the table, qualified with the store's schema when written through an app's
 -- connection, whose search_path may differ.
 WITH inserted AS (
     INSERT INTO {jobs} (
         id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, unique_key, eta, enqueued_at, flow, blocked_by
+        timeout, unique_key, eta, enqueued_at, flow, blocked_by, trace
     ) VALUES (
         %(id)s, %(task)s, %(payload)s, %(queue)s, %(priority)s, %(status)s, %(attempts)s,
         %(max_attempts)s, %(retry_delay)s, %(timeout)s, %(unique_key)s, %(eta)s, %(enqueued_at)s,
-        %(flow)s, %(blocked_by)s
+        %(flow)s, %(blocked_by)s, %(trace)s
     )
     ON CONFLICT (unique_key)
         WHERE unique_key IS NOT NULL AND status IN ('queued', 'scheduled', 'running')
@@ -290,18 +334,19 @@ SELECT id, pg_notify(%(channel)s, '') FROM inserted
 WITH inserted AS (
     INSERT INTO {jobs} (
         id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, unique_key, eta, enqueued_at, flow, blocked_by
+        timeout, unique_key, eta, enqueued_at, flow, blocked_by, trace
     )
     SELECT id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, NULL, eta, enqueued_at, flow, blocked_by
+        timeout, NULL, eta, enqueued_at, flow, blocked_by, trace
     FROM unnest(
         %(id)s::text[], %(task)s::text[], %(payload)s::text[], %(queue)s::text[],
         %(priority)s::integer[], %(status)s::text[], %(attempts)s::integer[],
         %(max_attempts)s::integer[], %(retry_delay)s::float8[], %(timeout)s::float8[],
-        %(eta)s::float8[], %(enqueued_at)s::float8[], %(flow)s::text[], %(blocked_by)s::integer[]
+        %(eta)s::float8[], %(enqueued_at)s::float8[], %(flow)s::text[], %(blocked_by)s::integer[],
+        %(trace)s::text[]
     ) WITH ORDINALITY AS batch (
         id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, eta, enqueued_at, flow, blocked_by, position
+        timeout, eta, enqueued_at, flow, blocked_by, trace, position
     )
     ORDER BY position
     RETURNING 1
@@ -361,6 +406,17 @@ RETURNING j.*
     SELECT floor(%(now)s / 60)::bigint, queue, task, 'failed', pg_backend_pid() %% 8, count(*)
     FROM updated WHERE status = 'failed' GROUP BY queue, task
     ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + excluded.n
+), timed AS (
+    -- The last attempt of each job given up: its duration, and its wait (due to start).
+    INSERT INTO errands_timings AS t (timing, queue, task, bucket, shard, n, total)
+    SELECT timing, queue, task, errands_bucket(s), pg_backend_pid() %% 8, count(*), sum(s)
+    FROM updated, LATERAL (VALUES
+        ('duration', greatest(%(now)s - started_at, 0)), ('wait', greatest(started_at - eta, 0))
+    ) AS measured (timing, s)
+    WHERE status = 'failed'
+    GROUP BY timing, queue, task, errands_bucket(s)
+    ON CONFLICT (timing, queue, task, bucket, shard) DO UPDATE
+    SET n = t.n + excluded.n, total = t.total + excluded.total
 )
 SELECT * FROM updated
 UNION ALL
@@ -377,14 +433,15 @@ UPDATE errands_jobs SET progress = %(progress)s, progress_message = %(message)s
 WHERE id = %(id)s AND status = 'running'
 
 -- name: finish
-WITH finished AS (
+-- claimed: the eta the attempt was due at, read before the update changes it.
+WITH claimed AS (SELECT eta FROM errands_jobs WHERE id = %(id)s), finished AS (
     UPDATE errands_jobs
     SET status = %(status)s, result = %(result)s, error = %(error)s, traceback = %(traceback)s,
         eta = coalesce(%(eta)s, eta),
         finished_at = CASE WHEN %(status)s = 'scheduled' THEN NULL ELSE %(now)s END,
         lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
     WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s AND flow IS NULL
-    RETURNING status, queue, task
+    RETURNING status, queue, task, started_at
 ), counted AS (
     -- The attempt's end, counted in its minute in the same statement.
     INSERT INTO errands_finished_counts AS c (minute, queue, task, outcome, shard, n)
@@ -392,25 +449,46 @@ WITH finished AS (
         CASE WHEN status = 'scheduled' THEN 'retried' ELSE status END, pg_backend_pid() %% 8, 1
     FROM finished
     ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + 1
+), timed AS (
+    -- The attempt's duration (start to now) and wait (due to start), in the same statement.
+    INSERT INTO errands_timings AS t (timing, queue, task, bucket, shard, n, total)
+    SELECT timing, queue, task, errands_bucket(s), pg_backend_pid() %% 8, 1, s
+    FROM finished, LATERAL (VALUES
+        ('duration', greatest(%(now)s - started_at, 0)),
+        ('wait', greatest(started_at - (SELECT eta FROM claimed), 0))
+    ) AS measured (timing, s)
+    ON CONFLICT (timing, queue, task, bucket, shard) DO UPDATE
+    SET n = t.n + 1, total = t.total + excluded.total
 )
 SELECT CASE WHEN status = 'scheduled' THEN pg_notify(%(channel)s, '') END FROM finished
 
 -- name: finish_step
 -- A workflow step's outcome; the caller moves its workflow on in the same transaction.
-WITH finished AS (
+-- claimed: the eta the attempt was due at, read before the update changes it.
+WITH claimed AS (SELECT eta FROM errands_jobs WHERE id = %(id)s), finished AS (
     UPDATE errands_jobs
     SET status = %(status)s, result = %(result)s, error = %(error)s, traceback = %(traceback)s,
         eta = coalesce(%(eta)s, eta),
         finished_at = CASE WHEN %(status)s = 'scheduled' THEN NULL ELSE %(now)s END,
         lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
     WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s
-    RETURNING status, queue, task, flow
+    RETURNING status, queue, task, flow, started_at
 ), counted AS (
     INSERT INTO errands_finished_counts AS c (minute, queue, task, outcome, shard, n)
     SELECT floor(%(now)s / 60)::bigint, queue, task,
         CASE WHEN status = 'scheduled' THEN 'retried' ELSE status END, pg_backend_pid() %% 8, 1
     FROM finished
     ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + 1
+), timed AS (
+    -- The attempt's duration (start to now) and wait (due to start), in the same statement.
+    INSERT INTO errands_timings AS t (timing, queue, task, bucket, shard, n, total)
+    SELECT timing, queue, task, errands_bucket(s), pg_backend_pid() %% 8, 1, s
+    FROM finished, LATERAL (VALUES
+        ('duration', greatest(%(now)s - started_at, 0)),
+        ('wait', greatest(started_at - (SELECT eta FROM claimed), 0))
+    ) AS measured (timing, s)
+    ON CONFLICT (timing, queue, task, bucket, shard) DO UPDATE
+    SET n = t.n + 1, total = t.total + excluded.total
 )
 SELECT task, flow FROM finished
 
@@ -606,6 +684,24 @@ SELECT schedule, paused, every, cron, since FROM errands_schedule_states
 SELECT minute, queue, task, outcome, sum(n)::bigint AS n FROM errands_finished_counts
 WHERE minute >= %s GROUP BY minute, queue, task, outcome ORDER BY minute, queue, task, outcome
 
+-- name: enqueued_counts
+SELECT queue, task, sum(n)::bigint AS n FROM (
+    SELECT queue, task, count(*) AS n FROM errands_jobs GROUP BY queue, task
+    UNION ALL
+    SELECT queue, task, n FROM errands_deleted_counts
+) AS ever
+GROUP BY queue, task
+
+-- name: timings
+SELECT timing, queue, task, bucket, sum(n)::bigint AS n, sum(total) AS total
+FROM errands_timings GROUP BY timing, queue, task, bucket
+
+-- name: roll_up_deleted
+-- One row per queue and task again; rows of deletes not committed yet are left for later.
+WITH taken AS (DELETE FROM errands_deleted_counts RETURNING queue, task, n)
+INSERT INTO errands_deleted_counts (queue, task, n)
+SELECT queue, task, sum(n) FROM taken GROUP BY queue, task
+
 -- name: sample_depth
 INSERT INTO errands_depth_samples (minute, sample)
 SELECT %(minute)s, coalesce(jsonb_agg(jsonb_build_array(queue, status, n)), '[]') FROM (
@@ -647,7 +743,10 @@ ORDER BY schedule, fire_time DESC
 WITH pruned AS (
     DELETE FROM errands_jobs
     WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < %s
-    RETURNING queue, status
+    RETURNING queue, status, task
+), gone AS (
+    INSERT INTO errands_deleted_counts (queue, task, n)
+    SELECT queue, task, count(*) FROM pruned GROUP BY queue, task
 ), counted AS (
     INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
     SELECT queue, status, 0, -count(*) FROM pruned GROUP BY queue, status
@@ -669,7 +768,10 @@ WITH purged AS (
         AND (%(queue)s::text IS NULL OR queue = %(queue)s)
         AND (%(before)s::double precision IS NULL
             OR coalesce(finished_at, enqueued_at) < %(before)s)
-    RETURNING queue, status
+    RETURNING queue, status, task
+), gone AS (
+    INSERT INTO errands_deleted_counts (queue, task, n)
+    SELECT queue, task, count(*) FROM purged GROUP BY queue, task
 ), counted AS (
     INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
     SELECT queue, status, 0, -count(*) FROM purged
@@ -682,7 +784,10 @@ SELECT count(*) AS n FROM purged
 WITH deleted AS (
     DELETE FROM errands_jobs
     WHERE id = %s AND status IN ('succeeded', 'failed', 'cancelled')
-    RETURNING queue, status
+    RETURNING queue, status, task
+), gone AS (
+    INSERT INTO errands_deleted_counts (queue, task, n)
+    SELECT queue, task, count(*) FROM deleted GROUP BY queue, task
 ), counted AS (
     INSERT INTO errands_finished_totals AS t (queue, status, shard, n)
     SELECT queue, status, 0, -1 FROM deleted

@@ -28,6 +28,10 @@
 --                         paused ('1' or '0'), every and since (float text), cron
 --   finished:<minute>     hash "<queue>\n<task>\n<outcome>" -> attempts that ended so in
 --                         that minute (Unix time // 60); finishedminutes zset of its minutes
+--   enqueued              hash "<queue>\n<task>" -> jobs stored since the store began
+--   timings               hash "<timing>\n<queue>\n<task>\n<bucket>" -> values in that bucket
+--                         (an index into base.TIMING_BOUNDS, its length for +Inf), and
+--                         "<timing>\n<queue>\n<task>\nsum" -> their sum; never expire
 --   depth:<minute>        string: JSON [[queue, status, n], ...] sampled once in the minute;
 --                         depthminutes zset of its minutes
 --   reserved:<token>      list of the ids one reserve call claimed, for 60 s: a retried
@@ -39,7 +43,8 @@ local P = ARGV[1]
 local WAITING = {queued = true, scheduled = true}
 local FINISHED = {succeeded = true, failed = true, cancelled = true}
 local STATUSES = {'blocked', 'queued', 'scheduled', 'running', 'succeeded', 'failed', 'cancelled'}
-local STATE = {'status', 'queue', 'priority', 'seq', 'unique_key', 'lease_token', 'eta', 'task'}
+local STATE = {'status', 'queue', 'priority', 'seq', 'unique_key', 'lease_token', 'eta', 'task',
+               'started_at'}
 
 local function job_key(id) return P .. 'job:' .. id end
 local function idx_key(queue, status) return P .. 'idx:' .. queue .. ':' .. status end
@@ -57,7 +62,7 @@ local function state(id)
   if not v[1] then return nil end
   return {id = id, status = v[1], queue = v[2] or 'default', prio = prio(v[3]),
           seq = tonumber(v[4]) or 0, unique = v[5], token = v[6], eta = v[7] or '0',
-          task = v[8] or ''}
+          task = v[8] or '', started = v[9]}
 end
 
 local function index(job, status)
@@ -189,7 +194,7 @@ local function parse_jobs(text)
   local jobs = cjson.decode(text)
   for i, job in ipairs(jobs) do
     jobs[i] = {id = job[1], queue = job[2], prio = prio(job[3]), status = job[4], eta = job[5],
-               unique = job[6] ~= cjson.null and job[6], fields = job[7]}
+               unique = job[6] ~= cjson.null and job[6], fields = job[7], task = job[7][4]}
   end
   return jobs
 end
@@ -216,8 +221,9 @@ local function replayed_ids(jobs, nonce)
   return replayed
 end
 
--- Index writes of new jobs, sent per key once the whole batch is stored.
-local pending, known = {}, {}
+-- Index writes of new jobs, sent per key once the whole batch is stored; and how many jobs
+-- of each queue and task were stored.
+local pending, known, stored = {}, {}, {}
 
 local function later(command, key, ...)
   local args = pending[key]
@@ -235,6 +241,8 @@ local function write_pending()
     end
   end
   pending = {}
+  for field, n in pairs(stored) do redis.call('HINCRBY', P .. 'enqueued', field, n) end
+  stored = {}
 end
 
 local function add_once(key, value)
@@ -256,6 +264,8 @@ local function insert(job, nonce)
   add_once(P .. 'queues', job.queue)
   add_once(prios_key(job.queue), job.prio)
   later('ZADD', idx_key(job.queue, job.status), job.seq, job.id)
+  local counted = job.queue .. '\n' .. job.task
+  stored[counted] = (stored[counted] or 0) + 1
   if job.status ~= 'blocked' then
     later('ZADD', wait_key(job.queue, job.prio), job.eta, member(job.seq, job.id))
   end
@@ -284,13 +294,47 @@ local function serving_from(pos)
   return serving
 end
 
--- Add one attempt that ended with outcome at now to its minute's count; ttl keeps it.
-local function count_finished(job, outcome, now, ttl)
+-- The upper bounds of the timings' buckets: base.TIMING_BOUNDS.
+local BOUNDS = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300}
+
+-- Add seconds (at least 0) to the histogram of timing for queue and task.
+local function add_timing(timing, queue, task, seconds)
+  seconds = math.max(seconds, 0)
+  local bucket = #BOUNDS
+  for i = 1, #BOUNDS do
+    if seconds <= BOUNDS[i] then
+      bucket = i - 1
+      break
+    end
+  end
+  local field = timing .. '\n' .. queue .. '\n' .. task .. '\n'
+  redis.call('HINCRBY', P .. 'timings', field .. bucket, 1)
+  redis.call('HINCRBYFLOAT', P .. 'timings', field .. 'sum', string.format('%.17g', seconds))
+end
+
+-- Add one attempt that ended with outcome at now to its minute's count, and its duration
+-- (start to now) and wait (eta to start) to their histograms. The minute is kept until prune
+-- or sample_depth folds it into minute 0: never expired, so the counts since the store began
+-- stay whole.
+local function count_finished(job, outcome, now)
   local minute = string.format('%d', math.floor(tonumber(now) / 60))
   local key = P .. 'finished:' .. minute
   if redis.call('HINCRBY', key, job.queue .. '\n' .. job.task .. '\n' .. outcome, 1) == 1 then
-    redis.call('EXPIRE', key, ttl)
     redis.call('ZADD', P .. 'finishedminutes', minute, minute)
+  end
+  local started = tonumber(job.started) or tonumber(now)
+  add_timing('duration', job.queue, job.task, tonumber(now) - started)
+  add_timing('wait', job.queue, job.task, started - (tonumber(job.eta) or started))
+end
+
+-- Fold the per-minute counts of the minutes before cut (a ZRANGEBYSCORE bound) into minute 0.
+local function fold_finished(cut)
+  for _, minute in ipairs(redis.call('ZRANGEBYSCORE', P .. 'finishedminutes', '(0', cut)) do
+    local counts = redis.call('HGETALL', P .. 'finished:' .. minute)
+    for k = 1, #counts, 2 do redis.call('HINCRBY', P .. 'finished:0', counts[k], counts[k + 1]) end
+    if #counts > 0 then redis.call('ZADD', P .. 'finishedminutes', 0, '0') end
+    redis.call('DEL', P .. 'finished:' .. minute)
+    redis.call('ZREM', P .. 'finishedminutes', minute)
   end
 end
 
@@ -350,8 +394,8 @@ local function give_up(id, attempts, lost, dead_worker)
   redis.call('ZREM', lease_key(job.queue), id)
   redis.call('HDEL', job_key(id), 'lease_expires_at', 'lease_token', 'traceback')
   redis.call('HSET', job_key(id), 'lost_leases', lost, 'error', error)
+  count_finished(job, 'failed', now)
   end_job(job, 'failed', now, ttl)
-  count_finished(job, 'failed', now, ttl)
   advance(id, 'failed', now, ttl, ARGV[10])
   given_up[#given_up + 1] = id
 end
@@ -462,7 +506,7 @@ return 0
 local job = state(ARGV[2])
 if not job or job.status ~= 'running' or job.token ~= ARGV[3] then return 0 end
 local status, key = ARGV[4], job_key(job.id)
-count_finished(job, status == 'scheduled' and 'retried' or status, ARGV[5], ARGV[7])
+count_finished(job, status == 'scheduled' and 'retried' or status, ARGV[5])
 local sets, deletes = field_block(9)
 redis.call('HDEL', key, 'lease_expires_at', 'lease_token', 'lost_leases', unpack(deletes))
 redis.call('ZREM', lease_key(job.queue), job.id)
@@ -650,7 +694,8 @@ end
 return out
 
 -- name: sample_depth
--- ARGV: prefix, minute, ttl. Returns 1 if this call stored the minute's sample.
+-- ARGV: prefix, minute, ttl, the first minute whose count is kept apart (older ones are
+-- folded into minute 0). Returns 1 if this call stored the minute's sample.
 local key = P .. 'depth:' .. ARGV[2]
 if redis.call('EXISTS', key) == 1 then return 0 end
 local sample = {}
@@ -662,7 +707,16 @@ for _, queue in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
 end
 redis.call('SET', key, #sample > 0 and cjson.encode(sample) or '[]', 'EX', ARGV[3])
 redis.call('ZADD', P .. 'depthminutes', ARGV[2], ARGV[2])
+fold_finished('(' .. ARGV[4])  -- once a minute, by whoever sampled, as the SQL stores do
 return 1
+
+-- name: enqueued_counts
+-- ARGV: prefix. Returns field, count pairs.
+return redis.call('HGETALL', P .. 'enqueued')
+
+-- name: timings
+-- ARGV: prefix. Returns field, value pairs.
+return redis.call('HGETALL', P .. 'timings')
 
 -- name: depth_samples
 -- ARGV: prefix, since minute. Returns minute, JSON pairs.
@@ -777,17 +831,11 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'workers', '-inf', ARGV[2])
   redis.call('HDEL', P .. 'workerinfo', id)
 end
 local cut = '(' .. string.format('%d', math.floor(tonumber(ARGV[2]) / 60))
-for _, kind in ipairs({'finished', 'depth'}) do
-  for _, minute in ipairs(redis.call('ZRANGEBYSCORE', P .. kind .. 'minutes', '(0', cut)) do
-    if kind == 'finished' then
-      -- Minute 0 keeps the counts of every minute pruned: totals since the start stay known.
-      local counts = redis.call('HGETALL', P .. 'finished:' .. minute)
-      for k = 1, #counts, 2 do redis.call('HINCRBY', P .. 'finished:0', counts[k], counts[k + 1]) end
-      if #counts > 0 then redis.call('ZADD', P .. 'finishedminutes', 0, '0') end
-    end
-    redis.call('DEL', P .. kind .. ':' .. minute)
-    redis.call('ZREM', P .. kind .. 'minutes', minute)
-  end
+-- Minute 0 keeps the counts of every minute pruned: totals since the start stay known.
+fold_finished(cut)
+for _, minute in ipairs(redis.call('ZRANGEBYSCORE', P .. 'depthminutes', '(0', cut)) do
+  redis.call('DEL', P .. 'depth:' .. minute)
+  redis.call('ZREM', P .. 'depthminutes', minute)
 end
 for _, queue in ipairs(queues) do
   for _, p in ipairs(redis.call('SMEMBERS', prios_key(queue))) do

@@ -48,6 +48,7 @@ from ..exceptions import BackendUnavailable, DuplicateJob, EnqueueError
 from .base import (
     DEFAULT_MAX_LOST_LEASES,
     FAILED,
+    FIGURE_MINUTES,
     RUNNING,
     SCHEDULED,
     STATUSES,
@@ -58,7 +59,9 @@ from .base import (
     JobRecord,
     JobStatus,
     ScheduleState,
+    Timing,
     claimed_only,
+    gather_timings,
     minute_of,
 )
 from .patience import STORE_CALL, given_up
@@ -530,7 +533,29 @@ class RedisBackend(Backend):
         return sorted(rows)
 
     def sample_depth(self, now: float) -> bool:
-        return bool(self._run("sample_depth", [minute_of(now), self._expiry]) == 1)
+        minute = minute_of(now)
+        args = [minute, self._expiry, minute - FIGURE_MINUTES]
+        return bool(self._run("sample_depth", args) == 1)
+
+    def enqueued_counts(self) -> dict[tuple[str, str], int]:
+        reply = self._run("enqueued_counts", [], CALLER_PATIENCE)
+        counts = {}
+        for i in range(0, len(reply), 2):
+            queue, task = reply[i].decode().split("\n")
+            counts[(queue, task)] = int(reply[i + 1])
+        return counts
+
+    def timings(self) -> dict[tuple[str, str, str], Timing]:
+        reply = self._run("timings", [], CALLER_PATIENCE)
+        rows = []
+        for i in range(0, len(reply), 2):
+            timing, queue, task, bucket = reply[i].decode().split("\n")
+            value = reply[i + 1]
+            if bucket == "sum":
+                rows.append((timing, queue, task, 0, 0, float(value)))
+            else:
+                rows.append((timing, queue, task, int(bucket), int(value), 0.0))
+        return gather_timings(rows)
 
     def depth_samples(self, since_minute: int) -> dict[int, dict[tuple[str, str], int]]:
         reply = self._run("depth_samples", [since_minute], CALLER_PATIENCE)

@@ -51,7 +51,9 @@ from .base import (
     JobRecord,
     JobStatus,
     ScheduleState,
+    Timing,
     claimed_only,
+    gather_timings,
     minute_of,
     page_bounds,
     page_of,
@@ -65,7 +67,7 @@ T = TypeVar("T")
 QUERIES = load_queries("sqlite.sql")
 SCHEMA = tuple(QUERIES[name] for name in QUERIES if name.startswith("create_"))
 #: The schema's version, kept in ``PRAGMA user_version`` (0 in files made before it was).
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 8
 #: The statements that bring the tables from the version before to each version.
 MIGRATIONS = {
     2: (QUERIES["migrate_2_lost_leases"],),
@@ -85,6 +87,10 @@ MIGRATIONS = {
         *(QUERIES[name] for name in QUERIES if name.startswith("migrate_hot_")),
         QUERIES["migrate_3_count_trigger"],
     ),
+    # Taken by the rate and concurrency limits (issue 14), which land apart.
+    7: (),
+    # Figures for metrics and the trace context (see sqlite.sql); it can be renumbered.
+    8: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_timings_")),
 }
 
 logger = logging.getLogger("flask_errands")
@@ -545,6 +551,12 @@ class SQLiteBackend(Backend):
         rows = self._read(QUERIES["finished_counts"], (since_minute,))
         return [(row[0], row[1], row[2], row[3], row[4]) for row in rows]
 
+    def enqueued_counts(self) -> dict[tuple[str, str], int]:
+        return {(row[0], row[1]): row[2] for row in self._read(QUERIES["enqueued_counts"])}
+
+    def timings(self) -> dict[tuple[str, str, str], Timing]:
+        return gather_timings(tuple(row) for row in self._read(QUERIES["timings"]))
+
     def sample_depth(self, now: float) -> bool:
         minute = minute_of(now)
 
@@ -592,6 +604,7 @@ class SQLiteBackend(Backend):
             _fold_figures(db, minute_of(finished_before))
             db.execute(QUERIES["prune_samples"], (minute_of(finished_before),))
             db.execute(QUERIES["adjust_totals_for_prune"], (finished_before,))
+            db.execute(QUERIES["count_deleted_for_prune"], (finished_before,))
             return db.execute(QUERIES["prune_jobs"], (finished_before,)).rowcount
 
         return self._transaction(prune)
@@ -603,6 +616,7 @@ class SQLiteBackend(Backend):
 
         def purge(db: sqlite3.Connection) -> int:
             db.execute(QUERIES["adjust_totals_for_purge"], params)
+            db.execute(QUERIES["count_deleted_for_purge"], params)
             return db.execute(QUERIES["purge"], params).rowcount
 
         return self._transaction(purge)
@@ -610,6 +624,7 @@ class SQLiteBackend(Backend):
     def delete(self, job_id: str) -> bool:
         def delete(db: sqlite3.Connection) -> bool:
             db.execute(QUERIES["adjust_totals_for_delete"], (job_id,))
+            db.execute(QUERIES["count_deleted_for_delete"], (job_id,))
             return bool(db.execute(QUERIES["delete_job"], (job_id,)).rowcount == 1)
 
         return self._transaction(delete)
@@ -876,6 +891,7 @@ _INSERT_FIELDS = operator.attrgetter(
     "enqueued_at",
     "flow",
     "blocked_by",
+    "trace",
 )
 
 

@@ -247,13 +247,78 @@ DROP INDEX IF EXISTS errands_jobs_listing
 -- name: migrate_hot_page_index
 CREATE INDEX IF NOT EXISTS errands_jobs_pages ON errands_jobs (status, queue, task, seq)
 
+-- name: migrate_timings_trace
+-- Version 8: figures for metrics: histograms of attempts' durations and of jobs' waits (due to
+-- start), in the buckets of base.TIMING_BOUNDS, kept by triggers as jobs are claimed and end
+-- (as the per-minute counts are), and the jobs deleted, for the count of jobs enqueued;
+-- never decreased. And the traceparent of the span that enqueued a job.
+-- Names without a number: the step can be renumbered as it is.
+ALTER TABLE errands_jobs ADD COLUMN trace TEXT
+
+-- name: migrate_timings_deleted
+-- Jobs deleted (pruned, purged, deleted) per queue and task: with the jobs stored, how many
+-- were ever enqueued, counted at no cost to .delay() (a trigger's row cost it a third).
+CREATE TABLE IF NOT EXISTS errands_deleted_counts (
+    queue TEXT NOT NULL,
+    task TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (queue, task)
+) WITHOUT ROWID
+
+-- name: migrate_timings_seconds
+-- The histograms live in errands_finished_counts, as rows whose outcome is 'duration:<bucket>'
+-- or 'wait:<bucket>' (an index into base.TIMING_BOUNDS, its length for +Inf), with the sum of
+-- their values: next to the attempt's own count in the same b-tree, so the finish's commit
+-- writes no page more (a table of their own cost SQLite's claim and finish a third).
+ALTER TABLE errands_finished_counts ADD COLUMN seconds REAL NOT NULL DEFAULT 0
+
+-- name: migrate_timings_buckets
+-- The buckets' upper bounds: base.TIMING_BOUNDS, one row each; bucket 15 (+Inf) holds the rest.
+CREATE TABLE IF NOT EXISTS errands_buckets (le REAL PRIMARY KEY, bucket INTEGER NOT NULL)
+    WITHOUT ROWID
+
+-- name: migrate_timings_bounds
+INSERT OR IGNORE INTO errands_buckets (le, bucket) VALUES
+    (0.005, 0), (0.01, 1), (0.025, 2), (0.05, 3), (0.1, 4), (0.25, 5), (0.5, 6), (1, 7),
+    (2.5, 8), (5, 9), (10, 10), (30, 11), (60, 12), (120, 13), (300, 14)
+
+-- name: migrate_timings_drop_count_trigger
+DROP TRIGGER IF EXISTS errands_count_finished
+
+-- name: migrate_timings_count_trigger
+-- migrate_3_count_trigger, which also files the attempt's duration (start to end) and wait
+-- (due to start) in their buckets, in the same minute.
+CREATE TRIGGER IF NOT EXISTS errands_count_finished
+AFTER UPDATE OF status ON errands_jobs
+WHEN old.status = 'running' AND (new.status = 'succeeded' OR new.status = 'failed'
+    OR new.status = 'cancelled' OR new.status = 'scheduled')
+BEGIN
+    INSERT INTO errands_finished_counts (minute, queue, task, outcome, n, seconds)
+    SELECT CAST(coalesce(new.finished_at, new.ended_at) / 60 AS INTEGER), new.queue, new.task,
+        CASE WHEN timing = '' THEN outcome ELSE timing || coalesce(
+            (SELECT bucket FROM errands_buckets WHERE le >= s ORDER BY le LIMIT 1), 15) END,
+        1, s
+    FROM (
+        SELECT CASE new.status WHEN 'scheduled' THEN 'retried' ELSE new.status END AS outcome,
+            '' AS timing, 0.0 AS s
+        UNION ALL
+        SELECT '', 'duration:',
+            max(coalesce(new.finished_at, new.ended_at) - coalesce(old.started_at, 0), 0.0)
+        UNION ALL
+        SELECT '', 'wait:', max(coalesce(old.started_at, 0) - old.eta, 0.0)
+    ) AS ended
+    WHERE true
+    ON CONFLICT (minute, queue, task, outcome) DO UPDATE
+    SET n = n + 1, seconds = seconds + excluded.seconds;
+END
+
 -- name: insert_job
 -- Positional parameters, in the order of INSERT_FIELDS in sqlite.py: binding them costs
 -- less than looking each name up in a dict.
 INSERT INTO errands_jobs (
     id, task, payload, queue, priority, attempts, max_attempts, retry_delay, timeout,
-    unique_key, eta, enqueued_at, flow, blocked_by, status
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    unique_key, eta, enqueued_at, flow, blocked_by, trace, status
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (unique_key)
     WHERE unique_key IS NOT NULL
         AND (status = 'queued' OR status = 'scheduled' OR status = 'running')
@@ -461,8 +526,48 @@ ON CONFLICT (schedule) DO UPDATE SET
 SELECT schedule, paused, every, cron, since FROM errands_schedule_states
 
 -- name: finished_counts
-SELECT minute, queue, task, outcome, n FROM errands_finished_counts WHERE minute >= ?
+SELECT minute, queue, task, outcome, n FROM errands_finished_counts
+WHERE minute >= ? AND outcome NOT LIKE '%:%'
 ORDER BY minute, queue, task, outcome
+
+-- name: enqueued_counts
+-- Through the page index, grouped in its order: no temporary b-tree, no table row read.
+SELECT queue, task, sum(n) FROM (
+    SELECT queue, task, count(*) AS n FROM errands_jobs INDEXED BY errands_jobs_pages
+    GROUP BY status, queue, task
+    UNION ALL
+    SELECT queue, task, n FROM errands_deleted_counts
+)
+GROUP BY queue, task
+
+-- name: count_deleted_for_prune
+INSERT INTO errands_deleted_counts (queue, task, n)
+SELECT queue, task, count(*) FROM errands_jobs
+WHERE (status = 'succeeded' OR status = 'failed' OR status = 'cancelled') AND finished_at < ?
+GROUP BY queue, task
+ON CONFLICT (queue, task) DO UPDATE SET n = n + excluded.n
+
+-- name: count_deleted_for_purge
+INSERT INTO errands_deleted_counts (queue, task, n)
+SELECT queue, task, count(*) FROM errands_jobs
+WHERE status != 'running'
+    AND (:status IS NULL OR status = :status)
+    AND (:queue IS NULL OR queue = :queue)
+    AND (:before IS NULL OR coalesce(finished_at, enqueued_at) < :before)
+GROUP BY queue, task
+ON CONFLICT (queue, task) DO UPDATE SET n = n + excluded.n
+
+-- name: count_deleted_for_delete
+INSERT INTO errands_deleted_counts (queue, task, n)
+SELECT queue, task, 1 FROM errands_jobs
+WHERE id = ? AND (status = 'succeeded' OR status = 'failed' OR status = 'cancelled')
+ON CONFLICT (queue, task) DO UPDATE SET n = n + excluded.n
+
+-- name: timings
+SELECT substr(outcome, 1, instr(outcome, ':') - 1) AS timing, queue, task,
+    CAST(substr(outcome, instr(outcome, ':') + 1) AS INTEGER) AS bucket, sum(n), sum(seconds)
+FROM errands_finished_counts WHERE outcome LIKE '%:%'
+GROUP BY outcome, queue, task
 
 -- name: sample_depth
 INSERT OR IGNORE INTO errands_depth_samples (minute, sample)
@@ -477,10 +582,11 @@ SELECT minute, sample FROM errands_depth_samples WHERE minute >= ?
 
 -- name: roll_up_figures
 -- Minute 0 keeps the counts of every minute pruned, so totals since the start stay known.
-INSERT INTO errands_finished_counts (minute, queue, task, outcome, n)
-SELECT 0, queue, task, outcome, sum(n) FROM errands_finished_counts
+INSERT INTO errands_finished_counts (minute, queue, task, outcome, n, seconds)
+SELECT 0, queue, task, outcome, sum(n), sum(seconds) FROM errands_finished_counts
 WHERE minute > 0 AND minute < ? GROUP BY queue, task, outcome
-ON CONFLICT (minute, queue, task, outcome) DO UPDATE SET n = n + excluded.n
+ON CONFLICT (minute, queue, task, outcome) DO UPDATE
+SET n = n + excluded.n, seconds = seconds + excluded.seconds
 
 -- name: prune_figures
 DELETE FROM errands_finished_counts WHERE minute > 0 AND minute < ?

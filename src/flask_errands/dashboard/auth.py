@@ -56,6 +56,26 @@ class BasicAuth:
         return None
 
 
+def ask(authorize: Authorize) -> Role | None:
+    """The role ``authorize`` gives the current request; ``TypeError`` for anything else."""
+    role = authorize()
+    if role is not None and role not in ROLES:
+        raise TypeError(f"authorize() must return 'admin', 'viewer' or None, not {role!r}")
+    return role
+
+
+def refusal(authorize: Authorize, what: str) -> tuple[int, str, dict[str, str]]:
+    """The status, message and headers refusing a request ``authorize`` gave no role.
+
+    401 with a challenge when HTTP Basic is in use, so a browser or scraper signs
+    in; 403 otherwise.
+    """
+    challenge = challenge_for(authorize)
+    if challenge is not None:
+        return 401, "sign in", {"WWW-Authenticate": challenge}
+    return 403, f"you may not see {what}", {}
+
+
 def challenge_for(authorize: Authorize) -> str | None:
     """The ``WWW-Authenticate`` value for a refusal, when HTTP Basic is in use; else None."""
     challenge = getattr(authorize, "challenge", None)

@@ -10,7 +10,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..admin import Admin
 from . import api, csrf, pages
-from .auth import ROLES, Authorize, challenge_for
+from .auth import Authorize, ask, refusal
 
 NAME = "errands_dashboard"
 #: Where a request keeps the role authorize gave it (``g`` may outlive the request).
@@ -65,14 +65,9 @@ def make_blueprint(admin: Callable[[], Admin], authorize: Authorize) -> Blueprin
 
     @bp.before_request
     def gate() -> Any:
-        role = authorize()
-        if role is not None and role not in ROLES:
-            raise TypeError(f"authorize() must return 'admin', 'viewer' or None, not {role!r}")
+        role = ask(authorize)
         if role is None:
-            challenge = challenge_for(authorize)
-            if challenge is not None:
-                return error_response(401, "sign in", {"WWW-Authenticate": challenge})
-            return error_response(403, "you may not see this dashboard")
+            return error_response(*refusal(authorize, "this dashboard"))
         request.environ[ROLE_KEY] = role
         if request.method not in SAFE_METHODS:
             if role != "admin":
