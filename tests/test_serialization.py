@@ -378,5 +378,5 @@ def test_a_call_shape_that_bound_once_does_not_let_other_shapes_through(
                 with pytest.raises(TypeError, match=r"shop\.pack\.delay\(\)"):
                     pack.delay(*bad)
             with pytest.raises(TypeError, match="unexpected keyword argument 'wrap'"):
-                pack.delay(1, wrap=True)
+                pack.delay(1, **{"wrap": True})
         assert [job.args for job in errands.admin.jobs()] == [(1, 2), (1,)] * 2
