@@ -208,6 +208,35 @@ def test_a_forked_child_starts_its_own_worker(make_app: AppFactory, tmp_path: Pa
     assert detail.endswith("True"), detail
 
 
+def test_a_forked_child_never_gives_a_job_its_parents_next_id(make_app: AppFactory) -> None:
+    """Job ids come from a pool read ahead; a child must not draw the ids left in it."""
+    app, errands = make_app(ERRANDS_URL="memory://", ERRANDS_EMBEDDED_WORKER=False)
+
+    @errands.task(name="ids.noop")
+    def noop() -> None:
+        pass
+
+    with app.app_context():
+        noop.delay()  # the pool now holds ids read ahead
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never return into pytest
+            try:
+                os.close(read)
+                with app.app_context():
+                    ids = " ".join(noop.delay().id for _ in range(3))
+                os.write(write, ids.encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        parent_ids = {noop.delay().id for _ in range(3)}
+        with os.fdopen(read) as pipe:
+            child_ids = set(pipe.read().split())
+        os.waitpid(pid, 0)
+    assert len(child_ids) == 3
+    assert not child_ids & parent_ids
+
+
 def test_a_fork_while_another_thread_waits_on_the_database_gives_a_working_child(
     make_app: AppFactory, tmp_path: Path
 ) -> None:

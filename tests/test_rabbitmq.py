@@ -78,7 +78,7 @@ class Deployment:
 
     def statuses(self, ids: list[str]) -> collections.Counter[JobStatus]:
         with self.app.app_context():
-            return collections.Counter(self.errands.backend.get(i).status for i in ids)  # type: ignore[union-attr]
+            return collections.Counter(self.errands.job(i).status for i in ids)  # type: ignore[union-attr]
 
     def wait_done(self, ids: list[str], timeout: float = 60.0) -> None:
         wait_until(

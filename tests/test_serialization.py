@@ -359,3 +359,24 @@ def test_wrong_arguments_for_the_signature_fail_at_delay(
         with pytest.raises(TypeError, match=r"shop\.ship"):
             call(ship)
         assert errands.backend.counts() == {}
+
+
+def test_a_call_shape_that_bound_once_does_not_let_other_shapes_through(
+    make_app: AppFactory,
+) -> None:
+    app, errands = make_app(ERRANDS_URL="memory://", ERRANDS_EMBEDDED_WORKER=False)
+
+    @errands.task(name="shop.pack")
+    def pack(a: int, b: int = 0, *, gift: bool = False) -> None:
+        pass
+
+    with app.app_context():
+        for _ in range(2):  # the second round meets shapes already checked
+            pack.delay(1)
+            pack.delay(1, 2, gift=True)
+            for bad in [(), (1, 2, 3)]:
+                with pytest.raises(TypeError, match=r"shop\.pack\.delay\(\)"):
+                    pack.delay(*bad)
+            with pytest.raises(TypeError, match="unexpected keyword argument 'wrap'"):
+                pack.delay(1, **{"wrap": True})
+        assert [job.args for job in errands.admin.jobs()] == [(1, 2), (1,)] * 2

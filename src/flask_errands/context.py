@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, cast
 
@@ -23,14 +22,14 @@ class RunningJob:
         self.attempt = record.attempts
         self.record = record
         self._backend = backend
-        self._cancel = threading.Event()
-        if record.cancel_requested:
-            self._cancel.set()
+        # A plain flag, set from the worker's thread: an Event per job cost more than the
+        # rest of starting it, and nothing ever waits on it.
+        self._cancel = bool(record.cancel_requested)
 
     @property
     def cancel_requested(self) -> bool:
         """True once someone has asked to cancel this job; stop early when you see it."""
-        return self._cancel.is_set()
+        return self._cancel
 
     def set_progress(self, fraction: float, message: str | None = None) -> None:
         """Record how far the job has come (0 to 1) and what it is doing, for pollers."""
@@ -43,7 +42,7 @@ class RunningJob:
         self._backend.set_progress(self.id, float(fraction), message)
 
     def request_cancel(self) -> None:
-        self._cancel.set()
+        self._cancel = True
 
     def __repr__(self) -> str:
         return f"<RunningJob {self.task} {self.id} attempt {self.attempt}>"

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from . import serialization
 from .backends.base import BLOCKED, CANCELLED, FAILED, FINISHED, SUCCEEDED, Flow, JobRecord
 from .exceptions import ErrandsError, JobCancelled, JobFailed
-from .status import JobStatus
+from .status import BY_VALUE, JobStatus
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -38,7 +38,7 @@ class Job:
     @property
     def status(self) -> JobStatus:
         """Where the job is; ``pending`` until the transaction it was enqueued in commits."""
-        return self._record.status
+        return BY_VALUE[self._record.status]
 
     @property
     def queue(self) -> str:
@@ -178,7 +178,7 @@ class Job:
         data: dict[str, Any] = {
             "id": record.id,
             "task": record.task,
-            "status": record.status.value,
+            "status": self.status.value,
             "queue": record.queue,
             "priority": record.priority,
             "attempts": record.attempts,

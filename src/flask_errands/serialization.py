@@ -25,6 +25,8 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=T
 _loads = json.JSONDecoder(object_hook=lambda obj: _untag(obj) if TAG in obj else obj).decode
 
 _PLAIN = (str, int, float, bool, type(None))
+#: A call's payload when it has no arguments at all.
+NO_ARGUMENTS = '{"args":[],"kwargs":{}}'
 
 #: How deeply lists, dicts and tuples may nest in one value (a recursive value never ends).
 MAX_DEPTH = 100
@@ -43,9 +45,13 @@ def to_json_value(value: Any, depth: int = 0) -> Any:
             )
         depth += 1
     if kind is list:
+        if all(type(item) in _PLAIN for item in value):
+            return value  # flat: the encoder takes it as it is
         return [to_json_value(item, depth) for item in value]
     if kind is dict:
         if all(type(key) is str for key in value) and TAG not in value:
+            if all(type(item) in _PLAIN for item in value.values()):
+                return value
             return {key: to_json_value(item, depth) for key, item in value.items()}
         pairs = [[to_json_value(k, depth), to_json_value(v, depth)] for k, v in value.items()]
         return {TAG: "dict", "v": pairs}
@@ -110,6 +116,8 @@ def to_plain(value: Any) -> Any:
 
 def dumps(value: Any) -> str:
     """Encode ``value`` to a JSON string; raise TypeError naming the first thing that cannot go."""
+    if value is None:  # most tasks return nothing
+        return "null"
     text: str = _dumps(to_json_value(value))
     if not text.isascii():
         try:
@@ -134,4 +142,6 @@ def storable_text(text: str) -> str:
 
 def loads(text: str) -> Any:
     """Decode a string written by :func:`dumps`."""
+    if text == NO_ARGUMENTS:  # a fresh dict each time: callers may change what they get
+        return {"args": [], "kwargs": {}}
     return _loads(text)

@@ -49,3 +49,5 @@ STATUSES = tuple(status for status in JobStatus if status is not JobStatus.PENDI
 WAITING = (JobStatus.QUEUED, JobStatus.SCHEDULED)
 LIVE = (*WAITING, JobStatus.RUNNING)
 FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+#: Each status by its string: a dict lookup costs a fraction of calling ``JobStatus``.
+BY_VALUE: dict[str, JobStatus] = {status.value: status for status in JobStatus}

@@ -6,13 +6,12 @@ import dataclasses
 import datetime as dt
 import inspect
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
 from . import serialization
-from .backends.base import QUEUED, SCHEDULED, JobRecord
+from .backends.base import QUEUED, SCHEDULED, JobRecord, random_id
 from .durations import FORMS, parse_duration
 from .exceptions import PayloadTooLarge
 
@@ -36,6 +35,8 @@ MAX_RETRIES = 1000
 MAX_TIMEOUT = 365 * 86400.0
 #: The latest instant a job may be due: the start of 31 December 9999, UTC.
 MAX_ETA = dt.datetime(9999, 12, 31, tzinfo=dt.timezone.utc).timestamp()
+#: How many call shapes (positional count, keyword names) a task remembers as valid.
+MAX_SHAPES = 256
 
 
 class Enqueuer(Protocol):
@@ -209,6 +210,8 @@ class Task(Generic[P, R]):
         self.name = name
         self.default_options = options
         self.signature = inspect.signature(func)
+        #: Call shapes, ``(positional count, keyword names)``, the signature is known to accept.
+        self.shapes: set[tuple[int, tuple[str, ...]]] = set()
         #: An ``async def`` task runs on the worker's event loop, not on one of its threads.
         self.is_async = inspect.iscoroutinefunction(func)
         self._bound = BoundTask(self, options)
@@ -280,10 +283,16 @@ class BoundTask(Generic[P, R]):
         ``takes_input``: the call gets an upstream result as first argument when it runs.
         """
         task, opts = self.task, self.opts
-        try:
-            task.signature.bind(*((None,) if takes_input else ()), *args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"{task.name}.delay(): {exc}") from None
+        # Whether a call binds depends on its shape alone, not on its values: check each
+        # shape once (``Signature.bind`` costs more than the rest of the build together).
+        shape = (len(args) + takes_input, tuple(kwargs))
+        if shape not in task.shapes:
+            try:
+                task.signature.bind(*((None,) if takes_input else ()), *args, **kwargs)
+            except TypeError as exc:
+                raise TypeError(f"{task.name}.delay(): {exc}") from None
+            if len(task.shapes) < MAX_SHAPES:
+                task.shapes.add(shape)
         payload = encode_call(task, args, kwargs)
         unique_key = opts.unique_key
         if callable(unique_key):
@@ -291,7 +300,7 @@ class BoundTask(Generic[P, R]):
             check_unique_key(unique_key)
         eta = opts.eta(now)
         return JobRecord(
-            id=os.urandom(16).hex(),
+            id=random_id(),
             task=task.name,
             payload=payload,
             queue=opts.queue,
@@ -352,6 +361,8 @@ def check_size(record: JobRecord, max_payload: int) -> None:
 
 def encode_call(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """Encode arguments as JSON; a TypeError names the task and the argument that cannot go."""
+    if not args and not kwargs:
+        return serialization.NO_ARGUMENTS
     try:
         return serialization.dumps({"args": list(args), "kwargs": kwargs})
     except TypeError as whole:

@@ -146,7 +146,7 @@ class Transaction:
 
 
 def _pending(record: JobRecord) -> JobRecord:
-    return dataclasses.replace(record, status=JobStatus.PENDING)
+    return dataclasses.replace(record, status=JobStatus.PENDING.value)
 
 
 def _settle(target: Target, records: list[JobRecord], jobs: list[Job]) -> None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from .backends.base import BLOCKED, QUEUED, Flow, JobRecord
+from .backends.base import BLOCKED, Flow, JobRecord
 from .jobs import Job
 from .status import FINISHED, JobStatus
 from .tasks import Enqueuer, Signature
@@ -223,7 +223,7 @@ class GroupResult:
             return JobStatus.SUCCEEDED
         if statuses & {JobStatus.RUNNING, JobStatus.SUCCEEDED}:
             return JobStatus.RUNNING
-        return BLOCKED if statuses == {BLOCKED} else QUEUED
+        return JobStatus.BLOCKED if statuses == {BLOCKED} else JobStatus.QUEUED
 
     def results(self, timeout: float | None = None) -> list[Any]:
         """Wait for every job and return their results in order.

@@ -109,6 +109,21 @@ def test_reserved_job_is_running_under_a_lease(backend: Backend) -> None:
     assert stored(backend, got.id).status == "running"
 
 
+def test_records_hold_their_status_as_a_plain_string(backend: Backend) -> None:
+    # A JobStatus member in a record would keep every stored record in the garbage
+    # collector's sight; Job.status is where the JobStatus is made.
+    [queued] = backend.enqueue([job()])
+    [running] = reserve(backend)
+    assert backend.finish(running.id, token(running), JobStatus.SUCCEEDED, T0 + 1)
+    records = [queued, running, stored(backend, queued.id), *backend.list_jobs()]
+    assert [(type(r.status), r.status) for r in records] == [
+        (str, "queued"),
+        (str, "running"),
+        (str, "succeeded"),
+        (str, "succeeded"),
+    ]
+
+
 def test_delayed_job_is_not_reserved_before_its_time(backend: Backend) -> None:
     later = job(eta=T0 + 60, status="scheduled")
     backend.enqueue([later])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,13 +29,16 @@ from typing import Any, Protocol
 
 from ..status import FINISHED, LIVE, STATUSES, WAITING, JobStatus
 
-BLOCKED = JobStatus.BLOCKED
-QUEUED = JobStatus.QUEUED
-SCHEDULED = JobStatus.SCHEDULED
-RUNNING = JobStatus.RUNNING
-SUCCEEDED = JobStatus.SUCCEEDED
-FAILED = JobStatus.FAILED
-CANCELLED = JobStatus.CANCELLED
+# Stored records hold a status as its plain string: a ``JobStatus`` member in a record
+# would make the garbage collector track (and traverse) every stored record's dict.
+# ``Job.status`` turns it into ``JobStatus``; the two compare and hash alike.
+BLOCKED: str = JobStatus.BLOCKED.value
+QUEUED: str = JobStatus.QUEUED.value
+SCHEDULED: str = JobStatus.SCHEDULED.value
+RUNNING: str = JobStatus.RUNNING.value
+SUCCEEDED: str = JobStatus.SUCCEEDED.value
+FAILED: str = JobStatus.FAILED.value
+CANCELLED: str = JobStatus.CANCELLED.value
 
 __all__ = [
     "BLOCKED",
@@ -76,14 +80,20 @@ logger = logging.getLogger("flask_errands")
 
 @dataclasses.dataclass
 class JobRecord:
-    """A job as storage keeps it: plain values only, payload and result as JSON text."""
+    """A job as storage keeps it: plain values only, payload and result as JSON text.
+
+    ``status`` is a status's plain string (``"queued"``), never a ``JobStatus``
+    member: only immutable built-in values keep a record's dict out of the
+    garbage collector's sight. :attr:`Job.status <flask_errands.Job.status>` is
+    the ``JobStatus``.
+    """
 
     id: str
     task: str
     payload: str
     queue: str = "default"
     priority: int = 0
-    status: JobStatus = QUEUED
+    status: str = QUEUED
     attempts: int = 0
     max_attempts: int = 1
     retry_delay: float = 1.0
@@ -116,7 +126,7 @@ class JobRecord:
     def from_mapping(cls, row: Mapping[str, Any]) -> JobRecord:
         """Build a record from a row or hash whose keys are field names."""
         record = cls(**{f.name: row[f.name] for f in FIELDS if f.name in row})
-        record.status = JobStatus(record.status)
+        record.status = str(record.status)  # a JobStatus member, too, becomes its string
         return record
 
     def to_dict(self) -> dict[str, Any]:
@@ -275,6 +285,27 @@ def gather_timings(
         found.buckets[min(int(bucket), len(TIMING_BOUNDS))] += int(n)
         found.total += float(total)
     return timings
+
+
+#: Random ids made per read of the OS's random source (one system call for many jobs).
+_IDS_PER_READ = 256
+_ids: list[str] = []
+os.register_at_fork(after_in_child=_ids.clear)  # a child never hands out its parent's ids
+
+
+def random_id() -> str:
+    """A new job id: 128 random bits as 32 hex digits, from ``os.urandom``.
+
+    Drawn from a pool read a few thousand bytes at a time; ``list.pop`` is
+    atomic, so threads never share an id, and a forked child starts a pool of
+    its own.
+    """
+    try:
+        return _ids.pop()
+    except IndexError:
+        text = os.urandom(16 * _IDS_PER_READ).hex()
+        _ids.extend(text[i : i + 32] for i in range(0, len(text), 32))
+        return _ids.pop()
 
 
 def minute_of(moment: float) -> int:

@@ -10,7 +10,6 @@ import dataclasses
 import heapq
 import itertools
 import threading
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,12 +31,12 @@ from .base import (
     Backend,
     Flow,
     JobRecord,
-    JobStatus,
     ScheduleState,
     Timing,
     bucket_of,
     claimed_only,
     minute_of,
+    random_id,
     upstream_failed,
     worker_lost_error,
 )
@@ -133,7 +132,7 @@ class MemoryBackend(Backend):
                 job.attempts += 1
                 job.started_at = now
                 job.lease_expires_at = now + lease_seconds
-                job.lease_token = uuid.uuid4().hex
+                job.lease_token = random_id()
                 job.worker_id = worker_id
                 self._running.add(job.id)
             if given_up:
@@ -175,7 +174,7 @@ class MemoryBackend(Backend):
             if job is None:
                 return False
             self._running.discard(job_id)
-            job.status = status if type(status) is JobStatus else JobStatus(status)
+            status = job.status = str(status)  # plain, even when given a JobStatus
             self._count(job, status, now)
             job.result, job.error, job.traceback = result, error, traceback
             job.lease_expires_at = job.lease_token = None
@@ -381,11 +380,11 @@ class MemoryBackend(Backend):
                 return False
             sample: dict[tuple[str, str], int] = {}
             for job_id in self._running:
-                key = (self._jobs[job_id].queue, RUNNING.value)
+                key = (self._jobs[job_id].queue, RUNNING)
                 sample[key] = sample.get(key, 0) + 1
             for job in self._jobs.values():
                 if job.status in WAITING:
-                    key = (job.queue, str(job.status))
+                    key = (job.queue, job.status)
                     sample[key] = sample.get(key, 0) + 1
             self._depth[minute] = sample
             return True

@@ -63,6 +63,7 @@ from .base import (
     claimed_only,
     gather_timings,
     minute_of,
+    random_id,
 )
 from .patience import STORE_CALL, given_up
 from .patience import patience as limited_patience
@@ -146,6 +147,17 @@ _OPTIONAL = tuple(
 _to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
+#: Each stored status's bytes, to the one plain string the record keeps.
+_STATUS_TEXT = {status.value.encode(): status.value for status in JobStatus}
+
+
+def _status(value: bytes) -> str:
+    try:
+        return _STATUS_TEXT[value]
+    except KeyError:
+        raise ValueError(f"unknown status {value!r}") from None
+
+
 def _convert(name: str) -> Callable[[bytes], Any]:
     if name in _INTS:
         return int
@@ -154,7 +166,7 @@ def _convert(name: str) -> Callable[[bytes], Any]:
     if name == "cancel_requested":
         return lambda value: value == b"1"
     if name == "status":
-        return lambda value: JobStatus(value.decode())
+        return _status
     return bytes.decode
 
 
@@ -328,7 +340,7 @@ class RedisBackend(Backend):
         if not jobs:
             return []
         # The nonce marks the jobs this call stores: sent again, the script returns them.
-        args = [os.urandom(8).hex(), _jobs_text(jobs)]
+        args = [random_id()[:16], _jobs_text(jobs)]
         try:
             reply = self._run("enqueue", args, CALLER_PATIENCE)
         except _MaybeDone:
@@ -362,7 +374,7 @@ class RedisBackend(Backend):
     ) -> list[JobRecord]:
         if limit <= 0 or (queues is not None and not queues):
             return []
-        token = os.urandom(8).hex() + ":"
+        token = random_id()[:16] + ":"
         args = [now, now + lease_seconds, worker_id, limit, token]
         args += (max_lost_leases, self._expiry, WORKER_LOST_ERROR, UPSTREAM_FAILED)
         args += tuple(queues or ())
@@ -567,7 +579,7 @@ class RedisBackend(Backend):
     # -- housekeeping --------------------------------------------------------
 
     def fire_tick(self, schedule: str, fire_time: float, job: JobRecord, now: float) -> bool:
-        args = [os.urandom(8).hex(), schedule, repr(float(fire_time)), now, _jobs_text([job])]
+        args = [random_id()[:16], schedule, repr(float(fire_time)), now, _jobs_text([job])]
         fired = bool(self._run("fire_tick", args) == 1)
         if fired:
             self._notify()

@@ -871,8 +871,6 @@ def _alive_since(pid: int, moment: float) -> bool:
 #: Each status as the plain string it stands for. sqlite3 binds an exact ``str`` at once, but
 #: looks for an adapter (and fails, at a cost) for a subclass such as ``JobStatus``.
 _PLAIN: dict[str, str] = {status: status.value for status in JobStatus}
-#: Each status by its string: a dict lookup costs a fraction of calling ``JobStatus``.
-_STATUS: dict[str, JobStatus] = {status.value: status for status in JobStatus}
 
 
 #: The fields ``insert_job`` stores, but the status, which comes last, as plain text.
@@ -939,7 +937,6 @@ def _record(row: sqlite3.Row) -> JobRecord:
         record = JobRecord.from_mapping(dict(row))
     else:
         record = JobRecord(*[row[i] for i in positions])
-        record.status = _STATUS.get(record.status) or JobStatus(record.status)
     record.cancel_requested = bool(record.cancel_requested)
     return record
 
