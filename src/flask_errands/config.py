@@ -19,6 +19,7 @@ from typing import Any
 
 from .durations import parse_duration
 from .exceptions import ConfigurationError
+from .limits import Limit, queue_limits
 
 DEFAULTS: dict[str, Any] = {
     "ERRANDS_URL": None,  # sqlite:///<instance_path>/errands.db
@@ -36,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "ERRANDS_SHUTDOWN_GRACE": 25,  # seconds the embedded worker's jobs get when the process ends
     "ERRANDS_REDIS_PREFIX": "errands:",  # a ?prefix= in a redis:// ERRANDS_URL wins
     "ERRANDS_OUTBOX_URL": None,  # the app's database (SQLAlchemy URL), for the outbox
+    "ERRANDS_QUEUE_LIMITS": {},  # {"emails": {"rate_limit": "100/m", "concurrency": 5}}
 }
 
 EMBEDDED_SCHEMES = ("memory", "sqlite")
@@ -62,6 +64,8 @@ class Settings:
     shutdown_grace: float = 25.0
     outbox_url: str | None = None
     async_concurrency: int = 100
+    #: ``ERRANDS_QUEUE_LIMITS``, checked: the limits of each queue that has some.
+    queue_limits: Mapping[str, Limit] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_config(
@@ -91,6 +95,7 @@ class Settings:
             shutdown_grace=seconds(config["ERRANDS_SHUTDOWN_GRACE"], "ERRANDS_SHUTDOWN_GRACE"),
             outbox_url=config["ERRANDS_OUTBOX_URL"] or None,
             async_concurrency=_positive_int(config, "ERRANDS_ASYNC_CONCURRENCY"),
+            queue_limits=_queue_limits(config.get("ERRANDS_QUEUE_LIMITS")),
         )
 
 
@@ -130,6 +135,15 @@ def parse_queues(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
     names = value.split(",") if isinstance(value, str) else value
     queues = tuple(name.strip() for name in names if name.strip())
     return queues or None
+
+
+def _queue_limits(value: Any) -> dict[str, Limit]:
+    if value is not None and not isinstance(value, Mapping):
+        raise ConfigurationError(f"ERRANDS_QUEUE_LIMITS must be a dict of queues, not {value!r}")
+    try:
+        return queue_limits(value)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 def _positive_int(config: Mapping[str, Any], name: str) -> int:
