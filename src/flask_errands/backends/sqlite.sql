@@ -247,13 +247,26 @@ DROP INDEX IF EXISTS errands_jobs_listing
 -- name: migrate_hot_page_index
 CREATE INDEX IF NOT EXISTS errands_jobs_pages ON errands_jobs (status, queue, task, seq)
 
+-- name: migrate_7_limits
+-- Version 7: rate and concurrency limits. A job carries its limits (limits.encode JSON);
+-- the starts of each limited task or queue are logged by number, for the sliding window.
+ALTER TABLE errands_jobs ADD COLUMN limits TEXT
+
+-- name: migrate_7_limit_starts
+CREATE TABLE IF NOT EXISTS errands_limit_starts (
+    key TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (key, n)
+) WITHOUT ROWID
+
 -- name: insert_job
 -- Positional parameters, in the order of INSERT_FIELDS in sqlite.py: binding them costs
 -- less than looking each name up in a dict.
 INSERT INTO errands_jobs (
     id, task, payload, queue, priority, attempts, max_attempts, retry_delay, timeout,
-    unique_key, eta, enqueued_at, flow, blocked_by, status
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    unique_key, eta, enqueued_at, flow, blocked_by, limits, status
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (unique_key)
     WHERE unique_key IS NOT NULL
         AND (status = 'queued' OR status = 'scheduled' OR status = 'running')
@@ -287,7 +300,7 @@ FROM (
     SELECT * FROM (
         SELECT seq, 1 AS expired, lost_leases + 1 >= :max_lost AS give_up
         FROM errands_jobs INDEXED BY errands_jobs_leases
-        WHERE status = 'running' AND lease_expires_at <= :now {queue_filter}
+        WHERE status = 'running' AND lease_expires_at <= :now {queue_filter} {limit_filter}
             AND queue NOT IN (SELECT queue FROM errands_paused_queues)
             AND NOT errands_live_holder(worker_id, started_at, lease_expires_at, :live_until)
         ORDER BY lease_expires_at LIMIT :limit
@@ -296,7 +309,7 @@ FROM (
     SELECT * FROM (
         SELECT seq, 0 AS expired, 0 AS give_up
         FROM errands_jobs INDEXED BY errands_jobs_waiting
-        WHERE status IN ('queued', 'scheduled') AND eta <= :now {queue_filter}
+        WHERE status IN ('queued', 'scheduled') AND eta <= :now {queue_filter} {limit_filter}
             AND queue NOT IN (SELECT queue FROM errands_paused_queues)
         ORDER BY priority DESC, eta, seq LIMIT :limit
     )
@@ -304,6 +317,49 @@ FROM (
 ) AS claimed
 WHERE errands_jobs.seq = claimed.seq
 RETURNING *
+
+-- name: limit_candidates
+-- The jobs a limited claim weighs, in claim order: lapsed leases, then due jobs; without
+-- those of the tasks and queues already held back, and those already taken (JSON arrays).
+SELECT * FROM (
+    SELECT seq, limits, lost_leases + 1 >= :max_lost AS give_up
+    FROM errands_jobs INDEXED BY errands_jobs_leases
+    WHERE status = 'running' AND lease_expires_at <= :now {queue_filter} {skip}
+        AND queue NOT IN (SELECT queue FROM errands_paused_queues)
+        AND NOT errands_live_holder(worker_id, started_at, lease_expires_at, :live_until)
+    ORDER BY lease_expires_at LIMIT :limit
+)
+UNION ALL
+SELECT * FROM (
+    SELECT seq, limits, 0 AS give_up
+    FROM errands_jobs INDEXED BY errands_jobs_waiting
+    WHERE status IN ('queued', 'scheduled') AND eta <= :now {queue_filter} {skip}
+        AND queue NOT IN (SELECT queue FROM errands_paused_queues)
+    ORDER BY priority DESC, eta, seq LIMIT :limit
+)
+
+-- name: limit_running_task
+SELECT count(*) FROM errands_jobs INDEXED BY errands_jobs_leases
+WHERE status = 'running' AND lease_expires_at > :now AND task = :name
+
+-- name: limit_running_queue
+SELECT count(*) FROM errands_jobs INDEXED BY errands_jobs_leases
+WHERE status = 'running' AND lease_expires_at > :now AND queue = :name
+
+-- name: limit_done
+SELECT coalesce(max(n) + 1, 0) FROM errands_limit_starts WHERE key = ?
+
+-- name: limit_starts
+SELECT n, at FROM errands_limit_starts WHERE key = ? AND n >= ? AND n < ?
+
+-- name: log_start
+INSERT OR REPLACE INTO errands_limit_starts (key, n, at) VALUES (?, ?, ?)
+
+-- name: forget_starts
+DELETE FROM errands_limit_starts WHERE key = ? AND n < ?
+
+-- name: recent_starts
+SELECT count(*) FROM errands_limit_starts WHERE key = ? AND at > ?
 
 -- name: extend_lease
 UPDATE errands_jobs SET lease_expires_at = :expires
@@ -403,7 +459,11 @@ SELECT queue, status, sum(n) FROM (
 GROUP BY queue, status HAVING sum(n) > 0
 
 -- name: next_eta
-SELECT min(eta) FROM errands_jobs WHERE status IN ('queued', 'scheduled') {queue_filter}
+-- A limited job counts as due no earlier than :free_at; the second column says whether one
+-- waits (Backend.limited).
+SELECT min(CASE WHEN limits IS NULL THEN eta ELSE max(eta, :free_at) END),
+    max(limits IS NOT NULL)
+FROM errands_jobs WHERE status IN ('queued', 'scheduled') {queue_filter}
     AND queue NOT IN (SELECT queue FROM errands_paused_queues)
 
 -- name: job_page
