@@ -265,17 +265,30 @@ DROP INDEX IF EXISTS errands_jobs_listing
 -- name: migrate_hot_page_index
 CREATE INDEX IF NOT EXISTS errands_jobs_pages ON errands_jobs (status, queue, task, seq)
 
+-- name: migrate_6_limits
+-- Version 6: rate and concurrency limits. A job carries its limits (limits.encode JSON);
+-- the starts of each limited task or queue are logged by number, for the sliding window.
+ALTER TABLE errands_jobs ADD COLUMN IF NOT EXISTS limits text
+
+-- name: migrate_6_limit_starts
+CREATE TABLE IF NOT EXISTS errands_limit_starts (
+    key text NOT NULL,
+    n bigint NOT NULL,
+    at float8 NOT NULL,
+    PRIMARY KEY (key, n)
+)
+
 -- name: insert_job
 -- {jobs} is the table, qualified with the store's schema when written through an app's
 -- connection, whose search_path may differ.
 WITH inserted AS (
     INSERT INTO {jobs} (
         id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, unique_key, eta, enqueued_at, flow, blocked_by
+        timeout, unique_key, eta, enqueued_at, flow, blocked_by, limits
     ) VALUES (
         %(id)s, %(task)s, %(payload)s, %(queue)s, %(priority)s, %(status)s, %(attempts)s,
         %(max_attempts)s, %(retry_delay)s, %(timeout)s, %(unique_key)s, %(eta)s, %(enqueued_at)s,
-        %(flow)s, %(blocked_by)s
+        %(flow)s, %(blocked_by)s, %(limits)s
     )
     ON CONFLICT (unique_key)
         WHERE unique_key IS NOT NULL AND status IN ('queued', 'scheduled', 'running')
@@ -290,18 +303,19 @@ SELECT id, pg_notify(%(channel)s, '') FROM inserted
 WITH inserted AS (
     INSERT INTO {jobs} (
         id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, unique_key, eta, enqueued_at, flow, blocked_by
+        timeout, unique_key, eta, enqueued_at, flow, blocked_by, limits
     )
     SELECT id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, NULL, eta, enqueued_at, flow, blocked_by
+        timeout, NULL, eta, enqueued_at, flow, blocked_by, limits
     FROM unnest(
         %(id)s::text[], %(task)s::text[], %(payload)s::text[], %(queue)s::text[],
         %(priority)s::integer[], %(status)s::text[], %(attempts)s::integer[],
         %(max_attempts)s::integer[], %(retry_delay)s::float8[], %(timeout)s::float8[],
-        %(eta)s::float8[], %(enqueued_at)s::float8[], %(flow)s::text[], %(blocked_by)s::integer[]
+        %(eta)s::float8[], %(enqueued_at)s::float8[], %(flow)s::text[], %(blocked_by)s::integer[],
+        %(limits)s::text[]
     ) WITH ORDINALITY AS batch (
         id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, eta, enqueued_at, flow, blocked_by, position
+        timeout, eta, enqueued_at, flow, blocked_by, limits, position
     )
     ORDER BY position
     RETURNING 1
@@ -321,14 +335,14 @@ WITH expired AS (
     SELECT seq, lost_leases + 1 >= %(max_lost)s AS give_up,
         flow IS NOT NULL AND lost_leases + 1 >= %(max_lost)s AS held
     FROM errands_jobs
-    WHERE status = 'running' AND lease_expires_at <= %(now)s {queue_filter}
+    WHERE status = 'running' AND lease_expires_at <= %(now)s {queue_filter} {limit_filter}
         AND queue NOT IN (SELECT queue FROM errands_paused_queues)
     ORDER BY lease_expires_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), due AS (
     SELECT seq FROM errands_jobs
-    WHERE status IN ('queued', 'scheduled') AND eta <= %(now)s {queue_filter}
+    WHERE status IN ('queued', 'scheduled') AND eta <= %(now)s {queue_filter} {limit_filter}
         AND queue NOT IN (SELECT queue FROM errands_paused_queues)
     ORDER BY priority DESC, eta, seq
     LIMIT %(limit)s
@@ -365,6 +379,51 @@ RETURNING j.*
 SELECT * FROM updated
 UNION ALL
 SELECT j.* FROM errands_jobs AS j JOIN expired ON j.seq = expired.seq WHERE expired.held
+
+-- name: limit_lock
+-- Limited claims take turns, deployment-wide, for the length of their transaction.
+SELECT pg_advisory_xact_lock(hashtext('errands_limits'))
+
+-- name: limit_candidates
+-- The jobs a limited claim weighs, in claim order: lapsed leases, then due jobs; without
+-- those of the tasks and queues already held back, and those already taken.
+(SELECT seq, limits, lost_leases + 1 >= %(max_lost)s AS give_up FROM errands_jobs
+    WHERE status = 'running' AND lease_expires_at <= %(now)s {queue_filter}
+        AND queue NOT IN (SELECT queue FROM errands_paused_queues)
+        AND seq <> ALL(%(taken)s)
+        AND (limits IS NULL OR (task <> ALL(%(tasks)s) AND queue <> ALL(%(queues)s)))
+    ORDER BY lease_expires_at LIMIT %(limit)s)
+UNION ALL
+(SELECT seq, limits, false FROM errands_jobs
+    WHERE status IN ('queued', 'scheduled') AND eta <= %(now)s {queue_filter}
+        AND queue NOT IN (SELECT queue FROM errands_paused_queues)
+        AND seq <> ALL(%(taken)s)
+        AND (limits IS NULL OR (task <> ALL(%(tasks)s) AND queue <> ALL(%(queues)s)))
+    ORDER BY priority DESC, eta, seq LIMIT %(limit)s)
+
+-- name: limit_running_task
+SELECT count(*) FROM errands_jobs
+WHERE status = 'running' AND lease_expires_at > %(now)s AND task = %(name)s
+
+-- name: limit_running_queue
+SELECT count(*) FROM errands_jobs
+WHERE status = 'running' AND lease_expires_at > %(now)s AND queue = %(name)s
+
+-- name: limit_done
+SELECT coalesce(max(n) + 1, 0) FROM errands_limit_starts WHERE key = %s
+
+-- name: limit_starts
+SELECT n, at FROM errands_limit_starts WHERE key = %s AND n >= %s AND n < %s
+
+-- name: log_start
+INSERT INTO errands_limit_starts (key, n, at) VALUES (%s, %s, %s)
+ON CONFLICT (key, n) DO UPDATE SET at = excluded.at
+
+-- name: forget_starts
+DELETE FROM errands_limit_starts WHERE key = %s AND n < %s
+
+-- name: recent_starts
+SELECT count(*) FROM errands_limit_starts WHERE key = %s AND at > %s
 
 -- name: extend_leases
 UPDATE errands_jobs AS j SET lease_expires_at = %(expires)s
@@ -540,7 +599,11 @@ SELECT queue, status, sum(n)::bigint AS n FROM (
 GROUP BY queue, status HAVING sum(n) > 0
 
 -- name: next_eta
-SELECT min(eta) AS eta FROM errands_jobs WHERE status IN ('queued', 'scheduled') {queue_filter}
+-- A limited job counts as due no earlier than free_at; the second column says whether one
+-- waits (Backend.limited).
+SELECT min(CASE WHEN limits IS NULL THEN eta ELSE greatest(eta, %(free_at)s) END) AS eta,
+    bool_or(limits IS NOT NULL) AS limited
+FROM errands_jobs WHERE status IN ('queued', 'scheduled') {queue_filter}
     AND queue NOT IN (SELECT queue FROM errands_paused_queues)
 
 -- name: job_page
