@@ -134,3 +134,49 @@ def test_malformed_limits_are_refused_naming_the_value() -> None:
     )
     with pytest.raises(ValueError, match="3/fortnight"):
         Errands(app)
+
+
+def test_status_and_the_dashboard_show_each_limit_and_its_use(tmp_path: Path) -> None:
+    app = Flask("limited", instance_path=str(tmp_path))
+    app.secret_key = "test"
+    app.config.update(
+        ERRANDS_URL=f"sqlite:///{tmp_path / 'errands.db'}",
+        ERRANDS_EMBEDDED_WORKER=False,
+        ERRANDS_QUEUE_LIMITS={"emails": {"rate_limit": "100/m", "concurrency": 5}},
+    )
+    errands = Errands(app)
+
+    @errands.task(name="export", concurrency=2)
+    def export() -> None:
+        """Never more than two at once."""
+
+    @errands.task(name="send", queue="emails", rate_limit="10/second")
+    def send() -> None:
+        """Ten a second, and the queue's limits too."""
+
+    errands.init_dashboard(app, authorize=lambda: "viewer")
+    with app.app_context():
+        export.delay_many([() for _ in range(3)])
+        send.delay_many([() for _ in range(3)])
+        backend = app.extensions["errands"].backend
+        claimed = backend.reserve(None, 10, "w", 30.0, time.time())
+    assert sorted(job.task for job in claimed) == ["export", "export", "send", "send", "send"]
+
+    result = app.test_cli_runner().invoke(args=["errands", "status"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[1]: line for line in result.output.splitlines() if line[:4] == "  ta"}
+    lines |= {line.split()[1]: line for line in result.output.splitlines() if line[:4] == "  qu"}
+    assert lines["export"].split(maxsplit=2)[2] == "2/2 running"
+    assert lines["send"].split(maxsplit=2)[2] == "3 of 10/s started"
+    assert lines["emails"].split(maxsplit=2)[2] == "3/5 running, 3 of 100/m started"
+
+    with app.test_client() as web:
+        api = web.get("/errands/api/queues").get_json()
+        page = web.get("/errands/queues").get_data(as_text=True)
+    assert {(row["kind"], row["name"]): row["running"] for row in api["limits"]} == {
+        ("task", "export"): 2,
+        ("task", "send"): 3,
+        ("queue", "emails"): 3,
+    }
+    assert 'data-limit="task:export"' in page
+    assert 'data-limit="queue:emails"' in page

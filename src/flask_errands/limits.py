@@ -134,7 +134,7 @@ def decode(text: str) -> tuple[Limit, ...]:
     return tuple(Limit(str(k), r, None if p is None else float(p), c) for k, r, p, c in rows)
 
 
-#: ``running(kind, name)``: how many jobs of a task (kind ``task``) or queue run under a live lease.
+#: ``running(kind, name)``: the jobs of a task (kind ``task``) or queue under a live lease.
 Running = Callable[[str, str], int]
 #: ``starts(key, rate, window)``: ``(done, {n: time})``, the starts of ``key`` so far and the
 #: times of those numbered (from 0) ``done - rate`` to ``done - rate + window - 1`` still held.

@@ -87,8 +87,10 @@ class Runtime:
         self._embedded: Service | None = None
         self._embedded_pid: int | None = None
         self._lock = threading.Lock()
-        if settings.queue_limits or any(task.default_options.limits(name) for name, task in tasks.items()):
-            backend.limited = True
+        if settings.queue_limits or any(
+            task.default_options.limits(name) for name, task in tasks.items()
+        ):
+            backend.limited = True  # claims look at limits from the first one
         self.schedules  # noqa: B018 - a name declared twice fails here, not in the scheduler
 
     @property

@@ -7,13 +7,15 @@ from collections import Counter
 
 import pytest
 
-from flask_errands.backends import Backend
+from flask_errands.backends import Backend, JobRecord
 from flask_errands.limits import Limit, encode
 from flask_errands.status import JobStatus
 from tests.backends.test_conformance import LEASE, T0, job, stored, token
 
 
-def limited(task: str = "tests.export", *, rate: str | None = None, conc: int | None = None):
+def limited(
+    task: str = "tests.export", *, rate: str | None = None, conc: int | None = None
+) -> JobRecord:
     """A job of ``task`` carrying these limits, as ``task.delay()`` makes it."""
     limits = encode([Limit.of(f"task:{task}", rate, conc)])
     return job(task=task, limits=limits)

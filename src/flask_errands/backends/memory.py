@@ -11,8 +11,8 @@ import heapq
 import itertools
 import threading
 import uuid
-from functools import partial
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from ..exceptions import DuplicateJob

@@ -398,7 +398,9 @@ class PostgresBackend(Backend):
         with self._connection() as conn:
             if limited:
                 with conn.transaction():
-                    chosen = self._choose(conn, _filtered("limit_candidates", queue_filter), params)
+                    chosen = self._choose(
+                        conn, _filtered("limit_candidates", queue_filter), params
+                    )
                     rows = conn.execute(query, {**params, "chosen": chosen}).fetchall()
             else:
                 rows = conn.execute(query, params).fetchall()

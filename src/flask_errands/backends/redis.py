@@ -490,8 +490,7 @@ class RedisBackend(Backend):
             args += (limit.key, limit.kind, limit.name, "" if limit.per is None else limit.per)
         reply = self._run("limit_usage", args) if limits else []
         return {
-            limit.key: (int(reply[2 * i]), int(reply[2 * i + 1]))
-            for i, limit in enumerate(limits)
+            limit.key: (int(reply[2 * i]), int(reply[2 * i + 1])) for i, limit in enumerate(limits)
         }
 
     # -- queues and schedules, as people change them ---------------------------

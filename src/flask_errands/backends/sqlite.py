@@ -1009,7 +1009,11 @@ def _limited_claim(
             )
         query = QUERIES["limit_candidates"].format(queue_filter=queue_filter, skip=skip)
         taken = json.dumps(chosen)
-        extra = {"taken": taken, "tasks": json.dumps(held_tasks), "queues": json.dumps(held_queues)}
+        extra = {
+            "taken": taken,
+            "tasks": json.dumps(held_tasks),
+            "queues": json.dumps(held_queues),
+        }
         rows = db.execute(query, {**params, **extra, "limit": limit - len(chosen)}).fetchall()
         held = len(gate.held)
         for seq, limits, give_up in rows:
