@@ -180,3 +180,17 @@ def test_status_and_the_dashboard_show_each_limit_and_its_use(tmp_path: Path) ->
     }
     assert 'data-limit="task:export"' in page
     assert 'data-limit="queue:emails"' in page
+
+
+def test_eager_mode_runs_every_call_inline_whatever_the_limits(tmp_path: Path) -> None:
+    app = Flask("eager", instance_path=str(tmp_path))
+    app.config.update(ERRANDS_URL="memory://", ERRANDS_EAGER=True)
+    errands = Errands(app)
+
+    @errands.task(name="hourly", rate_limit="1/h", concurrency=1)
+    def hourly(n: int) -> int:
+        """Once an hour in production; every call at once in tests."""
+        return n * 2
+
+    with app.app_context():
+        assert [hourly.delay(n).result(timeout=0) for n in range(3)] == [0, 2, 4]

@@ -200,6 +200,7 @@ class Runtime:
         now = time.time()
         for record in records:
             record.eta = min(record.eta, now)
+            record.limits = None  # inline, one at a time: a limit would only stop the run
             if record.status != BLOCKED:
                 record.status = QUEUED
         stored = eager.enqueue(records)

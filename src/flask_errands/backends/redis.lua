@@ -367,8 +367,12 @@ local function admit(text)
       if running[key] >= conc then return hold(key, tonumber(now) + 0.1) end
     end
     if rate and per then
-      local earlier = tonumber(redis.call('LINDEX', P .. 'limit:starts:' .. key, rate - 1))
-      if earlier and earlier > tonumber(now) - per then return hold(key, earlier + per) end
+      -- The list keeps the latest ``rate`` starts: when full, its last is ``rate`` ago.
+      local log = P .. 'limit:starts:' .. key
+      if redis.call('LLEN', log) >= rate then
+        local earlier = tonumber(redis.call('LINDEX', log, -1))
+        if earlier and earlier > tonumber(now) - per then return hold(key, earlier + per) end
+      end
     end
   end
   for _, lim in ipairs(limits) do
