@@ -974,8 +974,8 @@ def _claim_statement(
     limit_filter = (
         "AND seq IN (SELECT value FROM json_each(:chosen))" if limited else "AND limits IS NULL"
     )
-    claim = QUERIES["claim"].format(queue_filter=queue_filter, limit_filter=limit_filter)
-    return claim, params
+    due = QUERIES["due_jobs"].format(queue_filter=queue_filter, filter=limit_filter)
+    return QUERIES["claim"].format(due=due), params
 
 
 def _limited_claim(
@@ -1007,7 +1007,7 @@ def _limited_claim(
                 " AND (limits IS NULL OR (task NOT IN (SELECT value FROM json_each(:tasks))"
                 " AND queue NOT IN (SELECT value FROM json_each(:queues))))"
             )
-        query = QUERIES["limit_candidates"].format(queue_filter=queue_filter, skip=skip)
+        query = QUERIES["due_jobs"].format(queue_filter=queue_filter, filter=skip)
         taken = json.dumps(chosen)
         extra = {
             "taken": taken,
@@ -1016,7 +1016,7 @@ def _limited_claim(
         }
         rows = db.execute(query, {**params, **extra, "limit": limit - len(chosen)}).fetchall()
         held = len(gate.held)
-        for seq, limits, give_up in rows:
+        for seq, limits, _, give_up in rows:
             if len(chosen) < limit and (give_up or gate.admit(limits)):
                 chosen.append(seq)
         if len(gate.held) == held:  # nothing newly held back: all there is was weighed

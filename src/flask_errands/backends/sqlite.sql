@@ -280,9 +280,9 @@ WHERE unique_key = ? AND (status = 'queued' OR status = 'scheduled' OR status = 
 -- Jobs whose lease expired (their worker died) first, then due jobs by priority, eta and
 -- enqueue order; one statement, so it is its own transaction. An expired job that has now
 -- lost :max_lost leases in a row is failed instead of claimed (the caller drops it); braces
--- are doubled, as {queue_filter} is filled in by str.format. INDEXED BY keeps the planner off
--- the listing index, which would sort every waiting job on each claim. A lapsed lease whose
--- worker process is alive on this host (errands_live_holder, in sqlite.py) waits.
+-- are doubled, as the due_jobs query is put in by str.format. INDEXED BY there keeps the
+-- planner off the listing index, which would sort every waiting job on each claim. A lapsed
+-- lease whose worker process is alive on this host (errands_live_holder, in sqlite.py) waits.
 UPDATE errands_jobs
 SET status = CASE WHEN claimed.give_up THEN 'failed' ELSE 'running' END,
     attempts = attempts + CASE WHEN claimed.give_up THEN 0 ELSE 1 END,
@@ -296,44 +296,28 @@ SET status = CASE WHEN claimed.give_up THEN 'failed' ELSE 'running' END,
         :lost_error, '{{worker}}', coalesce(worker_id, '?')), '{{attempt}}', attempts),
         '{{lost}}', lost_leases + 1) ELSE error END,
     traceback = CASE WHEN claimed.give_up THEN NULL ELSE traceback END
-FROM (
-    SELECT * FROM (
-        SELECT seq, 1 AS expired, lost_leases + 1 >= :max_lost AS give_up
-        FROM errands_jobs INDEXED BY errands_jobs_leases
-        WHERE status = 'running' AND lease_expires_at <= :now {queue_filter} {limit_filter}
-            AND queue NOT IN (SELECT queue FROM errands_paused_queues)
-            AND NOT errands_live_holder(worker_id, started_at, lease_expires_at, :live_until)
-        ORDER BY lease_expires_at LIMIT :limit
-    )
-    UNION ALL
-    SELECT * FROM (
-        SELECT seq, 0 AS expired, 0 AS give_up
-        FROM errands_jobs INDEXED BY errands_jobs_waiting
-        WHERE status IN ('queued', 'scheduled') AND eta <= :now {queue_filter} {limit_filter}
-            AND queue NOT IN (SELECT queue FROM errands_paused_queues)
-        ORDER BY priority DESC, eta, seq LIMIT :limit
-    )
-    LIMIT :limit
-) AS claimed
+FROM ({due} LIMIT :limit) AS claimed
 WHERE errands_jobs.seq = claimed.seq
 RETURNING *
 
--- name: limit_candidates
--- The jobs a limited claim weighs, in claim order: lapsed leases, then due jobs; without
--- those of the tasks and queues already held back, and those already taken (JSON arrays).
+-- name: due_jobs
+-- The jobs a claim weighs, in claim order: lapsed leases, then due jobs by priority, eta
+-- and enqueue order. The filter is the claim's: without limited jobs, or only those chosen;
+-- or a limited claim's (_limited_claim), without the tasks and queues held back and the
+-- jobs already taken (JSON arrays).
 SELECT * FROM (
-    SELECT seq, limits, lost_leases + 1 >= :max_lost AS give_up
+    SELECT seq, limits, 1 AS expired, lost_leases + 1 >= :max_lost AS give_up
     FROM errands_jobs INDEXED BY errands_jobs_leases
-    WHERE status = 'running' AND lease_expires_at <= :now {queue_filter} {skip}
+    WHERE status = 'running' AND lease_expires_at <= :now {queue_filter} {filter}
         AND queue NOT IN (SELECT queue FROM errands_paused_queues)
         AND NOT errands_live_holder(worker_id, started_at, lease_expires_at, :live_until)
     ORDER BY lease_expires_at LIMIT :limit
 )
 UNION ALL
 SELECT * FROM (
-    SELECT seq, limits, 0 AS give_up
+    SELECT seq, limits, 0 AS expired, 0 AS give_up
     FROM errands_jobs INDEXED BY errands_jobs_waiting
-    WHERE status IN ('queued', 'scheduled') AND eta <= :now {queue_filter} {skip}
+    WHERE status IN ('queued', 'scheduled') AND eta <= :now {queue_filter} {filter}
         AND queue NOT IN (SELECT queue FROM errands_paused_queues)
     ORDER BY priority DESC, eta, seq LIMIT :limit
 )
