@@ -6,6 +6,7 @@ every other backend must behave as this one does under the conformance suite.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import itertools
@@ -78,9 +79,9 @@ class MemoryBackend(Backend):
         self._workers: dict[str, tuple[float, dict[str, Any]]] = {}
         self._paused: set[str] = set()
         #: The rate-limit start log: how many starts each limit key has had, and the times
-        #: of the latest of them by number (``limits.Gate``).
+        #: of the latest of them, oldest first (``limits.Gate``).
         self._started: dict[str, int] = {}
-        self._start_log: dict[str, dict[int, float]] = {}
+        self._start_log: dict[str, collections.deque[float]] = {}
         self._schedule_states: dict[str, ScheduleState] = {}
         self._finished_counts: dict[tuple[int, str, str, str], int] = {}
         self._depth: dict[int, dict[tuple[str, str], int]] = {}
@@ -148,11 +149,11 @@ class MemoryBackend(Backend):
                 job.worker_id = worker_id
                 self._running.add(job.id)
             for key, starts, keep_from in gate.log():
-                log = self._start_log.setdefault(key, {})
-                log.update(starts)
-                for n in [n for n in log if n < keep_from]:
-                    del log[n]
-                self._started[key] = starts[-1][0] + 1
+                log = self._start_log.setdefault(key, collections.deque())
+                log.extend(at for _, at in starts)
+                done = self._started[key] = starts[-1][0] + 1
+                while len(log) > done - keep_from:
+                    log.popleft()
             self.limit_free_at = gate.free_at
             if given_up:
                 claimed_only([_copy(job) for job in given_up])  # logs them
@@ -168,17 +169,18 @@ class MemoryBackend(Backend):
         )
 
     def _starts_of(self, key: str, rate: int, window: int) -> tuple[int, dict[int, float]]:
-        done, log = self._started.get(key, 0), self._start_log.get(key, {})
-        first = done - rate
-        return done, {n: log[n] for n in range(first, first + window) if n in log}
+        done, log = self._started.get(key, 0), self._start_log.get(key, collections.deque())
+        oldest = done - len(log)  # the number of the first start the log holds
+        first = max(done - rate, oldest)
+        return done, {n: log[n - oldest] for n in range(first, min(done - rate + window, done))}
 
     def limit_usage(self, limits: Sequence[Limit], now: float) -> dict[str, tuple[int, int]]:
         with self._lock:
             usage = {}
             for limit in limits:
-                log = self._start_log.get(limit.key, {})
+                log = self._start_log.get(limit.key, collections.deque())
                 since = now - (limit.per or 0.0)
-                recent = sum(1 for at in log.values() if at > since) if limit.per else 0
+                recent = sum(1 for at in log if at > since) if limit.per else 0
                 usage[limit.key] = (self._running_of(now, limit.kind, limit.name), recent)
             return usage
 

@@ -422,10 +422,10 @@ class PostgresBackend(Backend):
         limit, now = params["limit"], params["now"]
 
         def starts(key: str, rate: int, window: int) -> tuple[int, dict[int, float]]:
-            done = _value(conn.execute(QUERIES["limit_done"], (key,)).fetchone())
-            first = done - rate
-            rows = conn.execute(QUERIES["limit_starts"], (key, first, first + window))
-            return done, {row["n"]: row["at"] for row in rows.fetchall()}
+            params = {"key": key, "rate": rate, "window": window}
+            rows = conn.execute(QUERIES["limit_starts"], params).fetchall()
+            found = {row["n"]: row["at"] for row in rows if row["n"] is not None}
+            return rows[0]["done"], found
 
         gate = Gate(now, functools.partial(_running_of, conn, now), starts, limit)
         chosen: list[int] = []

@@ -409,11 +409,13 @@ WHERE status = 'running' AND lease_expires_at > %(now)s AND task = %(name)s
 SELECT count(*) FROM errands_jobs
 WHERE status = 'running' AND lease_expires_at > %(now)s AND queue = %(name)s
 
--- name: limit_done
-SELECT coalesce(max(n) + 1, 0) FROM errands_limit_starts WHERE key = %s
-
 -- name: limit_starts
-SELECT n, at FROM errands_limit_starts WHERE key = %s AND n >= %s AND n < %s
+-- How many starts key has had, with the times of those numbered from that less rate,
+-- window of them (one row with n NULL when the log holds none of them).
+SELECT d.done, s.n, s.at
+FROM (SELECT coalesce(max(n) + 1, 0) AS done FROM errands_limit_starts WHERE key = %(key)s) AS d
+LEFT JOIN errands_limit_starts AS s ON s.key = %(key)s
+    AND s.n >= d.done - %(rate)s AND s.n < d.done - %(rate)s + %(window)s
 
 -- name: log_start
 INSERT INTO errands_limit_starts (key, n, at) VALUES (%s, %s, %s)

@@ -991,10 +991,9 @@ def _limited_claim(
     limit = params["limit"]
 
     def starts(key: str, rate: int, window: int) -> tuple[int, dict[int, float]]:
-        done = db.execute(QUERIES["limit_done"], (key,)).fetchone()[0]
-        first = done - rate
-        rows = db.execute(QUERIES["limit_starts"], (key, first, first + window)).fetchall()
-        return done, {n: at for n, at in rows}
+        params = {"key": key, "rate": rate, "window": window}
+        rows = db.execute(QUERIES["limit_starts"], params).fetchall()
+        return rows[0][0], {n: at for _, n, at in rows if n is not None}
 
     gate = Gate(now, partial(_running_of, db, now), starts, limit)
     chosen: list[int] = []

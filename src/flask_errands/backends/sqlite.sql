@@ -330,11 +330,12 @@ WHERE status = 'running' AND lease_expires_at > :now AND task = :name
 SELECT count(*) FROM errands_jobs INDEXED BY errands_jobs_leases
 WHERE status = 'running' AND lease_expires_at > :now AND queue = :name
 
--- name: limit_done
-SELECT coalesce(max(n) + 1, 0) FROM errands_limit_starts WHERE key = ?
-
 -- name: limit_starts
-SELECT n, at FROM errands_limit_starts WHERE key = ? AND n >= ? AND n < ?
+-- How many starts :key has had, with the times of those numbered from that less :rate,
+-- :window of them (one row with n NULL when the log holds none of them).
+SELECT done, n, at FROM (SELECT coalesce(max(n) + 1, 0) AS done FROM errands_limit_starts
+    WHERE key = :key)
+LEFT JOIN errands_limit_starts ON key = :key AND n >= done - :rate AND n < done - :rate + :window
 
 -- name: log_start
 INSERT OR REPLACE INTO errands_limit_starts (key, n, at) VALUES (?, ?, ?)
