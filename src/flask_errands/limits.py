@@ -33,6 +33,8 @@ UNITS = {
 #: How soon a claim looks again at a job held back by a concurrency limit (a slot may free
 #: up in another process, which sends no wake-up when its job ends).
 CONCURRENCY_RECHECK = 0.1
+#: A store deletes the starts a rate limit no longer needs once per this many starts.
+FORGET_EVERY = 32
 
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+?)s?\s*$")
 
@@ -209,17 +211,19 @@ class Gate:
         self.free_at = until if self.free_at is None else min(self.free_at, until)
         return False
 
-    def log(self) -> list[tuple[str, list[tuple[int, float]], int]]:
+    def log(self) -> list[tuple[str, list[tuple[int, float]], int | None]]:
         """The starts to log, per key: ``(key, [(n, time)], keep_from)``.
 
-        Starts numbered below ``keep_from`` are no longer needed and may be deleted.
+        Starts numbered below ``keep_from`` are no longer needed: a store deletes them when
+        it is not None, which it is once every :data:`FORGET_EVERY` starts.
         """
         rows = []
         for key, (first, times) in self.started.items():
             if not times:
                 continue
-            done = first + len(times)
-            rows.append((key, list(enumerate(times, first)), done - self._rates[key]))
+            keep_from = first + len(times) - self._rates[key]
+            crossed = keep_from // FORGET_EVERY != (keep_from - len(times)) // FORGET_EVERY
+            rows.append((key, list(enumerate(times, first)), keep_from if crossed else None))
         return rows
 
     def held_names(self, kind: str) -> list[str]:

@@ -152,7 +152,7 @@ class MemoryBackend(Backend):
                 log = self._start_log.setdefault(key, collections.deque())
                 log.extend(at for _, at in starts)
                 done = self._started[key] = starts[-1][0] + 1
-                while len(log) > done - keep_from:
+                while keep_from is not None and len(log) > done - keep_from:
                     log.popleft()
             self.limit_free_at = gate.free_at
             if given_up:

@@ -442,7 +442,8 @@ class PostgresBackend(Backend):
         with conn.cursor() as cursor:
             for key, logged, keep_from in gate.log():
                 cursor.executemany(QUERIES["log_start"], [(key, n, at) for n, at in logged])
-                cursor.execute(QUERIES["forget_starts"], (key, keep_from))
+                if keep_from is not None:
+                    cursor.execute(QUERIES["forget_starts"], (key, keep_from))
         self.limit_free_at = gate.free_at
         return chosen
 

@@ -1022,7 +1022,8 @@ def _limited_claim(
             break
     for key, logged, keep_from in gate.log():
         db.executemany(QUERIES["log_start"], [(key, n, at) for n, at in logged])
-        db.execute(QUERIES["forget_starts"], (key, keep_from))
+        if keep_from is not None:
+            db.execute(QUERIES["forget_starts"], (key, keep_from))
     backend.limit_free_at = gate.free_at
     if not chosen:
         return []
