@@ -49,6 +49,7 @@ def test_a_failed_job_shows_its_error_and_traceback_and_reruns(dashboard: Dashbo
     client = dashboard.client("ada")
     page = client.get(f"{PREFIX}/jobs/{job.id}").text
     assert "ValueError: disk full" in page and "Traceback (most recent call last)" in page
+    assert "<h2>Progress</h2>" not in page  # it reported none and will not now
     token = dashboard.csrf(client)
     response = client.post(f"{PREFIX}/jobs/{job.id}/retry", data={"csrf_token": token})
     assert response.status_code == 302 and response.location.endswith(f"/jobs/{job.id}")
