@@ -14,6 +14,11 @@ per second (``store_enqueue``). The table gives each side's median and the
 median of the per-round ratios (head / base): above 1 is faster. Redis and
 PostgreSQL need their servers (``--redis``, ``--postgres``); each run uses
 its own key prefix or schema and removes it.
+
+``--limit 100000/s,1000`` compares this checkout with itself instead: the base
+column without limits, the head column with the no-op task limited to that rate
+and concurrency (set high enough never to bind), so the table says what limits
+cost the claim path.
 """
 
 from __future__ import annotations
@@ -35,8 +40,13 @@ ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("delay", "delay_many", "drain", "drain_sync", "store_enqueue")
 
 
-def measure(store: str, jobs: int, redis_url: str, postgres_url: str) -> dict[str, float]:
-    """Run in a child process: the three figures for one store, with this tree's code."""
+def measure(
+    store: str, jobs: int, redis_url: str, postgres_url: str, limit: str | None = None
+) -> dict[str, float]:
+    """Run in a child process: the figures for one store, with this tree's code.
+
+    ``limit`` (``"RATE,CONCURRENCY"``) puts those limits on the task.
+    """
     from flask import Flask
 
     from flask_errands import Errands
@@ -47,7 +57,10 @@ def measure(store: str, jobs: int, redis_url: str, postgres_url: str) -> dict[st
     app.config.update(ERRANDS_URL=cleanup[0], ERRANDS_EMBEDDED_WORKER=False)
     errands = Errands(app)
 
-    @errands.task(name="noop")
+    rate, _, concurrency = (limit or ",").partition(",")
+    limits = {"rate_limit": rate or None, "concurrency": int(concurrency) if concurrency else None}
+
+    @errands.task(name="noop", **limits)
     def noop() -> None:
         """Do nothing."""
 
@@ -132,7 +145,9 @@ def _prepare(
     return f"{postgres_url}?options=-csearch_path%3D{schema}", drop_schema
 
 
-def run_child(tree: Path, store: str, args: argparse.Namespace) -> dict[str, float]:
+def run_child(
+    tree: Path, store: str, args: argparse.Namespace, limit: str | None = None
+) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
     command = [
         sys.executable,
@@ -145,6 +160,7 @@ def run_child(tree: Path, store: str, args: argparse.Namespace) -> dict[str, flo
         args.redis,
         "--postgres",
         args.postgres,
+        *(("--task-limit", limit) if limit else ()),
     ]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     figures: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -153,27 +169,29 @@ def run_child(tree: Path, store: str, args: argparse.Namespace) -> dict[str, flo
 
 def compare(args: argparse.Namespace) -> None:
     stores = args.stores.split(",")
-    base_tree = Path(tempfile.mkdtemp(prefix="errands-base-"))
-    subprocess.run(
-        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base_tree), args.base],
-        check=True,
-        capture_output=True,
-    )
+    base_tree = ROOT if args.limit else Path(tempfile.mkdtemp(prefix="errands-base-"))
+    if not args.limit:
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base_tree), args.base],
+            check=True,
+            capture_output=True,
+        )
     results: dict[tuple[str, str, str], list[float]] = {}
     try:
         for round_ in range(args.rounds):
-            sides = [("base", base_tree), ("head", ROOT)]
+            sides = [("base", base_tree, None), ("head", ROOT, args.limit)]
             for store in stores:  # a store's two sides back to back: less drift between them
-                for side, tree in sides if round_ % 2 == 0 else reversed(sides):
-                    for metric, value in run_child(tree, store, args).items():
+                for side, tree, limit in sides if round_ % 2 == 0 else reversed(sides):
+                    for metric, value in run_child(tree, store, args, limit).items():
                         results.setdefault((store, metric, side), []).append(value)
             print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
     finally:
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
-            check=False,
-            capture_output=True,
-        )
+        if not args.limit:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
+                check=False,
+                capture_output=True,
+            )
     print(f"{'store':<9} {'figure':<11} {'base/s':>10} {'head/s':>10} {'head/base':>10}")
     for store in stores:
         for metric in METRICS:
@@ -193,10 +211,17 @@ def main() -> None:
     parser.add_argument("--stores", default="memory,sqlite,redis,postgres")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument(
+        "--limit",
+        help="RATE,CONCURRENCY (such as 100000/s,1000): this checkout without limits (base) "
+        "against itself with them on the task (head), instead of --base",
+    )
     parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--task-limit", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.jobs, args.redis, args.postgres)))
+        figures = measure(args.measure, args.jobs, args.redis, args.postgres, args.task_limit)
+        print(json.dumps(figures))
     else:
         compare(args)
 

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "flask_errands"
 
 #: Bottom to top. Lower layers never know the ones above them exist.
 LAYERS: list[set[str]] = [
-    {"status", "exceptions", "serialization", "durations", "signals", "config", "aio"},
+    {"status", "exceptions", "serialization", "durations", "signals", "config", "aio", "limits"},
     {
         "backends.base",
         "backends.urls",

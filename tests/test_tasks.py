@@ -214,8 +214,8 @@ def test_an_unknown_option_on_the_decorator_lists_the_valid_names(
             pass
 
     assert str(caught.value) == (
-        "unknown task option(s) 'retires'; valid options are at, delay, priority, queue, "
-        "retries, retry_delay, timeout, unique_key"
+        "unknown task option(s) 'retires'; valid options are at, concurrency, delay, "
+        "priority, queue, rate_limit, retries, retry_delay, timeout, unique_key"
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .admin import Admin, JobPage, QueueInfo, ScheduleInfo, Stats, Totals, WorkerInfo
+from .admin import Admin, JobPage, LimitInfo, QueueInfo, ScheduleInfo, Stats, Totals, WorkerInfo
 from .context import RunningJob, current_job
 from .dashboard import BasicAuth
 from .exceptions import (
@@ -48,6 +48,7 @@ __all__ = [
     "JobNotFound",
     "JobPage",
     "JobStatus",
+    "LimitInfo",
     "PayloadTooLarge",
     "QueueInfo",
     "Retry",

@@ -18,6 +18,7 @@ from typing import Any
 from .backends.base import ScheduleState, Timing, minute_of
 from .exceptions import ErrandsError, JobNotFound, ScheduleNotFound, UnknownTask
 from .jobs import Job
+from .limits import Limit, decode
 from .runtime import Runtime
 from .schedules import UTC, Schedule
 from .status import FINISHED, STATUSES, JobStatus
@@ -86,6 +87,25 @@ class QueueInfo:
         """JSON-ready values, counts keyed by status name."""
         counts = {status.value: n for status, n in self.counts.items()}
         return {"name": self.name, "paused": self.paused, "counts": counts}
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitInfo:
+    """A task's or queue's limits, and how much of them is in use across the deployment."""
+
+    #: ``task`` or ``queue``.
+    kind: str
+    name: str
+    #: ``"10/s"``, or None without a rate limit.
+    rate_limit: str | None
+    concurrency: int | None
+    #: Jobs running under a live lease now.
+    running: int
+    #: Starts in the last window of the rate limit (0 without one).
+    recent_starts: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,6 +375,33 @@ class Admin:
             QueueInfo(name, name in paused, counts.get(name) or dict.fromkeys(STATUSES, 0))
             for name in sorted(set(counts) | paused)
         ]
+
+    def limits(self, now: float | None = None) -> list[LimitInfo]:
+        """Every limit this app declares (tasks, their schedules, ``ERRANDS_QUEUE_LIMITS``),
+        by task then queue, with how much of it is in use now."""
+        runtime = self._runtime
+        found: dict[str, Limit] = {}
+        for name, task in runtime.tasks.items():
+            text = task.default_options.limits(name)
+            if text is not None:
+                found.update((lim.key, lim) for lim in decode(text))
+        for schedule in runtime.schedules.values():
+            options = schedule.options
+            limit = Limit.of(
+                f"task:{schedule.task}", options.get("rate_limit"), options.get("concurrency")
+            )
+            if limit is not None:
+                found.setdefault(limit.key, limit)
+        found.update((lim.key, lim) for lim in runtime.settings.queue_limits.values())
+        limits = sorted(found.values(), key=lambda lim: (lim.kind != "task", lim.name))
+        usage = self._backend.limit_usage(limits, self._clock() if now is None else now)
+        infos = []
+        for lim in limits:
+            running, recent = usage.get(lim.key, (0, 0))
+            shown = lim.describe()
+            rate, concurrency = shown["rate_limit"], shown["concurrency"]
+            infos.append(LimitInfo(lim.kind, lim.name, rate, concurrency, running, recent))
+        return infos
 
     def pause_queue(self, name: str) -> None:
         """Stop every worker claiming jobs of queue ``name`` until resumed; jobs still enqueue."""

@@ -224,6 +224,7 @@ def status(as_json: bool) -> None:
     admin = _admin()
     queues = admin.queues()
     workers = admin.workers()
+    limits = admin.limits()
     paused = [row.name for row in queues if row.paused]
     if as_json:
         by_queue = {
@@ -234,6 +235,7 @@ def status(as_json: bool) -> None:
                 "queues": by_queue,
                 "paused_queues": paused,
                 "workers": [w.to_dict() for w in workers],
+                "limits": [limit.to_dict() for limit in limits],
             }
         )
         return
@@ -255,6 +257,16 @@ def status(as_json: bool) -> None:
             f"{info.concurrency or '?'} thr  {info.jobs_done} done  "
             f"{len(info.current_jobs)} running"
         )
+    if limits:
+        click.echo("\nlimits (across every worker)")
+        for limit in limits:
+            parts = []
+            if limit.concurrency is not None:
+                parts.append(f"{limit.running}/{limit.concurrency} running")
+            if limit.rate_limit is not None:
+                parts.append(f"{limit.recent_starts} of {limit.rate_limit} started")
+            label = f"{limit.kind} {limit.name}"
+            click.echo(_clip(f"  {_clip(label, 30):<30} " + ", ".join(parts), 80))
 
 
 @errands_cli.command()

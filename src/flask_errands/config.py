@@ -19,6 +19,7 @@ from typing import Any
 
 from .durations import parse_duration
 from .exceptions import ConfigurationError
+from .limits import Limit, queue_limits
 
 DEFAULTS: dict[str, Any] = {
     "ERRANDS_URL": None,  # sqlite:///<instance_path>/errands.db
@@ -38,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "ERRANDS_OUTBOX_URL": None,  # the app's database (SQLAlchemy URL), for the outbox
     "ERRANDS_BROKER_URL": None,  # amqp://: RabbitMQ delivers the jobs, ERRANDS_URL keeps them
     "ERRANDS_TRACING": False,  # OpenTelemetry spans of enqueues and attempts
+    "ERRANDS_QUEUE_LIMITS": {},  # {"emails": {"rate_limit": "100/m", "concurrency": 5}}
 }
 
 EMBEDDED_SCHEMES = ("memory", "sqlite")
@@ -66,6 +68,8 @@ class Settings:
     async_concurrency: int = 100
     broker_url: str | None = None
     tracing: bool = False
+    #: ``ERRANDS_QUEUE_LIMITS``, checked: the limits of each queue that has some.
+    queue_limits: Mapping[str, Limit] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_config(
@@ -97,6 +101,7 @@ class Settings:
             async_concurrency=_positive_int(config, "ERRANDS_ASYNC_CONCURRENCY"),
             broker_url=config["ERRANDS_BROKER_URL"] or None,
             tracing=boolean(config["ERRANDS_TRACING"], "ERRANDS_TRACING"),
+            queue_limits=_queue_limits(config.get("ERRANDS_QUEUE_LIMITS")),
         )
 
 
@@ -136,6 +141,15 @@ def parse_queues(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
     names = value.split(",") if isinstance(value, str) else value
     queues = tuple(name.strip() for name in names if name.strip())
     return queues or None
+
+
+def _queue_limits(value: Any) -> dict[str, Limit]:
+    if value is not None and not isinstance(value, Mapping):
+        raise ConfigurationError(f"ERRANDS_QUEUE_LIMITS must be a dict of queues, not {value!r}")
+    try:
+        return queue_limits(value)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 def _positive_int(config: Mapping[str, Any], name: str) -> int:

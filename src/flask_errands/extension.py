@@ -95,6 +95,8 @@ class Errands:
         retry_delay: float = 1.0,
         timeout: float | None = None,
         unique_key: str | Callable[..., str] | None = None,
+        rate_limit: str | None = None,
+        concurrency: int | None = None,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(
@@ -104,7 +106,11 @@ class Errands:
         name: str | None = None,
         **options: Any,
     ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
-        """Register a function as a task; use bare or with options."""
+        """Register a function as a task; use bare or with options.
+
+        ``rate_limit="10/s"`` (per ``s``, ``m`` or ``h``) and ``concurrency=2`` hold across
+        every worker of the deployment; a malformed one raises ``ValueError`` here.
+        """
         task_options = TaskOptions(**options)
 
         def register(func: Callable[P, R]) -> Task[P, R]:

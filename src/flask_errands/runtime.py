@@ -31,6 +31,7 @@ from .backends.memory import MemoryBackend
 from .config import Settings
 from .exceptions import ConfigurationError
 from .jobs import Job
+from .limits import with_queue_limit
 from .runner import Runner
 from .scheduler import Fired, Scheduler
 from .schedules import Schedule
@@ -89,6 +90,10 @@ class Runtime:
         self._embedded: Service | None = None
         self._embedded_pid: int | None = None
         self._lock = threading.Lock()
+        if settings.queue_limits or any(
+            task.default_options.limits(name) for name, task in tasks.items()
+        ):
+            backend.limited = True  # claims look at limits from the first one
         self.schedules  # noqa: B018 - a name declared twice fails here, not in the scheduler
 
     @property
@@ -186,8 +191,14 @@ class Runtime:
         return Fired(schedule.name, fire_time, record.id)
 
     def _check(self, records: Sequence[JobRecord]) -> None:
+        """Refuse a job too large; give each the limits of its queue (``ERRANDS_QUEUE_LIMITS``)."""
+        queue_limits = self.settings.queue_limits
         for record in records:
             check_size(record, self.settings.max_payload)
+            if queue_limits and record.queue in queue_limits:
+                record.limits = with_queue_limit(record.limits, queue_limits[record.queue])
+            if record.limits is not None:
+                self.backend.limited = True
 
     def _announce(self, jobs: list[Job]) -> None:
         if signals.job_enqueued.receivers:
@@ -200,6 +211,7 @@ class Runtime:
         now = time.time()
         for record in records:
             record.eta = min(record.eta, now)
+            record.limits = None  # inline, one at a time: a limit would only stop the run
             if record.status != BLOCKED:
                 record.status = QUEUED
         stored = eager.enqueue(records)

@@ -57,6 +57,8 @@ CONFIG_KEYS = frozenset(
         "priority",
         "catch_up",
         "max_running",
+        "rate_limit",
+        "concurrency",
     }
 )
 
@@ -334,7 +336,11 @@ def schedules_from_config(entries: Sequence[Any]) -> list[ConfigSchedule]:
             task_name = f"{func.__module__}.{func.__qualname__}"
         else:
             raise ConfigurationError(f"{label}: {path!r} is {target!r}, not a function")
-        options = {key: entry[key] for key in ("queue", "priority") if key in entry}
+        options = {
+            key: entry[key]
+            for key in ("queue", "priority", "rate_limit", "concurrency")
+            if key in entry
+        }
         schedule = Schedule(
             name=name,
             task=task_name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import inspect
 import math
 import time
@@ -14,6 +15,7 @@ from . import serialization
 from .backends.base import QUEUED, SCHEDULED, JobRecord, random_id
 from .durations import FORMS, parse_duration
 from .exceptions import PayloadTooLarge
+from .limits import Limit, encode
 
 if TYPE_CHECKING:
     from .jobs import Job
@@ -66,6 +68,10 @@ class TaskOptions:
     unique_key: UniqueKey = None
     delay: float | dt.timedelta | str | None = None
     at: dt.datetime | None = None
+    #: At most N starts per second, minute or hour (``"10/s"``), across the deployment.
+    rate_limit: str | None = None
+    #: At most N jobs of the task running at once, across the deployment.
+    concurrency: int | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> TaskOptions:
         unknown = sorted(set(kwargs) - set(OPTION_NAMES))
@@ -94,6 +100,13 @@ class TaskOptions:
             _at_timestamp(self.at)
             if self.delay is not None:
                 raise ValueError("give delay= or at=, not both")
+        Limit.of("task:", self.rate_limit, self.concurrency)
+
+    def limits(self, task: str) -> str | None:
+        """The task's limits as a job record carries them (``limits.encode``), or None."""
+        if self.rate_limit is None and self.concurrency is None:
+            return None
+        return _task_limits(task, self.rate_limit, self.concurrency)
 
     def eta(self, now: float) -> float:
         """When a job enqueued ``now`` with these options is due: never before ``now``.
@@ -113,6 +126,11 @@ class TaskOptions:
 
 
 OPTION_NAMES = tuple(sorted(field.name for field in dataclasses.fields(TaskOptions)))
+
+
+@functools.lru_cache(maxsize=256)
+def _task_limits(task: str, rate_limit: str | None, concurrency: int | None) -> str | None:
+    return encode([Limit.of(f"task:{task}", rate_limit, concurrency)])
 
 
 def check_queue(queue: object) -> None:
@@ -312,6 +330,7 @@ class BoundTask(Generic[P, R]):
             unique_key=unique_key,
             eta=eta,
             enqueued_at=now,
+            limits=opts.limits(task.name),
         )
 
 

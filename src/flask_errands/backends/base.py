@@ -27,6 +27,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+from ..limits import Limit
 from ..status import FINISHED, LIVE, STATUSES, WAITING, JobStatus
 
 # Stored records hold a status as its plain string: a ``JobStatus`` member in a record
@@ -118,6 +119,8 @@ class JobRecord:
     flow: str | None = None
     #: For a blocked step, how many of its inputs (upstream results) are not stored yet.
     blocked_by: int = 0
+    #: The rate and concurrency limits the job starts under, as ``limits.encode`` JSON; or None.
+    limits: str | None = None
     #: The W3C ``traceparent`` of the span that enqueued the job, when tracing is on; the
     #: attempts' spans are its children, in whichever process runs them.
     trace: str | None = None
@@ -356,6 +359,11 @@ class Backend(ABC):
     url: str
 
     def __init__(self) -> None:
+        #: Whether claims must look at limits: set once this process declares or enqueues a
+        #: limited job, or :meth:`next_eta` sees one waiting.
+        self.limited = False
+        #: When a job the last claim held back by a limit may next start, or None.
+        self.limit_free_at: float | None = None
         self._watchers: list[WakeCallback] = []
         self._watchers_lock = threading.Lock()
         self._watcher: threading.Thread | None = None
@@ -397,6 +405,15 @@ class Backend(ABC):
         ``attempts`` incremented, a fresh ``lease_token`` and
         ``lease_expires_at = now + lease_seconds``. ``queues=None`` means all.
         A paused queue (:meth:`pause_queue`) is skipped, in the same atomic step.
+
+        A job with ``limits`` (``limits.encode``) is claimed only while its limits allow,
+        checked in the same atomic step through a :class:`~flask_errands.limits.Gate`: its
+        task's (or queue's) running jobs under a live lease below ``concurrency``, and fewer
+        than ``rate`` of its starts in the last ``per`` seconds; every start of such a job
+        is logged in the store. A job held back stays as it was (no attempt counted) and
+        jobs after it are claimed instead. The SQL stores look at limits only once
+        :attr:`limited` is set (else they leave limited jobs alone); a held-back claim sets
+        :attr:`limit_free_at`, which :meth:`next_eta` reports for limited jobs.
 
         Claiming an expired lease adds one to the job's ``lost_leases``. A job
         that reaches ``max_lost_leases`` that way is not claimed but failed, in
@@ -558,7 +575,18 @@ class Backend(ABC):
     def next_eta(self, queues: Sequence[str] | None) -> float | None:
         """Return the earliest ``eta`` among waiting jobs of these queues, or None.
 
-        Paused queues are left out: their jobs are not due for any worker.
+        Paused queues are left out: their jobs are not due for any worker. A job with
+        limits counts as due no earlier than :attr:`limit_free_at`, so a worker whose
+        due jobs are all held back sleeps until a limit may let one go; seeing such a job
+        due sets :attr:`limited`.
+        """
+
+    @abstractmethod
+    def limit_usage(self, limits: Sequence[Limit], now: float) -> dict[str, tuple[int, int]]:
+        """How much of each limit is in use: ``{key: (running, starts in its window)}``.
+
+        Running counts the jobs of the task (or queue) under a live lease; starts, those
+        logged in the last ``per`` seconds (0 for a limit without a rate).
         """
 
     # -- queues and schedules, as people change them ---------------------------

@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from ..exceptions import BackendUnavailable, EnqueueError
+from ..limits import Limit
 from .base import (
     BLOCKED,
     DEFAULT_MAX_LOST_LEASES,
@@ -73,8 +74,8 @@ class BrokeredBackend(Backend):
     """``store`` keeps the jobs; RabbitMQ at ``broker_url`` carries them to the workers."""
 
     def __init__(self, store: Backend, broker_url: str) -> None:
-        super().__init__()
         self.store = store
+        super().__init__()
         self.url = store.url
         self.broker_url = broker_url
         self._publisher = Publisher(broker_url)
@@ -93,6 +94,24 @@ class BrokeredBackend(Backend):
         self._promoted: dict[str, float] = {}
         self._next_promote = 0.0
         self._next_refresh = 0.0
+
+    # The store claims, so it is the one that must know whether claims look at limits.
+
+    @property
+    def limited(self) -> bool:
+        return self.store.limited
+
+    @limited.setter
+    def limited(self, value: bool) -> None:
+        self.store.limited = self.store.limited or value
+
+    @property
+    def limit_free_at(self) -> float | None:
+        return self.store.limit_free_at
+
+    @limit_free_at.setter
+    def limit_free_at(self, value: float | None) -> None:
+        self.store.limit_free_at = value
 
     # -- life of a job -------------------------------------------------------
 
@@ -313,6 +332,9 @@ class BrokeredBackend(Backend):
 
     def finished_counts(self, since_minute: int) -> list[tuple[int, str, str, str, int]]:
         return self.store.finished_counts(since_minute)
+
+    def limit_usage(self, limits: Sequence[Limit], now: float) -> dict[str, tuple[int, int]]:
+        return self.store.limit_usage(limits, now)
 
     def enqueued_counts(self) -> dict[tuple[str, str], int]:
         return self.store.enqueued_counts()

@@ -6,14 +6,17 @@ every other backend must behave as this one does under the conformance suite.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import itertools
 import threading
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from ..exceptions import DuplicateJob
+from ..limits import Gate, Limit
 from .base import (
     BLOCKED,
     CANCELLED,
@@ -76,6 +79,10 @@ class MemoryBackend(Backend):
         self._ticks: dict[tuple[str, float], tuple[float, str | None]] = {}
         self._workers: dict[str, tuple[float, dict[str, Any]]] = {}
         self._paused: set[str] = set()
+        #: The rate-limit start log: how many starts each limit key has had, and the times
+        #: of the latest of them, oldest first (``limits.Gate``).
+        self._started: dict[str, int] = {}
+        self._start_log: dict[str, collections.deque[float]] = {}
         self._schedule_states: dict[str, ScheduleState] = {}
         self._finished_counts: dict[tuple[int, str, str, str], int] = {}
         self._depth: dict[int, dict[tuple[str, str], int]] = {}
@@ -103,6 +110,7 @@ class MemoryBackend(Backend):
         claimed: list[JobRecord] = []
         given_up: list[JobRecord] = []
         with self._lock:
+            gate = Gate(now, partial(self._running_of, now), self._starts_of, limit)
             for job_id in self._running:
                 job = self._jobs[job_id]
                 if (
@@ -111,8 +119,12 @@ class MemoryBackend(Backend):
                     and (queues is None or job.queue in queues)
                     and job.queue not in self._paused
                 ):
-                    job.lost_leases += 1
-                    (given_up if job.lost_leases >= max_lost_leases else claimed).append(job)
+                    if job.lost_leases + 1 >= max_lost_leases:
+                        job.lost_leases += 1
+                        given_up.append(job)
+                    elif gate.admit(job.limits):
+                        job.lost_leases += 1
+                        claimed.append(job)
             for job in given_up:
                 self._count(job, "failed", now)
                 self._give_up(job, now)
@@ -122,11 +134,15 @@ class MemoryBackend(Backend):
                 for name in names
                 if name in self._delayed and name not in self._paused
             ]
+            held: list[JobRecord] = []
             while len(claimed) < limit:
                 due = self._pop_due(heaps)
                 if due is None:
                     break
-                claimed.append(due)
+                (claimed if gate.admit(due.limits) else held).append(due)
+            for job in held:  # back in their place, for the next claim
+                entry = (-job.priority, job.eta, self._seq[job.id], job.id)
+                heapq.heappush(self._ready[job.queue], entry)
             for job in claimed:
                 job.status = RUNNING
                 job.attempts += 1
@@ -135,9 +151,41 @@ class MemoryBackend(Backend):
                 job.lease_token = random_id()
                 job.worker_id = worker_id
                 self._running.add(job.id)
+            for key, starts, keep_from in gate.log():
+                log = self._start_log.setdefault(key, collections.deque())
+                log.extend(at for _, at in starts)
+                done = self._started[key] = starts[-1][0] + 1
+                while keep_from is not None and len(log) > done - keep_from:
+                    log.popleft()
+            self.limit_free_at = gate.free_at
             if given_up:
                 claimed_only([_copy(job) for job in given_up])  # logs them
             return [_copy(job) for job in claimed]
+
+    def _running_of(self, now: float, kind: str, name: str) -> int:
+        """Jobs of a task (or queue) running under a live lease, for a :class:`Gate`."""
+        return sum(
+            1
+            for job_id in self._running
+            if getattr(job := self._jobs[job_id], kind) == name
+            and (job.lease_expires_at or 0) > now
+        )
+
+    def _starts_of(self, key: str, rate: int, window: int) -> tuple[int, dict[int, float]]:
+        done, log = self._started.get(key, 0), self._start_log.get(key, collections.deque())
+        oldest = done - len(log)  # the number of the first start the log holds
+        first = max(done - rate, oldest)
+        return done, {n: log[n - oldest] for n in range(first, min(done - rate + window, done))}
+
+    def limit_usage(self, limits: Sequence[Limit], now: float) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            usage = {}
+            for limit in limits:
+                log = self._start_log.get(limit.key, collections.deque())
+                since = now - (limit.per or 0.0)
+                recent = sum(1 for at in log if at > since) if limit.per else 0
+                usage[limit.key] = (self._running_of(now, limit.kind, limit.name), recent)
+            return usage
 
     def heartbeat(self, leases: Mapping[str, str], lease_seconds: float, now: float) -> set[str]:
         cancelled = set()
@@ -306,8 +354,9 @@ class MemoryBackend(Backend):
         # The heaps hold every waiting job (and some stale entries): far fewer than _jobs,
         # which keeps finished jobs until they are pruned. An idle worker asks this often.
         with self._lock:
+            free_at = self.limit_free_at or 0.0
             etas = [
-                entry[1]
+                entry[1] if self._jobs[entry[3]].limits is None else max(entry[1], free_at)
                 for name, heap in self._ready.items()
                 if (queues is None or name in queues) and name not in self._paused
                 for entry in heap

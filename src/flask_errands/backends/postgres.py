@@ -56,6 +56,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..exceptions import BackendUnavailable, ConfigurationError, DuplicateJob, EnqueueError
+from ..limits import Gate, Limit
 from . import steps
 from .base import (
     DEFAULT_MAX_LOST_LEASES,
@@ -115,8 +116,8 @@ MIGRATIONS = {
     # Finished totals from the per-minute counts, one page index (see postgres.sql). Names
     # without a number: the step can be renumbered as it is.
     5: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_hot_")),
-    # Taken by the rate and concurrency limits (issue 14), which land apart.
-    6: (),
+    # The rate and concurrency limits (see postgres.sql).
+    6: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_6_")),
     # Figures for metrics and the trace context (see postgres.sql); it can be renumbered.
     7: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_timings_")),
 }
@@ -396,9 +397,18 @@ class PostgresBackend(Backend):
         queue_filter, params = _queue_filter(queues)
         params.update(now=now, expires=now + lease_seconds, worker=worker_id, limit=limit)
         params.update(max_lost=max_lost_leases, lost_error=WORKER_LOST_ERROR)
-        query = _filtered("reserve", queue_filter)
+        limited = self.limited
+        limit_filter = "AND seq = ANY(%(chosen)s)" if limited else "AND limits IS NULL"
+        query = _filtered("reserve", queue_filter, limit_filter)
         with self._connection() as conn:
-            rows = conn.execute(query, params).fetchall()
+            if limited:
+                with conn.transaction():
+                    chosen = self._choose(
+                        conn, _filtered("limit_candidates", queue_filter), params
+                    )
+                    rows = conn.execute(query, {**params, "chosen": chosen}).fetchall()
+            else:
+                rows = conn.execute(query, params).fetchall()
         rows.sort(key=lambda row: (-row["priority"], row["eta"], row["seq"]))
         records = []
         for record in map(_record, rows):
@@ -406,6 +416,53 @@ class PostgresBackend(Backend):
             if not held or self._give_up_step(record, now):
                 records.append(record)
         return claimed_only(records)
+
+    def _choose(self, conn: Connection, candidates: str, params: dict[str, Any]) -> list[int]:
+        """The jobs a limited claim may start, by seq, under the limits lock (a :class:`Gate`).
+
+        Runs in the claim's transaction: the starts are logged, and the lock held, until
+        the claim commits, so the next limited claim counts this one's jobs as running.
+        """
+        conn.execute(QUERIES["limit_lock"])
+        limit, now = params["limit"], params["now"]
+
+        def starts(key: str, rate: int, window: int) -> tuple[int, dict[int, float]]:
+            params = {"key": key, "rate": rate, "window": window}
+            rows = conn.execute(QUERIES["limit_starts"], params).fetchall()
+            found = {row["n"]: row["at"] for row in rows if row["n"] is not None}
+            return rows[0]["done"], found
+
+        gate = Gate(now, functools.partial(_running_of, conn, now), starts, limit)
+        chosen: list[int] = []
+        while len(chosen) < limit:
+            extra = {"taken": chosen, "tasks": gate.held_names("task")}
+            extra.update(queues=gate.held_names("queue"), limit=limit - len(chosen))
+            rows = conn.execute(candidates, {**params, **extra}).fetchall()
+            held = len(gate.held)
+            for row in rows:
+                if len(chosen) < limit and (row["give_up"] or gate.admit(row["limits"])):
+                    chosen.append(row["seq"])
+            if len(gate.held) == held:  # nothing newly held back: all there is was weighed
+                break
+        with conn.cursor() as cursor:
+            for key, logged, keep_from in gate.log():
+                cursor.executemany(QUERIES["log_start"], [(key, n, at) for n, at in logged])
+                if keep_from is not None:
+                    cursor.execute(QUERIES["forget_starts"], (key, keep_from))
+        self.limit_free_at = gate.free_at
+        return chosen
+
+    def limit_usage(self, limits: Sequence[Limit], now: float) -> dict[str, tuple[int, int]]:
+        found = {}
+        with self._connection() as conn:
+            for limit in limits:
+                running = _running_of(conn, now, limit.kind, limit.name)
+                recent = 0
+                if limit.per is not None:
+                    row = conn.execute(QUERIES["recent_starts"], (limit.key, now - limit.per))
+                    recent = _value(row.fetchone())
+                found[limit.key] = (running, recent)
+        return found
 
     def _give_up_step(self, record: JobRecord, now: float) -> bool:
         """Fail a workflow step ``reserve`` held for its lost leases, and cancel its downstream.
@@ -571,9 +628,14 @@ class PostgresBackend(Backend):
 
     def next_eta(self, queues: Sequence[str] | None) -> float | None:
         queue_filter, params = _queue_filter(queues)
+        params["free_at"] = self.limit_free_at or 0.0
         with self._connection() as conn:
-            row = conn.execute(_filtered("next_eta", queue_filter), params)
-            eta: float | None = _value(row.fetchone())
+            row = conn.execute(_filtered("next_eta", queue_filter), params).fetchone()
+        if row is None:
+            return None
+        if row["limited"]:
+            self.limited = True
+        eta: float | None = row["eta"]
         return eta
 
     # -- queues and schedules, as people change them ---------------------------
@@ -928,7 +990,7 @@ def _record(row: Mapping[str, Any]) -> JobRecord:
 #: The columns :meth:`PostgresBackend._columns` sends as arrays for ``insert_jobs``.
 _BATCH_COLUMNS = (
     *("id", "task", "payload", "queue", "priority", "status", "attempts", "max_attempts"),
-    *("retry_delay", "timeout", "eta", "enqueued_at", "flow", "blocked_by", "trace"),
+    *("retry_delay", "timeout", "eta", "enqueued_at", "flow", "blocked_by", "limits", "trace"),
 )
 
 
@@ -980,10 +1042,17 @@ def _value(row: DictRow | None) -> Any:
     return None if row is None else next(iter(row.values()))
 
 
-@functools.lru_cache(maxsize=8)
-def _filtered(name: str, queue_filter: str) -> str:
+@functools.lru_cache(maxsize=16)
+def _filtered(name: str, queue_filter: str, limit_filter: str = "") -> str:
     """Query ``name`` with ``queue_filter`` filled in, made once: a worker runs it all the time."""
-    return QUERIES[name].format(queue_filter=queue_filter)
+    return QUERIES[name].format(queue_filter=queue_filter, limit_filter=limit_filter, skip="")
+
+
+def _running_of(conn: Connection, now: float, kind: str, name: str) -> int:
+    """Jobs of a task (or queue) running under a live lease."""
+    query = QUERIES["limit_running_task" if kind == "task" else "limit_running_queue"]
+    count: int = _value(conn.execute(query, {"now": now, "name": name}).fetchone())
+    return count
 
 
 def _queue_filter(queues: Sequence[str] | None) -> tuple[str, dict[str, Any]]:

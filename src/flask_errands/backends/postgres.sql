@@ -265,6 +265,19 @@ DROP INDEX IF EXISTS errands_jobs_listing
 -- name: migrate_hot_page_index
 CREATE INDEX IF NOT EXISTS errands_jobs_pages ON errands_jobs (status, queue, task, seq)
 
+-- name: migrate_6_limits
+-- Version 6: rate and concurrency limits. A job carries its limits (limits.encode JSON);
+-- the starts of each limited task or queue are logged by number, for the sliding window.
+ALTER TABLE errands_jobs ADD COLUMN IF NOT EXISTS limits text
+
+-- name: migrate_6_limit_starts
+CREATE TABLE IF NOT EXISTS errands_limit_starts (
+    key text NOT NULL,
+    n bigint NOT NULL,
+    at float8 NOT NULL,
+    PRIMARY KEY (key, n)
+)
+
 -- name: migrate_timings_trace
 -- Version 7: figures for metrics: histograms of attempts' durations and jobs' waits (due to
 -- start) in the buckets of base.TIMING_BOUNDS, kept in the statements that claim and end jobs
@@ -315,11 +328,11 @@ $$
 WITH inserted AS (
     INSERT INTO {jobs} (
         id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, unique_key, eta, enqueued_at, flow, blocked_by, trace
+        timeout, unique_key, eta, enqueued_at, flow, blocked_by, limits, trace
     ) VALUES (
         %(id)s, %(task)s, %(payload)s, %(queue)s, %(priority)s, %(status)s, %(attempts)s,
         %(max_attempts)s, %(retry_delay)s, %(timeout)s, %(unique_key)s, %(eta)s, %(enqueued_at)s,
-        %(flow)s, %(blocked_by)s, %(trace)s
+        %(flow)s, %(blocked_by)s, %(limits)s, %(trace)s
     )
     ON CONFLICT (unique_key)
         WHERE unique_key IS NOT NULL AND status IN ('queued', 'scheduled', 'running')
@@ -334,19 +347,19 @@ SELECT id, pg_notify(%(channel)s, '') FROM inserted
 WITH inserted AS (
     INSERT INTO {jobs} (
         id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, unique_key, eta, enqueued_at, flow, blocked_by, trace
+        timeout, unique_key, eta, enqueued_at, flow, blocked_by, limits, trace
     )
     SELECT id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, NULL, eta, enqueued_at, flow, blocked_by, trace
+        timeout, NULL, eta, enqueued_at, flow, blocked_by, limits, trace
     FROM unnest(
         %(id)s::text[], %(task)s::text[], %(payload)s::text[], %(queue)s::text[],
         %(priority)s::integer[], %(status)s::text[], %(attempts)s::integer[],
         %(max_attempts)s::integer[], %(retry_delay)s::float8[], %(timeout)s::float8[],
         %(eta)s::float8[], %(enqueued_at)s::float8[], %(flow)s::text[], %(blocked_by)s::integer[],
-        %(trace)s::text[]
+        %(limits)s::text[], %(trace)s::text[]
     ) WITH ORDINALITY AS batch (
         id, task, payload, queue, priority, status, attempts, max_attempts, retry_delay,
-        timeout, eta, enqueued_at, flow, blocked_by, trace, position
+        timeout, eta, enqueued_at, flow, blocked_by, limits, trace, position
     )
     ORDER BY position
     RETURNING 1
@@ -366,14 +379,14 @@ WITH expired AS (
     SELECT seq, lost_leases + 1 >= %(max_lost)s AS give_up,
         flow IS NOT NULL AND lost_leases + 1 >= %(max_lost)s AS held
     FROM errands_jobs
-    WHERE status = 'running' AND lease_expires_at <= %(now)s {queue_filter}
+    WHERE status = 'running' AND lease_expires_at <= %(now)s {queue_filter} {limit_filter}
         AND queue NOT IN (SELECT queue FROM errands_paused_queues)
     ORDER BY lease_expires_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), due AS (
     SELECT seq FROM errands_jobs
-    WHERE status IN ('queued', 'scheduled') AND eta <= %(now)s {queue_filter}
+    WHERE status IN ('queued', 'scheduled') AND eta <= %(now)s {queue_filter} {limit_filter}
         AND queue NOT IN (SELECT queue FROM errands_paused_queues)
     ORDER BY priority DESC, eta, seq
     LIMIT %(limit)s
@@ -421,6 +434,53 @@ RETURNING j.*
 SELECT * FROM updated
 UNION ALL
 SELECT j.* FROM errands_jobs AS j JOIN expired ON j.seq = expired.seq WHERE expired.held
+
+-- name: limit_lock
+-- Limited claims take turns, deployment-wide, for the length of their transaction.
+SELECT pg_advisory_xact_lock(hashtext('errands_limits'))
+
+-- name: limit_candidates
+-- The jobs a limited claim weighs, in claim order: lapsed leases, then due jobs; without
+-- those of the tasks and queues already held back, and those already taken.
+(SELECT seq, limits, lost_leases + 1 >= %(max_lost)s AS give_up FROM errands_jobs
+    WHERE status = 'running' AND lease_expires_at <= %(now)s {queue_filter}
+        AND queue NOT IN (SELECT queue FROM errands_paused_queues)
+        AND seq <> ALL(%(taken)s)
+        AND (limits IS NULL OR (task <> ALL(%(tasks)s) AND queue <> ALL(%(queues)s)))
+    ORDER BY lease_expires_at LIMIT %(limit)s)
+UNION ALL
+(SELECT seq, limits, false FROM errands_jobs
+    WHERE status IN ('queued', 'scheduled') AND eta <= %(now)s {queue_filter}
+        AND queue NOT IN (SELECT queue FROM errands_paused_queues)
+        AND seq <> ALL(%(taken)s)
+        AND (limits IS NULL OR (task <> ALL(%(tasks)s) AND queue <> ALL(%(queues)s)))
+    ORDER BY priority DESC, eta, seq LIMIT %(limit)s)
+
+-- name: limit_running_task
+SELECT count(*) FROM errands_jobs
+WHERE status = 'running' AND lease_expires_at > %(now)s AND task = %(name)s
+
+-- name: limit_running_queue
+SELECT count(*) FROM errands_jobs
+WHERE status = 'running' AND lease_expires_at > %(now)s AND queue = %(name)s
+
+-- name: limit_starts
+-- How many starts key has had, with the times of those numbered from that less rate,
+-- window of them (one row with n NULL when the log holds none of them).
+SELECT d.done, s.n, s.at
+FROM (SELECT coalesce(max(n) + 1, 0) AS done FROM errands_limit_starts WHERE key = %(key)s) AS d
+LEFT JOIN errands_limit_starts AS s ON s.key = %(key)s
+    AND s.n >= d.done - %(rate)s AND s.n < d.done - %(rate)s + %(window)s
+
+-- name: log_start
+INSERT INTO errands_limit_starts (key, n, at) VALUES (%s, %s, %s)
+ON CONFLICT (key, n) DO UPDATE SET at = excluded.at
+
+-- name: forget_starts
+DELETE FROM errands_limit_starts WHERE key = %s AND n < %s
+
+-- name: recent_starts
+SELECT count(*) FROM errands_limit_starts WHERE key = %s AND at > %s
 
 -- name: extend_leases
 UPDATE errands_jobs AS j SET lease_expires_at = %(expires)s
@@ -618,7 +678,11 @@ SELECT queue, status, sum(n)::bigint AS n FROM (
 GROUP BY queue, status HAVING sum(n) > 0
 
 -- name: next_eta
-SELECT min(eta) AS eta FROM errands_jobs WHERE status IN ('queued', 'scheduled') {queue_filter}
+-- A limited job counts as due no earlier than free_at; the second column says whether one
+-- waits (Backend.limited).
+SELECT min(CASE WHEN limits IS NULL THEN eta ELSE greatest(eta, %(free_at)s) END) AS eta,
+    bool_or(limits IS NOT NULL) AS limited
+FROM errands_jobs WHERE status IN ('queued', 'scheduled') {queue_filter}
     AND queue NOT IN (SELECT queue FROM errands_paused_queues)
 
 -- name: job_page

@@ -36,6 +36,8 @@
 --                         depthminutes zset of its minutes
 --   reserved:<token>      list of the ids one reserve call claimed, for 60 s: a retried
 --                         call returns them instead of claiming more
+--   limit:starts:<key>    list: the latest starts of a rate-limited task or queue, newest
+--                         first, as many as its limit (flask_errands.limits)
 --   wake                  pub/sub channel: new work may be due
 
 -- name: common
@@ -379,6 +381,64 @@ end
 
 local queues = serving_from(11)
 
+-- Limits (flask_errands.limits): a job's limits JSON, checked against its task's (or
+-- queue's) running jobs under a live lease and its starts in the last window, a list per
+-- key (newest first, the latest N kept). held: key -> true; free_at: when one may start.
+local held, running, free_at = {}, {}, nil
+local function hold(key, at)
+  held[key] = true
+  if not free_at or at < free_at then free_at = at end
+  return false
+end
+local function running_of(kind, name)
+  local n = 0
+  local names = kind == 'queue' and {name} or redis.call('SMEMBERS', P .. 'queues')
+  for _, queue in ipairs(names) do
+    if kind == 'queue' then
+      n = n + redis.call('ZCOUNT', lease_key(queue), '(' .. now, '+inf')
+    else
+      for _, id in ipairs(redis.call('ZRANGEBYSCORE', lease_key(queue), '(' .. now, '+inf')) do
+        if redis.call('HGET', job_key(id), 'task') == name then n = n + 1 end
+      end
+    end
+  end
+  return n
+end
+local function admit(text)
+  if not text then return true end
+  local limits = cjson.decode(text)
+  for _, lim in ipairs(limits) do
+    local key, rate, per, conc = lim[1], tonumber(lim[2]), tonumber(lim[3]), tonumber(lim[4])
+    if held[key] then return false end
+    if conc then
+      if not running[key] then
+        local kind, name = string.match(key, '^(%a+):(.*)$')
+        running[key] = running_of(kind, name)
+      end
+      if running[key] >= conc then return hold(key, tonumber(now) + 0.1) end
+    end
+    if rate and per then
+      -- The list keeps the latest ``rate`` starts: when full, its last is ``rate`` ago.
+      local log = P .. 'limit:starts:' .. key
+      if redis.call('LLEN', log) >= rate then
+        local earlier = tonumber(redis.call('LINDEX', log, -1))
+        if earlier and earlier > tonumber(now) - per then return hold(key, earlier + per) end
+      end
+    end
+  end
+  for _, lim in ipairs(limits) do
+    local key, rate = lim[1], tonumber(lim[2])
+    if tonumber(lim[4]) then running[key] = running[key] + 1 end
+    if rate and tonumber(lim[3]) then
+      local log = P .. 'limit:starts:' .. key
+      redis.call('LPUSH', log, now)
+      redis.call('LTRIM', log, 0, rate - 1)
+      redis.call('PEXPIRE', log, math.ceil(tonumber(lim[3]) * 1000) + 1000)
+    end
+  end
+  return true
+end
+
 local function claim(id, attempts, status_fields)
   redis.call('HSET', job_key(id), 'attempts', (tonumber(attempts) or 0) + 1, 'started_at', now,
              'lease_expires_at', expires, 'lease_token', token .. (#claimed + 1),
@@ -405,21 +465,25 @@ for _, queue in ipairs(queues) do
   local ids = redis.call('ZRANGEBYSCORE', lease_key(queue), '-inf', now,
                          'LIMIT', 0, limit - #claimed)
   for _, id in ipairs(ids) do
-    local v = redis.call('HMGET', job_key(id), 'status', 'attempts', 'lost_leases', 'worker_id')
+    local v = redis.call('HMGET', job_key(id), 'status', 'attempts', 'lost_leases', 'worker_id',
+                         'limits')
     local lost = (tonumber(v[3]) or 0) + 1
     if v[1] ~= 'running' then
       redis.call('ZREM', lease_key(queue), id)
     elseif lost >= max_lost then
       give_up(id, v[2], lost, v[4])
-    else
+    elseif admit(v[5] or nil) then
       redis.call('ZADD', lease_key(queue), expires, id)
       claim(id, v[2], {'lost_leases', lost})
     end
   end
 end
 
-local need = limit - #claimed
-if need > 0 then
+-- Due jobs by priority, eta and seq; those held back by a limit stay where they are, and
+-- the search goes on past them (looking further each round) until enough are claimed.
+local weighed, fetch = {}, limit - #claimed
+while limit - #claimed > 0 do
+  local need = limit - #claimed
   local levels = {}
   for _, queue in ipairs(queues) do
     for _, p in ipairs(redis.call('SMEMBERS', prios_key(queue))) do
@@ -428,39 +492,52 @@ if need > 0 then
   end
   table.sort(levels, function(a, b) return a[1] > b[1] end)
   -- Candidates from every level of the best priorities, until they are enough.
-  local found, i = {}, 1
+  local found, i, more = {}, 1, false
   while i <= #levels and #found < need do
     local level = levels[i][1]
     while i <= #levels and levels[i][1] == level do
       local queue, p = levels[i][2], levels[i][3]
       local key = wait_key(queue, p)
-      local due = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'WITHSCORES', 'LIMIT', 0, need)
+      local due = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'WITHSCORES', 'LIMIT', 0, fetch)
       if #due == 0 and redis.call('EXISTS', key) == 0 then
         redis.call('SREM', prios_key(queue), p)
       end
+      if #due >= 2 * fetch then more = true end
       for k = 1, #due, 2 do
-        found[#found + 1] = {level, tonumber(due[k + 1]), due[k], queue, key}
+        if not weighed[due[k]] then
+          found[#found + 1] = {level, tonumber(due[k + 1]), due[k], queue, key}
+        end
       end
       i = i + 1
     end
   end
+  if i <= #levels then more = true end
   table.sort(found, function(a, b)
     if a[1] ~= b[1] then return a[1] > b[1] end
     if a[2] ~= b[2] then return a[2] < b[2] end
     return a[3] < b[3]
   end)
-  for k = 1, math.min(need, #found) do
+  local skipped = 0
+  for k = 1, #found do
+    if #claimed >= limit then break end
     local _, _, m, queue, key = unpack(found[k])
     local id = string.sub(m, 17)
-    redis.call('ZREM', key, m)
-    local v = redis.call('HMGET', job_key(id), 'status', 'attempts')
-    if WAITING[v[1]] then
-      redis.call('ZREM', idx_key(queue, v[1]), id)
-      redis.call('ZADD', idx_key(queue, 'running'), tonumber(string.sub(m, 1, 16)), id)
-      redis.call('ZADD', lease_key(queue), expires, id)
-      claim(id, v[2], {'status', 'running'})
+    weighed[m] = true
+    local v = redis.call('HMGET', job_key(id), 'status', 'attempts', 'limits')
+    if WAITING[v[1]] and not admit(v[3] or nil) then
+      skipped = skipped + 1
+    else
+      redis.call('ZREM', key, m)
+      if WAITING[v[1]] then
+        redis.call('ZREM', idx_key(queue, v[1]), id)
+        redis.call('ZADD', idx_key(queue, 'running'), tonumber(string.sub(m, 1, 16)), id)
+        redis.call('ZADD', lease_key(queue), expires, id)
+        claim(id, v[2], {'status', 'running'})
+      end
     end
   end
+  if skipped == 0 or not more then break end
+  fetch = fetch * 2 + skipped
 end
 
 if #claimed > 0 then
@@ -473,6 +550,34 @@ for _, ids in ipairs({claimed, given_up}) do
     out[#out + 1] = id
     out[#out + 1] = redis.call('HGETALL', job_key(id))
   end
+end
+if free_at then
+  out[#out + 1] = ''
+  out[#out + 1] = string.format('%.17g', free_at)
+end
+return out
+
+-- name: limit_usage
+-- ARGV: prefix, now, then key, kind, name, per ('' for no rate) for each limit. Returns
+-- running, starts in the window, for each.
+local now, out = tonumber(ARGV[2]), {}
+for i = 3, #ARGV, 4 do
+  local key, kind, name, per = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local n = 0
+  local names = kind == 'queue' and {name} or redis.call('SMEMBERS', P .. 'queues')
+  for _, queue in ipairs(names) do
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', lease_key(queue), '(' .. now, '+inf')) do
+      if kind == 'queue' or redis.call('HGET', job_key(id), 'task') == name then n = n + 1 end
+    end
+  end
+  local recent = 0
+  if per then
+    for _, at in ipairs(redis.call('LRANGE', P .. 'limit:starts:' .. key, 0, -1)) do
+      if tonumber(at) > now - per then recent = recent + 1 end
+    end
+  end
+  out[#out + 1] = n
+  out[#out + 1] = recent
 end
 return out
 

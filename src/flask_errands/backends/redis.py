@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - each connection packs in Python then
     pack_command = None  # type: ignore[assignment]
 
 from ..exceptions import BackendUnavailable, DuplicateJob, EnqueueError
+from ..limits import Limit
 from .base import (
     DEFAULT_MAX_LOST_LEASES,
     FAILED,
@@ -240,6 +241,7 @@ class RedisBackend(Backend):
         self, url: str, *, prefix: str | None = None, result_ttl: float | None = None
     ) -> None:
         super().__init__()
+        self._held_at = 0.0  # when the claim that last held a job back by a limit ran
         self.url = hide_password(url)
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
@@ -379,6 +381,10 @@ class RedisBackend(Backend):
         args += (max_lost_leases, self._expiry, WORKER_LOST_ERROR, UPSTREAM_FAILED)
         args += tuple(queues or ())
         reply = self._run("reserve", args)
+        self.limit_free_at = None
+        if len(reply) >= 2 and reply[-2] == b"":  # a limit held a job back until then
+            self.limit_free_at, self._held_at = float(reply[-1]), now
+            reply = reply[:-2]
         claimed = []
         for i in range(0, len(reply), 2):
             try:
@@ -492,7 +498,23 @@ class RedisBackend(Backend):
         if queues is not None and not queues:
             return None
         reply = self._run("next_eta", list(queues or ()))
-        return None if reply is None else float(reply)
+        if reply is None:
+            return None
+        eta, free_at = float(reply), self.limit_free_at
+        # What was due at the last claim was claimed, but what limits held back: those
+        # wait for their limits (a job enqueued since sends a wake-up of its own).
+        if free_at is not None and eta < free_at and eta <= self._held_at:
+            eta = free_at
+        return eta
+
+    def limit_usage(self, limits: Sequence[Limit], now: float) -> dict[str, tuple[int, int]]:
+        args: list[Any] = [now]
+        for limit in limits:
+            args += (limit.key, limit.kind, limit.name, "" if limit.per is None else limit.per)
+        reply = self._run("limit_usage", args) if limits else []
+        return {
+            limit.key: (int(reply[2 * i]), int(reply[2 * i + 1])) for i, limit in enumerate(limits)
+        }
 
     # -- queues and schedules, as people change them ---------------------------
 

@@ -38,6 +38,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from ..exceptions import BackendUnavailable, ConfigurationError, DuplicateJob, EnqueueError
+from ..limits import Gate, Limit
 from . import steps
 from .base import (
     DEFAULT_MAX_LOST_LEASES,
@@ -87,8 +88,8 @@ MIGRATIONS = {
         *(QUERIES[name] for name in QUERIES if name.startswith("migrate_hot_")),
         QUERIES["migrate_3_count_trigger"],
     ),
-    # Taken by the rate and concurrency limits (issue 14), which land apart.
-    7: (),
+    # The rate and concurrency limits (see sqlite.sql).
+    7: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_7_")),
     # Figures for metrics and the trace context (see sqlite.sql); it can be renumbered.
     8: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_timings_")),
 }
@@ -318,7 +319,9 @@ class SQLiteBackend(Backend):
         *,
         max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
     ) -> list[JobRecord]:
-        claim, queue_params = _claim_statement(None if queues is None else tuple(queues))
+        key = None if queues is None else tuple(queues)
+        limited = self.limited
+        claim, queue_params = _claim_statement(key, limited)
         params = {
             "now": now,
             "expires": now + lease_seconds,
@@ -329,14 +332,30 @@ class SQLiteBackend(Backend):
             "live_until": now - LIVE_HOLDER_LEASES * lease_seconds,
             **queue_params,
         }
-        records = self._transaction(
-            partial(_claim, claim=claim, params=params, now=now),
-            patience=_worker_patience(lease_seconds),
-        )
+        work = partial(_limited_claim if limited else _claim, claim=claim, params=params, now=now)
+        if limited:
+            work = partial(work, backend=self, queues=key)
+        records = self._transaction(work, patience=_worker_patience(lease_seconds))
         claimed = claimed_only(records)
         if len(claimed) > 1:
             claimed.sort(key=lambda job: (-job.priority, job.eta, job.enqueued_at))
         return claimed
+
+    def limit_usage(self, limits: Sequence[Limit], now: float) -> dict[str, tuple[int, int]]:
+        def usage(db: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+            found = {}
+            for limit in limits:
+                running = _running_of(db, now, limit.kind, limit.name)
+                recent = 0
+                if limit.per is not None:
+                    since = now - limit.per
+                    recent = db.execute(QUERIES["recent_starts"], (limit.key, since)).fetchone()[0]
+                found[limit.key] = (running, recent)
+            return found
+
+        return self._retrying(
+            usage, explicit=False, patience=LOCK_PATIENCE, failure=BackendUnavailable
+        )
 
     def heartbeat(self, leases: Mapping[str, str], lease_seconds: float, now: float) -> set[str]:
         if not leases:
@@ -509,8 +528,14 @@ class SQLiteBackend(Backend):
 
     def next_eta(self, queues: Sequence[str] | None) -> float | None:
         queue_filter, params = _queue_filter(queues)
+        params["free_at"] = self.limit_free_at or 0.0
         rows = self._read(QUERIES["next_eta"].format(queue_filter=queue_filter), params)
-        return rows[0][0] if rows else None
+        if not rows:
+            return None
+        if rows[0][1]:
+            self.limited = True
+        eta: float | None = rows[0][0]
+        return eta
 
     # -- queues and schedules, as people change them ---------------------------
 
@@ -889,6 +914,7 @@ _INSERT_FIELDS = operator.attrgetter(
     "enqueued_at",
     "flow",
     "blocked_by",
+    "limits",
     "trace",
 )
 
@@ -946,14 +972,81 @@ def _optional_record(row: sqlite3.Row | None) -> JobRecord | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _claim_statement(queues: tuple[str, ...] | None) -> tuple[str, dict[str, Any]]:
+def _claim_statement(
+    queues: tuple[str, ...] | None, limited: bool = False
+) -> tuple[str, dict[str, Any]]:
     """The claim statement for these queues, and their parameters.
 
     Cached: filling in the statement's text costs more than running it, and the
     very same string each time is found at once in sqlite3's statement cache.
+    Unless ``limited``, it leaves jobs with limits alone; else it claims the jobs
+    whose ``seq`` are in the JSON array ``:chosen`` (:func:`_limited_claim`).
     """
     queue_filter, params = _queue_filter(queues)
-    return QUERIES["claim"].format(queue_filter=queue_filter), params
+    limit_filter = (
+        "AND seq IN (SELECT value FROM json_each(:chosen))" if limited else "AND limits IS NULL"
+    )
+    due = QUERIES["due_jobs"].format(queue_filter=queue_filter, filter=limit_filter)
+    return QUERIES["claim"].format(due=due), params
+
+
+def _limited_claim(
+    db: sqlite3.Connection,
+    *,
+    claim: str,
+    params: dict[str, Any],
+    now: float,
+    backend: SQLiteBackend,
+    queues: tuple[str, ...] | None,
+) -> list[JobRecord]:
+    """Claim due jobs that their limits let start, in the claim's transaction (a Gate)."""
+    limit = params["limit"]
+
+    def starts(key: str, rate: int, window: int) -> tuple[int, dict[int, float]]:
+        params = {"key": key, "rate": rate, "window": window}
+        rows = db.execute(QUERIES["limit_starts"], params).fetchall()
+        return rows[0][0], {n: at for _, n, at in rows if n is not None}
+
+    gate = Gate(now, partial(_running_of, db, now), starts, limit)
+    chosen: list[int] = []
+    queue_filter, _ = _queue_filter(queues)
+    while len(chosen) < limit:
+        skip = "AND seq NOT IN (SELECT value FROM json_each(:taken))"
+        held_tasks, held_queues = gate.held_names("task"), gate.held_names("queue")
+        if held_tasks or held_queues:
+            skip += (
+                " AND (limits IS NULL OR (task NOT IN (SELECT value FROM json_each(:tasks))"
+                " AND queue NOT IN (SELECT value FROM json_each(:queues))))"
+            )
+        query = QUERIES["due_jobs"].format(queue_filter=queue_filter, filter=skip)
+        taken = json.dumps(chosen)
+        extra = {
+            "taken": taken,
+            "tasks": json.dumps(held_tasks),
+            "queues": json.dumps(held_queues),
+        }
+        rows = db.execute(query, {**params, **extra, "limit": limit - len(chosen)}).fetchall()
+        held = len(gate.held)
+        for seq, limits, _, give_up in rows:
+            if len(chosen) < limit and (give_up or gate.admit(limits)):
+                chosen.append(seq)
+        if len(gate.held) == held:  # nothing newly held back: all there is was weighed
+            break
+    for key, logged, keep_from in gate.log():
+        db.executemany(QUERIES["log_start"], [(key, n, at) for n, at in logged])
+        if keep_from is not None:
+            db.execute(QUERIES["forget_starts"], (key, keep_from))
+    backend.limit_free_at = gate.free_at
+    if not chosen:
+        return []
+    return _claim(db, claim=claim, params={**params, "chosen": json.dumps(chosen)}, now=now)
+
+
+def _running_of(db: sqlite3.Connection, now: float, kind: str, name: str) -> int:
+    """Jobs of a task (or queue) running under a live lease."""
+    query = QUERIES["limit_running_task" if kind == "task" else "limit_running_queue"]
+    count: int = db.execute(query, {"now": now, "name": name}).fetchone()[0]
+    return count
 
 
 def _queue_filter(queues: Sequence[str] | None) -> tuple[str, dict[str, Any]]:

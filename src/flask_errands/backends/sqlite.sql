@@ -247,6 +247,19 @@ DROP INDEX IF EXISTS errands_jobs_listing
 -- name: migrate_hot_page_index
 CREATE INDEX IF NOT EXISTS errands_jobs_pages ON errands_jobs (status, queue, task, seq)
 
+-- name: migrate_7_limits
+-- Version 7: rate and concurrency limits. A job carries its limits (limits.encode JSON);
+-- the starts of each limited task or queue are logged by number, for the sliding window.
+ALTER TABLE errands_jobs ADD COLUMN limits TEXT
+
+-- name: migrate_7_limit_starts
+CREATE TABLE IF NOT EXISTS errands_limit_starts (
+    key TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (key, n)
+) WITHOUT ROWID
+
 -- name: migrate_timings_trace
 -- Version 8: figures for metrics: histograms of attempts' durations and of jobs' waits (due to
 -- start), in the buckets of base.TIMING_BOUNDS, kept by triggers as jobs are claimed and end
@@ -317,8 +330,8 @@ END
 -- less than looking each name up in a dict.
 INSERT INTO errands_jobs (
     id, task, payload, queue, priority, attempts, max_attempts, retry_delay, timeout,
-    unique_key, eta, enqueued_at, flow, blocked_by, trace, status
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    unique_key, eta, enqueued_at, flow, blocked_by, limits, trace, status
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (unique_key)
     WHERE unique_key IS NOT NULL
         AND (status = 'queued' OR status = 'scheduled' OR status = 'running')
@@ -332,9 +345,9 @@ WHERE unique_key = ? AND (status = 'queued' OR status = 'scheduled' OR status = 
 -- Jobs whose lease expired (their worker died) first, then due jobs by priority, eta and
 -- enqueue order; one statement, so it is its own transaction. An expired job that has now
 -- lost :max_lost leases in a row is failed instead of claimed (the caller drops it); braces
--- are doubled, as {queue_filter} is filled in by str.format. INDEXED BY keeps the planner off
--- the listing index, which would sort every waiting job on each claim. A lapsed lease whose
--- worker process is alive on this host (errands_live_holder, in sqlite.py) waits.
+-- are doubled, as the due_jobs query is put in by str.format. INDEXED BY there keeps the
+-- planner off the listing index, which would sort every waiting job on each claim. A lapsed
+-- lease whose worker process is alive on this host (errands_live_holder, in sqlite.py) waits.
 UPDATE errands_jobs
 SET status = CASE WHEN claimed.give_up THEN 'failed' ELSE 'running' END,
     attempts = attempts + CASE WHEN claimed.give_up THEN 0 ELSE 1 END,
@@ -348,27 +361,55 @@ SET status = CASE WHEN claimed.give_up THEN 'failed' ELSE 'running' END,
         :lost_error, '{{worker}}', coalesce(worker_id, '?')), '{{attempt}}', attempts),
         '{{lost}}', lost_leases + 1) ELSE error END,
     traceback = CASE WHEN claimed.give_up THEN NULL ELSE traceback END
-FROM (
-    SELECT * FROM (
-        SELECT seq, 1 AS expired, lost_leases + 1 >= :max_lost AS give_up
-        FROM errands_jobs INDEXED BY errands_jobs_leases
-        WHERE status = 'running' AND lease_expires_at <= :now {queue_filter}
-            AND queue NOT IN (SELECT queue FROM errands_paused_queues)
-            AND NOT errands_live_holder(worker_id, started_at, lease_expires_at, :live_until)
-        ORDER BY lease_expires_at LIMIT :limit
-    )
-    UNION ALL
-    SELECT * FROM (
-        SELECT seq, 0 AS expired, 0 AS give_up
-        FROM errands_jobs INDEXED BY errands_jobs_waiting
-        WHERE status IN ('queued', 'scheduled') AND eta <= :now {queue_filter}
-            AND queue NOT IN (SELECT queue FROM errands_paused_queues)
-        ORDER BY priority DESC, eta, seq LIMIT :limit
-    )
-    LIMIT :limit
-) AS claimed
+FROM ({due} LIMIT :limit) AS claimed
 WHERE errands_jobs.seq = claimed.seq
 RETURNING *
+
+-- name: due_jobs
+-- The jobs a claim weighs, in claim order: lapsed leases, then due jobs by priority, eta
+-- and enqueue order. The filter is the claim's: without limited jobs, or only those chosen;
+-- or a limited claim's (_limited_claim), without the tasks and queues held back and the
+-- jobs already taken (JSON arrays).
+SELECT * FROM (
+    SELECT seq, limits, 1 AS expired, lost_leases + 1 >= :max_lost AS give_up
+    FROM errands_jobs INDEXED BY errands_jobs_leases
+    WHERE status = 'running' AND lease_expires_at <= :now {queue_filter} {filter}
+        AND queue NOT IN (SELECT queue FROM errands_paused_queues)
+        AND NOT errands_live_holder(worker_id, started_at, lease_expires_at, :live_until)
+    ORDER BY lease_expires_at LIMIT :limit
+)
+UNION ALL
+SELECT * FROM (
+    SELECT seq, limits, 0 AS expired, 0 AS give_up
+    FROM errands_jobs INDEXED BY errands_jobs_waiting
+    WHERE status IN ('queued', 'scheduled') AND eta <= :now {queue_filter} {filter}
+        AND queue NOT IN (SELECT queue FROM errands_paused_queues)
+    ORDER BY priority DESC, eta, seq LIMIT :limit
+)
+
+-- name: limit_running_task
+SELECT count(*) FROM errands_jobs INDEXED BY errands_jobs_leases
+WHERE status = 'running' AND lease_expires_at > :now AND task = :name
+
+-- name: limit_running_queue
+SELECT count(*) FROM errands_jobs INDEXED BY errands_jobs_leases
+WHERE status = 'running' AND lease_expires_at > :now AND queue = :name
+
+-- name: limit_starts
+-- How many starts :key has had, with the times of those numbered from that less :rate,
+-- :window of them (one row with n NULL when the log holds none of them).
+SELECT done, n, at FROM (SELECT coalesce(max(n) + 1, 0) AS done FROM errands_limit_starts
+    WHERE key = :key)
+LEFT JOIN errands_limit_starts ON key = :key AND n >= done - :rate AND n < done - :rate + :window
+
+-- name: log_start
+INSERT OR REPLACE INTO errands_limit_starts (key, n, at) VALUES (?, ?, ?)
+
+-- name: forget_starts
+DELETE FROM errands_limit_starts WHERE key = ? AND n < ?
+
+-- name: recent_starts
+SELECT count(*) FROM errands_limit_starts WHERE key = ? AND at > ?
 
 -- name: extend_lease
 UPDATE errands_jobs SET lease_expires_at = :expires
@@ -468,7 +509,11 @@ SELECT queue, status, sum(n) FROM (
 GROUP BY queue, status HAVING sum(n) > 0
 
 -- name: next_eta
-SELECT min(eta) FROM errands_jobs WHERE status IN ('queued', 'scheduled') {queue_filter}
+-- A limited job counts as due no earlier than :free_at; the second column says whether one
+-- waits (Backend.limited).
+SELECT min(CASE WHEN limits IS NULL THEN eta ELSE max(eta, :free_at) END),
+    max(limits IS NOT NULL)
+FROM errands_jobs WHERE status IN ('queued', 'scheduled') {queue_filter}
     AND queue NOT IN (SELECT queue FROM errands_paused_queues)
 
 -- name: job_page

@@ -88,7 +88,8 @@ def register(bp: Blueprint, admin: Callable[[], Admin]) -> None:
 
     @bp.get("/api/queues")
     def api_queues() -> Json:
-        return {"queues": [queue_dict(queue) for queue in admin().queues()]}
+        limits = [limit.to_dict() for limit in admin().limits()]
+        return {"queues": [queue_dict(queue) for queue in admin().queues()], "limits": limits}
 
     @bp.post("/api/queues/<path:queue>/pause")
     def api_pause_queue(queue: str) -> Json:

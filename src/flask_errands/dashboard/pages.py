@@ -157,7 +157,10 @@ def register(bp: Blueprint, admin: Callable[[], Admin]) -> None:
     @bp.get("/queues")
     def queues() -> str:
         return render_template(
-            "errands_dashboard/queues.html", queues=admin().queues(), statuses=STATUSES
+            "errands_dashboard/queues.html",
+            queues=admin().queues(),
+            statuses=STATUSES,
+            limits=admin().limits(),
         )
 
     @bp.post("/queues/<path:name>/pause")

@@ -1,0 +1,135 @@
+"""Rate and concurrency limits as every store enforces them in ``reserve``, atomically."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import pytest
+
+from flask_errands.backends import Backend, JobRecord
+from flask_errands.limits import Limit, encode
+from flask_errands.status import JobStatus
+from tests.backends.test_conformance import LEASE, T0, job, stored, token
+
+
+def limited(
+    task: str = "tests.export", *, rate: str | None = None, conc: int | None = None
+) -> JobRecord:
+    """A job of ``task`` carrying these limits, as ``task.delay()`` makes it."""
+    limits = encode([Limit.of(f"task:{task}", rate, conc)])
+    return job(task=task, limits=limits)
+
+
+@pytest.fixture
+def store(backend: Backend) -> Backend:
+    backend.limited = True  # as init_app does for an app that declares limits
+    return backend
+
+
+def test_concurrency_holds_across_many_threads_claiming_at_once(store: Backend) -> None:
+    store.enqueue([limited(conc=2) for _ in range(30)])
+    claimed: list[str] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def claim(worker: str) -> None:
+        try:
+            start.wait()
+            for _ in range(5):
+                claimed.extend(r.id for r in store.reserve(None, 4, worker, LEASE, T0))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(claimed) == 2
+    running = [r for r in store.list_jobs(status="running", limit=100)]
+    assert len(running) == 2
+
+
+def test_a_finished_job_frees_its_slot(store: Backend) -> None:
+    first, second = limited(conc=1), limited(conc=1)
+    store.enqueue([first, second])
+    [got] = store.reserve(None, 5, "w", LEASE, T0)
+    assert store.reserve(None, 5, "w", LEASE, T0 + 1) == []
+    assert store.finish(got.id, token(got), "succeeded", T0 + 2)
+    [then] = store.reserve(None, 5, "w", LEASE, T0 + 3)
+    assert {got.id, then.id} == {first.id, second.id}
+
+
+def test_an_expired_lease_gives_its_slot_back(store: Backend) -> None:
+    first, second = limited(conc=1), limited(conc=1)
+    store.enqueue([first, second])
+    [got] = store.reserve(None, 1, "dead", LEASE, T0)
+    assert store.reserve(None, 1, "w", LEASE, T0 + LEASE - 1) == []
+    # The dead worker's lease lapses: its job and the other share the one slot again.
+    [after] = store.reserve(None, 5, "w", LEASE, T0 + LEASE + 1)
+    assert stored(store, after.id).status == JobStatus.RUNNING
+    assert len(store.list_jobs(status="running", limit=10)) == 1
+    assert after.id in (got.id, first.id, second.id)
+
+
+def test_a_held_job_stays_queued_with_no_attempt_and_others_run_meanwhile(
+    store: Backend,
+) -> None:
+    held = [limited(conc=1) for _ in range(5)]
+    free = job(task="tests.other")
+    store.enqueue([*held, free])
+    got = store.reserve(None, 10, "w", LEASE, T0)
+    assert sorted(r.id for r in got) == sorted([held[0].id, free.id])
+    for record in held[1:]:
+        now = stored(store, record.id)
+        assert (now.status, now.attempts) == (JobStatus.QUEUED, 0)
+
+
+def test_rate_limit_allows_n_starts_in_any_window(store: Backend) -> None:
+    store.enqueue([limited(rate="3/s") for _ in range(10)])
+    starts: list[float] = []
+    now = T0
+    while now < T0 + 4:
+        starts += [now for _ in store.reserve(None, 10, "w", LEASE, now)]
+        now += 0.1
+    assert len(starts) >= 9
+    for t in starts:
+        assert sum(1 for s in starts if t <= s < t + 1.0) <= 3
+
+
+def test_held_back_work_is_reported_as_due_when_the_limit_frees(store: Backend) -> None:
+    store.enqueue([limited(rate="1/m") for _ in range(2)])
+    assert len(store.reserve(None, 5, "w", LEASE, T0)) == 1
+    assert store.reserve(None, 5, "w", LEASE, T0 + 1) == []
+    assert store.next_eta(None) == pytest.approx(T0 + 60, abs=0.01)
+
+
+def test_queue_limits_count_every_task_of_the_queue(store: Backend) -> None:
+    queue = encode([Limit.of("queue:emails", None, 2)])
+    store.enqueue([job(task=f"tests.t{i}", queue="emails", limits=queue) for i in range(5)])
+    got = store.reserve(None, 5, "w", LEASE, T0)
+    assert len(got) == 2
+    usage = store.limit_usage([Limit("queue:emails", concurrency=2)], T0)
+    assert usage == {"queue:emails": (2, 0)}
+
+
+def test_limit_usage_counts_running_jobs_and_recent_starts(store: Backend) -> None:
+    store.enqueue([limited(rate="10/m", conc=5) for _ in range(3)])
+    got = store.reserve(None, 2, "w", LEASE, T0)
+    store.finish(got[0].id, token(got[0]), "succeeded", T0 + 1)
+    limit = Limit("task:tests.export", 10, 60.0, 5)
+    assert store.limit_usage([limit], T0 + 2) == {"task:tests.export": (1, 2)}
+    assert store.limit_usage([limit], T0 + 61) == {"task:tests.export": (0, 0)}
+
+
+def test_a_store_that_was_not_told_discovers_limited_jobs(backend: Backend) -> None:
+    """A worker process that does not know the task still enforces the job's limits."""
+    backend.enqueue([limited(conc=1) for _ in range(3)])
+    tally: Counter[str] = Counter()
+    for step in range(3):
+        got = backend.reserve(None, 5, "w", LEASE, T0 + step)
+        tally["claimed"] += len(got)
+        backend.next_eta(None)
+    assert tally["claimed"] == 1
