@@ -217,14 +217,8 @@ def _drain_through_a_broker_restart(
         server.stop()
 
 
-def test_jobs_drain_through_a_broker_restart_none_lost_none_twice(
-    tmp_path: Path, store_url: str, make_app: AppFactory
-) -> None:
-    _drain_through_a_broker_restart(tmp_path, store_url, make_app, jobs=300)
-
-
-@pytest.mark.slow
-def test_5000_jobs_drain_through_a_broker_restart(
+@pytest.mark.slow  # two starts of a broker of its own: CI runs it with the slow tests
+def test_5000_jobs_drain_through_a_broker_restart_none_lost_none_twice(
     tmp_path: Path, store_url: str, make_app: AppFactory
 ) -> None:
     _drain_through_a_broker_restart(tmp_path, store_url, make_app, jobs=2500)

@@ -376,7 +376,7 @@ def test_three_worker_processes_fire_each_tick_once(
         for child in children:
             assert child.stdout is not None and child.stdout.readline().strip() == "ready"
         begin = time.time() + 0.5
-        end = begin + 10
+        end = begin + 5
         for child in children:  # all three start together: communicate() waits for each
             assert child.stdin is not None
             child.stdin.write(f"{begin} {end}\n")
@@ -402,11 +402,11 @@ def test_three_worker_processes_fire_each_tick_once(
         backend.close()
     fired_at = sorted(r.eta for r in jobs)
     assert len(set(fired_at)) == len(fired_at), "two jobs for the same tick"
-    assert 8 <= len(jobs) <= 12
+    assert 4 <= len(jobs) <= 6
     assert all(begin <= t <= end and t == int(t) for t in fired_at)
     assert sum(won) == len(jobs)  # every tick was won by exactly one of the three schedulers
     assert ticks["ticker"][0] == fired_at[-1]
-    assert sum(r.status == "succeeded" for r in jobs) >= 8
+    assert sum(r.status == "succeeded" for r in jobs) >= 4
 
 
 # -- changed at run time, seen everywhere -------------------------------------------

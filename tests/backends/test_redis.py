@@ -188,6 +188,7 @@ def test_sigkilled_worker_jobs_run_again_after_the_lease(
 
 
 @ON_REDIS
+@pytest.mark.slow  # a soak: CI runs it with the slow tests
 def test_ten_processes_drain_twenty_thousand_jobs_each_exactly_once(
     backend_url: str,
     make_app: Callable[..., Any],
