@@ -58,7 +58,9 @@ def measure(
     errands = Errands(app)
 
     rate, _, concurrency = (limit or ",").partition(",")
-    limits = {"rate_limit": rate or None, "concurrency": int(concurrency) if concurrency else None}
+    # Only the options given, so a revision from before limits can run this script too.
+    limits: dict[str, Any] = {"rate_limit": rate, "concurrency": int(concurrency or 0)}
+    limits = {name: value for name, value in limits.items() if value}
 
     @errands.task(name="noop", **limits)
     def noop() -> None:
