@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -12,6 +13,21 @@ from .base import Backend, JobRecord
 from .urls import hide_password
 
 __all__ = ["Backend", "JobRecord", "backend_from_url", "hide_password"]
+
+#: The Redis family's schemes: the module that serves each, its backend class, and the
+#: name of the URL query parameters that class accepts. All need the ``redis`` extra.
+_ONE_SERVER = ("redis", "RedisBackend", "URL_OPTIONS")
+_CLUSTER = ("redis_cluster", "RedisClusterBackend", "CLUSTER_URL_OPTIONS")
+_SENTINEL = ("redis_sentinel", "RedisSentinelBackend", "SENTINEL_URL_OPTIONS")
+REDIS_SCHEMES: dict[str, tuple[str, str, str]] = {
+    "redis": _ONE_SERVER,
+    "rediss": _ONE_SERVER,
+    "unix": _ONE_SERVER,
+    "redis+cluster": _CLUSTER,
+    "rediss+cluster": _CLUSTER,
+    "redis+sentinel": _SENTINEL,
+    "rediss+sentinel": _SENTINEL,
+}
 
 
 def backend_from_url(
@@ -46,42 +62,14 @@ def backend_from_url(
             )
         path = path[1:] if path.startswith("/") else path
         return SQLiteBackend(path if os.path.isabs(path) else os.path.join(instance_path, path))
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in REDIS_SCHEMES:
+        module_name, class_name, options_name = REDIS_SCHEMES[scheme]
         try:
-            from .redis import (  # type: ignore[import-not-found,unused-ignore]
-                URL_OPTIONS as REDIS_OPTIONS,
-            )
-            from .redis import RedisBackend  # type: ignore[import-not-found,unused-ignore]
+            module = importlib.import_module(f".{module_name}", __name__)
         except ImportError as exc:
             raise _missing("redis", exc) from exc
-        check_query(url, REDIS_OPTIONS)
-        backend: Backend = RedisBackend(
-            url, prefix=options.get("prefix"), result_ttl=options.get("result_ttl")
-        )
-        return backend
-    if scheme in ("redis+cluster", "rediss+cluster"):
-        try:
-            from .redis_cluster import (  # type: ignore[import-not-found,unused-ignore]
-                CLUSTER_URL_OPTIONS,
-                RedisClusterBackend,
-            )
-        except ImportError as exc:
-            raise _missing("redis", exc) from exc
-        check_query(url, CLUSTER_URL_OPTIONS)
-        backend = RedisClusterBackend(
-            url, prefix=options.get("prefix"), result_ttl=options.get("result_ttl")
-        )
-        return backend
-    if scheme in ("redis+sentinel", "rediss+sentinel"):
-        try:
-            from .redis_sentinel import (  # type: ignore[import-not-found,unused-ignore]
-                SENTINEL_URL_OPTIONS,
-                RedisSentinelBackend,
-            )
-        except ImportError as exc:
-            raise _missing("redis", exc) from exc
-        check_query(url, SENTINEL_URL_OPTIONS)
-        backend = RedisSentinelBackend(
+        check_query(url, getattr(module, options_name))
+        backend: Backend = getattr(module, class_name)(
             url, prefix=options.get("prefix"), result_ttl=options.get("result_ttl")
         )
         return backend
@@ -91,8 +79,7 @@ def backend_from_url(
         except ImportError as exc:
             raise _missing("postgres", exc) from exc
         check_query(url, _postgres_options())
-        backend = PostgresBackend(url)
-        return backend
+        return PostgresBackend(url)  # type: ignore[no-any-return,unused-ignore]
     raise ConfigurationError(
         f"ERRANDS_URL {hide_password(url)!r} names no known backend; use memory://, "
         "sqlite:///path, redis://host, redis+cluster://host:port,host:port, "
