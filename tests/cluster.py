@@ -25,7 +25,36 @@ def require_free(port: int) -> None:
             pytest.fail(f"port {port} is taken (a redis-server left by an earlier run?)")
 
 
-class Cluster:
+class RedisServers:
+    """``redis-server`` processes of the tests' own, in a scratch directory, by port."""
+
+    def __init__(self, what: str, first: int) -> None:
+        if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+            unavailable(f"redis-server and redis-cli are needed for the Redis {what} tests")
+        self.directory = Path(tempfile.mkdtemp(prefix=f"errands-{what.lower()}-{first}-"))
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    def cli(self, port: int, *command: str) -> str:
+        done = subprocess.run(
+            ["redis-cli", "-p", str(port), *command], capture_output=True, text=True, timeout=10
+        )
+        return done.stdout.strip()
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node, as a crash or a pulled plug would."""
+        self.processes[port].kill()
+        self.processes[port].wait()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.directory)
+
+
+class Cluster(RedisServers):
     """``masters`` masters, each with ``replicas`` replicas, on consecutive ports from ``first``.
 
     Nodes notice a dead peer after ``node_timeout_ms``, and a replica takes over its master.
@@ -34,13 +63,10 @@ class Cluster:
     def __init__(
         self, first: int, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 1000
     ) -> None:
-        if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-            unavailable("redis-server and redis-cli are needed for the Redis Cluster tests")
+        super().__init__("Cluster", first)
         self.ports = list(range(first, first + masters * (1 + replicas)))
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
-        self.directory = Path(tempfile.mkdtemp(prefix=f"errands-cluster-{first}-"))
-        self.processes: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
     def url(self) -> str:
@@ -99,12 +125,6 @@ class Cluster:
     def answers(self, port: int, command: str, wanted: str) -> bool:
         return wanted in self.cli(port, *command.split())
 
-    def cli(self, port: int, *command: str) -> str:
-        done = subprocess.run(
-            ["redis-cli", "-p", str(port), *command], capture_output=True, text=True, timeout=10
-        )
-        return done.stdout.strip()
-
     def master_of(self, key: str) -> int:
         """The port of the master that holds ``key``'s slot, as the live nodes see it."""
         live = next(port for port in self.ports if self.processes[port].poll() is None)
@@ -138,21 +158,8 @@ class Cluster:
             self.cli(port, "cluster", "setslot", slot, "node", target_id)
         return source, target
 
-    def kill(self, port: int) -> None:
-        """SIGKILL one node, as a crash or a pulled plug would."""
-        self.processes[port].kill()
-        self.processes[port].wait()
 
-    def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        with contextlib.suppress(OSError):
-            shutil.rmtree(self.directory)
-
-
-class Sentinels:
+class Sentinels(RedisServers):
     """A master, its replica and one sentinel watching them (as ``errands``), from ``first``.
 
     The sentinel alone is the quorum; it calls the master down after
@@ -160,12 +167,9 @@ class Sentinels:
     """
 
     def __init__(self, first: int, down_after_ms: int = 1000) -> None:
-        if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-            unavailable("redis-server and redis-cli are needed for the Redis Sentinel tests")
+        super().__init__("Sentinel", first)
         self.master, self.replica, self.sentinel = first, first + 1, first + 2
         self.down_after_ms = down_after_ms
-        self.directory = Path(tempfile.mkdtemp(prefix=f"errands-sentinel-{first}-"))
-        self.processes: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
     def url(self) -> str:
@@ -214,26 +218,8 @@ class Sentinels:
         )
         wait_until(lambda: self.cli(port, "ping") == "PONG", f"port {port}")
 
-    def cli(self, port: int, *command: str) -> str:
-        done = subprocess.run(
-            ["redis-cli", "-p", str(port), *command], capture_output=True, text=True, timeout=10
-        )
-        return done.stdout.strip()
-
     def master_port(self) -> int:
         """The master's port as the sentinel names it."""
         return int(
             self.cli(self.sentinel, "sentinel", "get-master-addr-by-name", "errands").split()[-1]
         )
-
-    def kill(self, port: int) -> None:
-        self.processes[port].kill()
-        self.processes[port].wait()
-
-    def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        with contextlib.suppress(OSError):
-            shutil.rmtree(self.directory)
