@@ -244,4 +244,9 @@ class _LazyCluster:
         with self._lock:
             cluster, self._cluster = self._cluster, None
         if cluster is not None:
+            manager = cluster.nodes_manager
+            nodes = [*manager.nodes_cache.values(), *manager.startup_nodes.values()]
             cluster.close()
+            for node in nodes:  # close() leaves the pools of nodes it no longer maps open
+                if node.redis_connection is not None:
+                    node.redis_connection.connection_pool.disconnect()
