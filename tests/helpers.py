@@ -44,6 +44,16 @@ def wait_until(
     return value
 
 
+def away_from_a_minute_boundary(margin: float = 5.0) -> None:
+    """Sleep past the next minute boundary when it is nearer than ``margin`` seconds.
+
+    For tests that read per-minute figures and would see two minutes if one turned mid-test.
+    """
+    left = 60 - time.time() % 60
+    if left < margin:
+        time.sleep(left + 0.01)
+
+
 def free_port() -> int:
     """A loopback TCP port nobody listens on, for a server a test starts itself."""
     with socket.socket() as sock:

@@ -20,7 +20,7 @@ from flask_errands import (
 )
 from flask_errands.backends import Backend, backend_from_url
 from flask_errands.status import STATUSES
-from tests.helpers import wait_until
+from tests.helpers import away_from_a_minute_boundary, wait_until
 
 AppFactory = Callable[..., tuple[Flask, Errands]]
 
@@ -223,6 +223,7 @@ def test_stats_give_an_hour_of_throughput_and_depth_per_minute(
     admin_app: tuple[Flask, Errands, Admin],
 ) -> None:
     _, errands, admin = admin_app
+    away_from_a_minute_boundary()
     admin.enqueue("ok")
     admin.enqueue("broken")
     admin.enqueue("ok", delay=600)

@@ -307,7 +307,8 @@ def test_finished_jobs_expire_and_prune_leaves_no_index_behind(backend_url: str)
     backend = backend_from_url(backend_url, instance_path="/tmp", options={"result_ttl": 3600})
     assert isinstance(backend, RedisBackend)
     client = redis.Redis.from_url(backend_url.split("?")[0])
-    now = time.time()
+    # Mid-minute, so that prune(now + 1) below never reaches into the next minute.
+    now = time.time() // 60 * 60 + 30
 
     def record(**fields: Any) -> JobRecord:
         return JobRecord(id=uuid.uuid4().hex, task="t", payload="{}", enqueued_at=now, **fields)
