@@ -101,10 +101,12 @@ def get(url: str) -> str | None:
 
 
 @contextlib.contextmanager
-def client_of(errands: Errands, url: str, instance: Path, name: str = "client") -> Iterator[Flask]:
+def client_of(
+    errands: Errands, url: str, instance: Path, name: str = "client", **config: Any
+) -> Iterator[Flask]:
     """An app in the test process on the store real processes serve, running nothing itself."""
     app = Flask(name, instance_path=str(instance))
-    app.config.update(ERRANDS_URL=url, ERRANDS_EMBEDDED_WORKER=False)
+    app.config.update(ERRANDS_URL=url, ERRANDS_EMBEDDED_WORKER=False, **config)
     errands.init_app(app)
     yield app
     app.extensions["errands"].backend.close()

@@ -1,4 +1,4 @@
-"""Rate and concurrency limits across real worker processes sharing one store.
+"""Limits of tasks and of queues across real worker processes sharing one store.
 
 Two ``flask errands worker`` processes of 8 threads each run limited tasks of
 ``tests/apps/limits_app.py``, which write an append-only ledger; the ledger says what
@@ -26,7 +26,11 @@ LEASE = 2.0
 
 @pytest.fixture
 def client(shared_backend_url: str, tmp_path: Path) -> Iterator[Flask]:
-    with client_of(limits_app.errands, shared_backend_url, tmp_path) as app:
+    # The workers are not told the queue's limits: the jobs carry them from the client.
+    queue_limits = {"emails": {"concurrency": 2}}
+    with client_of(
+        limits_app.errands, shared_backend_url, tmp_path, ERRANDS_QUEUE_LIMITS=queue_limits
+    ) as app:
         yield app
 
 
@@ -75,7 +79,8 @@ def test_limits_hold_across_two_worker_processes(
         pairs = limits_app.pair.delay_many([(ledger, 0.2) for _ in range(24)])
         paced = limits_app.paced.delay_many([(ledger,) for _ in range(12)])
         free = limits_app.free.delay_many([(ledger,) for _ in range(4)])
-        jobs = [*pairs, *paced, *free]
+        mails = limits_app.mailer.delay_many([(ledger, 0.2) for _ in range(8)])
+        jobs = [*pairs, *paced, *free, *mails]
         wait_until(
             lambda: all(job.refresh().status == JobStatus.SUCCEEDED for job in jobs),
             "every limited job to run",
@@ -84,6 +89,7 @@ def test_limits_hold_across_two_worker_processes(
     path = tmp_path / "ledger.txt"
     output = "\n".join(served.output() for served in workers)
     assert most_at_once(path, "pair") == 2, output
+    assert most_at_once(path, "mailer") == 2, output
     starts = sorted(claimed for _, _, claimed, _, _ in entries(path, "paced"))
     assert len(starts) == 12
     busiest = max(sum(1 for s in starts if t <= s < t + 1.0) for t in starts)

@@ -51,6 +51,14 @@ def free(path: str) -> None:
     ledger(path, "start", "free")
 
 
+@errands.task(name="mailer", queue="emails")
+def mailer(path: str, seconds: float) -> None:
+    """No limit of its own: its queue's (``ERRANDS_QUEUE_LIMITS`` of the enqueuing app) holds."""
+    ledger(path, "start", "mailer")
+    time.sleep(seconds)
+    ledger(path, "end", "mailer")
+
+
 @errands.task(name="hog", concurrency=1)
 def hog(path: str, seconds: float) -> None:
     """One at a time; sleeps long enough to be killed holding its slot."""
