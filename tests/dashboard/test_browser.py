@@ -224,6 +224,35 @@ def test_a_paused_queue_takes_jobs_but_no_worker_claims_them(live: Live) -> None
     live.page.locator('h1 [data-field="status"]', has_text="succeeded").wait_for(timeout=20000)
 
 
+def limited_tasks(errands: Errands) -> None:
+    """The browser tasks, and two limited ones: one export at a time, ten sends a minute."""
+    browser_tasks(errands)
+
+    @errands.task(name="export", concurrency=1)
+    def export(seconds: float) -> None:
+        time.sleep(seconds)
+
+    @errands.task(name="send", queue="emails", rate_limit="10/m")
+    def send() -> None:
+        """Sends nothing: its starts count against the rate."""
+
+
+@pytest.mark.parametrize("live", [limited_tasks], ids=["limited"], indirect=True)
+def test_the_queues_page_shows_each_limit_in_use(live: Live) -> None:
+    exports = [live.admin.enqueue("export", args=[3.0]) for _ in range(2)]
+    sends = [live.admin.enqueue("send", queue="emails") for _ in range(3)]
+    wait_until(lambda: all(job.refresh().status.finished for job in sends), "the sends to run")
+    wait_until(lambda: exports[0].refresh().status is JobStatus.RUNNING, "an export to start")
+    live.open("/queues")
+    export = live.page.locator('tr[data-limit="task:export"] td')
+    send = live.page.locator('tr[data-limit="task:send"] td')
+    none = "\N{EN DASH}"
+    assert export.all_inner_texts() == ["task export", "1", "1", none, none]
+    assert send.all_inner_texts() == ["task send", none, "0", "10/m", "3"]
+    assert exports[1].refresh().status is JobStatus.QUEUED
+    live.shot("queues-limits")
+
+
 def test_editing_a_schedules_cron_moves_its_next_run(live: Live) -> None:
     live.open("/schedules")
     row = live.page.locator('tr[data-schedule="nightly"]')
