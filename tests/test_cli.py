@@ -374,6 +374,20 @@ def test_sigterm_lets_a_running_job_finish_then_exits_0(
     assert "SIGTERM" in worker.output()
 
 
+def test_a_worker_stopped_by_sigterm_is_no_longer_listed(
+    shared_backend_url: str, tmp_path: Path
+) -> None:
+    worker = WorkerProcess(shared_backend_url, tmp_path)
+    with client_of(worker_app.errands, shared_backend_url, tmp_path) as client:
+        client.app_context().push()
+        admin = worker_app.errands.admin
+        proc = worker.start("-c", "4")
+        wait_until(lambda: admin.workers(), "the worker to register")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, worker.output()
+        assert admin.workers() == [], worker.output()
+
+
 def test_a_job_still_running_at_the_grace_deadline_goes_back_to_its_queue(
     sqlite_url: str, tmp_path: Path, client_app: Flask
 ) -> None:

@@ -122,6 +122,9 @@ MIGRATIONS = {
     7: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_timings_")),
 }
 
+#: How long even a call that may not retry (see ``patience``) waits for the pool to lend a
+#: connection: the pool opens one in the background, so waiting is its first try, not a retry.
+FIRST_TRY = 1.0
 #: Settings read from (and removed from) the URL's query, with their defaults.
 POOL_OPTIONS = {"pool_max_size": 10.0, "pool_timeout": 5.0, "timeout": 10.0}
 #: libpq settings used unless the URL gives its own; ``connect_timeout`` and
@@ -255,7 +258,8 @@ class PostgresBackend(Backend):
             raise failure(f"the PostgreSQL backend for {self.url} is closed")
         deadline = deadline or time.monotonic() + self._timeout
         self._deadline.at = deadline
-        wait = max(0.0, min(patience(self._pool_timeout), deadline - time.monotonic()))
+        allowed = max(patience(self._pool_timeout), min(FIRST_TRY, self._pool_timeout))
+        wait = max(0.0, min(allowed, deadline - time.monotonic()))
         try:
             with (
                 STORE_CALL,
