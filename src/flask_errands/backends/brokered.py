@@ -95,25 +95,10 @@ class BrokeredBackend(Backend):
         self._next_promote = 0.0
         self._next_refresh = 0.0
 
-    # The store claims, so it is the one that must know whether claims look at limits.
-
-    @property
-    def limited(self) -> bool:
-        return self.store.limited
-
-    @limited.setter
-    def limited(self, value: bool) -> None:
-        self.store.limited = self.store.limited or value
-
-    @property
-    def limit_free_at(self) -> float | None:
-        return self.store.limit_free_at
-
-    @limit_free_at.setter
-    def limit_free_at(self, value: float | None) -> None:
-        self.store.limit_free_at = value
-
     # -- life of a job -------------------------------------------------------
+
+    def expect_limits(self) -> None:
+        self.store.expect_limits()  # the store claims, so it is the one to look at limits
 
     def enqueue(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
         stored = self.store.enqueue(jobs)
