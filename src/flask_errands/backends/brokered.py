@@ -3,9 +3,12 @@
 ``ERRANDS_BROKER_URL`` wraps the store ``ERRANDS_URL`` names in a
 :class:`BrokeredBackend`, which the engine uses like any other backend:
 
-- ``enqueue`` stores the records, then publishes one persistent message per
-  job that is due, each confirmed by RabbitMQ; if the publish fails, the jobs
-  are taken out of the store again and ``EnqueueError`` is raised.
+- The store is the source of truth; a message is a worker's early word of a
+  job. ``enqueue`` returns once the store holds the records (``EnqueueError``
+  if it cannot), after one persistent message per due job is handed to
+  RabbitMQ without waiting for its confirm. A message RabbitMQ loses, or one
+  not sent because it is away, costs only time: every worker claims through
+  the store and polls it when idle, so the job is run all the same.
 - ``reserve`` claims through the store's own claim (priorities, leases, lost
   leases, paused queues and any limit the store applies hold as they are), and
   ties each claimed job to a delivery of its queue: the message stays unacked
@@ -31,7 +34,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from ..exceptions import BackendUnavailable, EnqueueError
+from ..exceptions import BackendUnavailable
 from ..limits import Limit
 from .base import (
     BLOCKED,
@@ -93,6 +96,8 @@ class BrokeredBackend(Backend):
         #: What the leader published for jobs that fell due: job id -> eta.
         self._promoted: dict[str, float] = {}
         self._next_promote = 0.0
+        #: Whether the last publish failed (an outage is said once).
+        self._unpublished = False
         self._next_refresh = 0.0
 
     # -- life of a job -------------------------------------------------------
@@ -103,27 +108,11 @@ class BrokeredBackend(Backend):
     def enqueue(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
         stored = self.store.enqueue(jobs)
         fresh = [record for record, job in zip(stored, jobs, strict=True) if record.id == job.id]
-        due = [message_of(r) for r in fresh if r.status == QUEUED]
-        try:
-            self._publisher.publish(due)
-        except BackendUnavailable as exc:
-            self._withdraw(fresh)
-            raise EnqueueError(f"the job was not enqueued: {exc}") from exc
+        due = [r for r in fresh if r.status == QUEUED]
+        self._publish_quietly(due, "new jobs")
         if due:
             self._notify()  # this process's own workers need not wait for the delivery
         return stored
-
-    def _withdraw(self, records: Sequence[JobRecord]) -> None:
-        """Take jobs whose messages could not be published out of the store again."""
-        now = time.time()
-        for record in records:
-            try:
-                self.store.cancel(record.id, now)
-                self.store.delete(record.id)
-            except BackendUnavailable:
-                logger.warning(
-                    "errands: could not withdraw job %s after a failed publish", record.id
-                )
 
     def reserve(
         self,
@@ -221,11 +210,20 @@ class BrokeredBackend(Backend):
         )
 
     def _publish_quietly(self, records: Sequence[JobRecord], what: str) -> None:
-        """Publish jobs the store holds already; if RabbitMQ is away, workers poll for them."""
+        """Publish jobs the store holds already; if RabbitMQ is away, workers poll for them.
+
+        An outage is said once, and its end once.
+        """
         try:
             self._publisher.publish([message_of(r) for r in records])
         except BackendUnavailable as exc:
-            logger.warning("errands: could not publish %s (%s); workers will poll", what, exc)
+            if not self._unpublished:
+                logger.warning("errands: could not publish %s (%s); workers will poll", what, exc)
+            self._unpublished = True
+        else:
+            if self._unpublished and records:
+                logger.warning("errands: publishing to RabbitMQ again")
+                self._unpublished = False
 
     def _forget(self, job_id: str, lease_token: str) -> tuple[Delivery | None, JobRecord | None]:
         with self._lock:
