@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -59,6 +60,8 @@ HOLD = 1.0
 PROMOTE_INTERVAL = 0.2
 #: How many scheduled jobs the leader looks at per turn.
 PROMOTE_SCAN = 5000
+#: How many finished jobs a process remembers, to drop their late deliveries without a look.
+REMEMBER_FINISHED = 10_000
 #: How often a worker serving every queue looks for queues it does not consume yet.
 QUEUE_REFRESH = 2.0
 
@@ -93,6 +96,8 @@ class BrokeredBackend(Backend):
         self._tickets: dict[str, Delivery | None] = {}
         #: This process's running jobs: their lease token and their record as claimed.
         self._running: dict[str, tuple[str, JobRecord]] = {}
+        #: Jobs this process finished lately, oldest first: their late deliveries are dropped.
+        self._finished: OrderedDict[str, None] = OrderedDict()
         #: What the leader published for jobs that fell due: job id -> eta.
         self._promoted: dict[str, float] = {}
         self._next_promote = 0.0
@@ -195,7 +200,7 @@ class BrokeredBackend(Backend):
             traceback=traceback,
             eta=eta,
         )
-        ticket, record = self._forget(job_id, lease_token)
+        ticket, record = self._forget(job_id, lease_token, done=applied and status in FINISHED)
         if ticket is not None and self._consumer is not None:
             self._consumer.ack(ticket)
         if applied and status == SUCCEEDED and record is not None and record.flow:
@@ -225,8 +230,15 @@ class BrokeredBackend(Backend):
                 logger.warning("errands: publishing to RabbitMQ again")
                 self._unpublished = False
 
-    def _forget(self, job_id: str, lease_token: str) -> tuple[Delivery | None, JobRecord | None]:
+    def _forget(
+        self, job_id: str, lease_token: str, *, done: bool = False
+    ) -> tuple[Delivery | None, JobRecord | None]:
+        """Untie a job's run from this process; ``done``: remember the job finished."""
         with self._lock:
+            if done:
+                self._finished[job_id] = None
+                if len(self._finished) > REMEMBER_FINISHED:
+                    self._finished.popitem(last=False)
             ticket = self._tickets.pop(lease_token, None)
             running = self._running.get(job_id)
             if running is not None and running[0] == lease_token:
@@ -248,6 +260,8 @@ class BrokeredBackend(Backend):
 
     def requeue(self, job_id: str, now: float) -> JobRecord | None:
         record = self.store.requeue(job_id, now)
+        with self._lock:
+            self._finished.pop(job_id, None)
         if record is not None and record.status == QUEUED:
             self._publish_quietly([record], f"job {job_id}")
         return record
@@ -393,9 +407,20 @@ class BrokeredBackend(Backend):
             return {"default"}
 
     def _delivered(self, delivery: Delivery) -> None:
+        """On the consumer's thread: tie a delivery to its job if it runs here, drop it if
+        the job finished here, else keep it for the next reserve and wake the workers."""
         with self._lock:
-            self._inbox.append((time.monotonic(), delivery))
-        self._notify()
+            finished = delivery.job_id in self._finished
+            if not finished:
+                mine = self._running.get(delivery.job_id)
+                if mine is not None and mine[0] in self._tickets and not self._tickets[mine[0]]:
+                    self._tickets[mine[0]] = delivery  # claimed before its message came
+                    return
+                self._inbox.append((time.monotonic(), delivery))
+        if finished and self._consumer is not None:
+            self._consumer.ack(delivery)  # came after its job was claimed from the store and run
+        elif not finished:
+            self._notify()
 
     def _lost(self) -> None:
         """The consumer's connection dropped: its deliveries are RabbitMQ's again."""

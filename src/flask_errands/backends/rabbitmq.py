@@ -291,6 +291,8 @@ class Consumer:
         self._queues: set[str] = set()
         self._consuming: set[str] = set()
         self._replies: queue.SimpleQueue[tuple[int, int, bool]] = queue.SimpleQueue()
+        self._connection: pika.BlockingConnection | None = None
+        self._waking = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="errands-rabbitmq", daemon=True)
         self.connected = threading.Event()
@@ -306,9 +308,28 @@ class Consumer:
 
     def ack(self, delivery: Delivery) -> None:
         self._replies.put((delivery.epoch, delivery.tag, True))
+        self._wake()
 
     def requeue(self, delivery: Delivery) -> None:
         self._replies.put((delivery.epoch, delivery.tag, False))
+        self._wake()
+
+    def _wake(self) -> None:
+        """Have the consumer's thread send the replies now, not at its next tick.
+
+        An unacked message counts against the prefetch: the sooner it is acked,
+        the sooner RabbitMQ delivers the next.
+        """
+        connection = self._connection
+        if connection is None or self._waking:
+            return
+        self._waking = True
+        with contextlib.suppress(Exception):  # closed meanwhile: its deliveries are void
+            connection.add_callback_threadsafe(self._nothing)
+
+    @staticmethod
+    def _nothing() -> None:
+        """A callback that only ends the consumer's wait for the socket."""
 
     def stop(self) -> None:
         self._stop.set()
@@ -321,6 +342,7 @@ class Consumer:
             connection = None
             try:
                 connection = pika.BlockingConnection(self._params)
+                self._connection = connection
                 self.epoch += 1
                 self._consuming = set()
                 channel = connection.channel()
@@ -355,10 +377,9 @@ class Consumer:
                 down_since = down_since or time.monotonic()
                 self._stop.wait(1.0)
             finally:
+                self._connection = None
                 if connection is not None:
-                    with contextlib.suppress(Exception):
-                        if connection.is_open:
-                            connection.close()
+                    close_quietly(connection)
 
     def _subscribe(self, channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
         epoch = self.epoch
@@ -375,6 +396,7 @@ class Consumer:
         self._on_delivery(delivery)
 
     def _reply(self, channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
+        self._waking = False
         while True:
             try:
                 epoch, tag, ack = self._replies.get_nowait()
