@@ -157,6 +157,33 @@ def test_a_worker_killed_mid_job_has_its_jobs_run_again_and_only_those(
     assert set(runs.values()) <= {1, 2} and set(attempts.values()) <= {1, 2}
 
 
+def test_every_message_is_acked_once_its_job_is_done_even_when_acks_are_batched(
+    deployment: Deployment, prefix: str
+) -> None:
+    """Acks go out several at a time (one covering a run of deliveries): a wrong one
+    would close the channel, and one never sent would put its message back in the queue."""
+    import pika
+
+    from flask_errands.backends.rabbitmq import amqp_queue
+
+    worker = deployment.start_worker(concurrency=4)
+    ids = deployment.enqueue(300)
+    deployment.wait_done(ids)
+    worker.signal_group(signal.SIGTERM)
+    assert worker.proc is not None
+    worker.proc.wait(timeout=60)
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    try:
+        name = amqp_queue(prefix, "default")
+        declared = connection.channel().queue_declare(name, passive=True)
+        assert declared.method.message_count == 0
+        connection.channel().queue_delete(name)
+    finally:
+        connection.close()
+    assert "lost RabbitMQ" not in worker.output() and "consumer error" not in worker.output()
+    assert set(deployment.assert_never_twice_at_once().values()) == {1}
+
+
 def test_workers_reconnect_by_themselves_after_their_connection_went_silent(
     deployment: Deployment, prefix: str
 ) -> None:

@@ -373,6 +373,13 @@ class BrokeredBackend(Backend):
         self.store.register_worker(worker_id, info, ttl, now)
 
     def unregister_worker(self, worker_id: str) -> None:
+        """The worker of this process stopped: so does its consumer, acking what it ran."""
+        consumer = self._consumer
+        if consumer is not None:
+            consumer.stop()
+            with self._lock:
+                if self._consumer is consumer:
+                    self._consumer = None  # a worker started later consumes anew
         self.store.unregister_worker(worker_id)
 
     def list_workers(self, now: float) -> list[dict[str, Any]]:

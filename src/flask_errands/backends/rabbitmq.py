@@ -17,6 +17,7 @@ changes ``errands.``, for deployments that share a virtual host).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import logging
@@ -293,6 +294,8 @@ class Consumer:
         self._replies: queue.SimpleQueue[tuple[int, int, bool]] = queue.SimpleQueue()
         self._connection: pika.BlockingConnection | None = None
         self._waking = False
+        #: Tags of the current connection's deliveries not acked or rejected yet.
+        self._unsettled: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="errands-rabbitmq", daemon=True)
         self.connected = threading.Event()
@@ -308,7 +311,8 @@ class Consumer:
 
     def ack(self, delivery: Delivery) -> None:
         self._replies.put((delivery.epoch, delivery.tag, True))
-        self._wake()
+        if self._replies.qsize() * 2 >= self.prefetch:
+            self._wake()  # half the window waits for its acks: send them now, as one
 
     def requeue(self, delivery: Delivery) -> None:
         self._replies.put((delivery.epoch, delivery.tag, False))
@@ -317,8 +321,8 @@ class Consumer:
     def _wake(self) -> None:
         """Have the consumer's thread send the replies now, not at its next tick.
 
-        An unacked message counts against the prefetch: the sooner it is acked,
-        the sooner RabbitMQ delivers the next.
+        An unacked message counts against the prefetch: RabbitMQ delivers no
+        more while the window is full.
         """
         connection = self._connection
         if connection is None or self._waking:
@@ -343,6 +347,7 @@ class Consumer:
             try:
                 connection = pika.BlockingConnection(self._params)
                 self._connection = connection
+                self._unsettled = set()
                 self.epoch += 1
                 self._consuming = set()
                 channel = connection.channel()
@@ -358,6 +363,7 @@ class Consumer:
                     self._reply(channel)
                     if self._chore is not None:
                         self._chore(leader.publisher())
+                self._reply(channel)  # the acks of the last jobs, not left to a re-delivery
             except LINK_ERRORS as exc:
                 self.connected.clear()
                 self._on_lost()
@@ -392,22 +398,36 @@ class Consumer:
     def _deliver(
         self, name: str, epoch: int, _channel: object, method: Any, _props: object, body: bytes
     ) -> None:
+        self._unsettled.add(method.delivery_tag)
         delivery = Delivery(body.decode(), name, method.delivery_tag, epoch, method.redelivered)
         self._on_delivery(delivery)
 
     def _reply(self, channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
+        """Send the acks and rejections asked for; one ack covers a run of settled deliveries."""
         self._waking = False
+        acks: list[int] = []
         while True:
             try:
                 epoch, tag, ack = self._replies.get_nowait()
             except queue.Empty:
-                return
+                break
             if epoch != self.epoch:
                 continue
             if ack:
-                channel.basic_ack(tag)
+                acks.append(tag)
             else:
+                self._unsettled.discard(tag)
                 channel.basic_nack(tag, requeue=True)
+        if not acks:
+            return
+        acks.sort()
+        self._unsettled.difference_update(acks)
+        first_open = min(self._unsettled, default=acks[-1] + 1)
+        covered = bisect.bisect_left(acks, first_open)
+        if covered:
+            channel.basic_ack(acks[covered - 1], multiple=True)  # every earlier one is settled
+        for tag in acks[covered:]:
+            channel.basic_ack(tag)
 
 
 class _Leader:
