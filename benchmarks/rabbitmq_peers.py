@@ -6,7 +6,7 @@ the first finished job to the last), and enqueue-to-start latency p50/p99 at
 50 jobs/s against an idle worker. Every system uses the same RabbitMQ server:
 
 - flask-errands: ``ERRANDS_BROKER_URL`` on RabbitMQ, the Redis store (db 10);
-  ``.delay()`` returns once the job is stored and RabbitMQ confirmed its message;
+  ``.delay()`` returns once the job is stored and its message written, unconfirmed;
 - Celery: the RabbitMQ broker (py-amqp), Redis result backend (db 12), prefork -c 2;
 - Dramatiq: ``RabbitmqBroker`` (pika) with its defaults, so ``send()`` is not
   confirmed; a no-op that counts itself in Redis, as Dramatiq keeps no results.
@@ -62,7 +62,7 @@ def purge(names: list[str]) -> None:
 
 
 class Errands(redis_peers.Errands):
-    settings = "1 worker process, 4 threads; Redis store, RabbitMQ transport, confirmed"
+    settings = "1 worker process, 4 threads; Redis store, RabbitMQ transport"
     has_batches = False
 
     def config(self) -> dict[str, Any]:

@@ -93,7 +93,7 @@ class Runtime:
         if settings.queue_limits or any(
             task.default_options.limits(name) for name, task in tasks.items()
         ):
-            backend.limited = True  # claims look at limits from the first one
+            backend.expect_limits()  # claims look at limits from the first one
         self.schedules  # noqa: B018 - a name declared twice fails here, not in the scheduler
 
     @property
@@ -198,7 +198,7 @@ class Runtime:
             if queue_limits and record.queue in queue_limits:
                 record.limits = with_queue_limit(record.limits, queue_limits[record.queue])
             if record.limits is not None:
-                self.backend.limited = True
+                self.backend.expect_limits()
 
     def _announce(self, jobs: list[Job]) -> None:
         if signals.job_enqueued.receivers:

@@ -23,7 +23,7 @@ def limited(
 
 @pytest.fixture
 def store(backend: Backend) -> Backend:
-    backend.limited = True  # as init_app does for an app that declares limits
+    backend.expect_limits()  # as init_app does for an app that declares limits
     return backend
 
 

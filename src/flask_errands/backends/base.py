@@ -368,6 +368,10 @@ class Backend(ABC):
         self._watchers_lock = threading.Lock()
         self._watcher: threading.Thread | None = None
 
+    def expect_limits(self) -> None:
+        """Have claims look at limits from now on: this process declares or enqueues some."""
+        self.limited = True
+
     # -- life of a job -------------------------------------------------------
 
     @abstractmethod

@@ -3,9 +3,12 @@
 ``ERRANDS_BROKER_URL`` wraps the store ``ERRANDS_URL`` names in a
 :class:`BrokeredBackend`, which the engine uses like any other backend:
 
-- ``enqueue`` stores the records, then publishes one persistent message per
-  job that is due, each confirmed by RabbitMQ; if the publish fails, the jobs
-  are taken out of the store again and ``EnqueueError`` is raised.
+- The store is the source of truth; a message is a worker's early word of a
+  job. ``enqueue`` returns once the store holds the records (``EnqueueError``
+  if it cannot), after one persistent message per due job is handed to
+  RabbitMQ without waiting for its confirm. A message RabbitMQ loses, or one
+  not sent because it is away, costs only time: every worker claims through
+  the store and polls it when idle, so the job is run all the same.
 - ``reserve`` claims through the store's own claim (priorities, leases, lost
   leases, paused queues and any limit the store applies hold as they are), and
   ties each claimed job to a delivery of its queue: the message stays unacked
@@ -28,10 +31,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from ..exceptions import BackendUnavailable, EnqueueError
+from ..exceptions import BackendUnavailable
 from ..limits import Limit
 from .base import (
     BLOCKED,
@@ -56,6 +60,8 @@ HOLD = 1.0
 PROMOTE_INTERVAL = 0.2
 #: How many scheduled jobs the leader looks at per turn.
 PROMOTE_SCAN = 5000
+#: How many finished jobs a process remembers, to drop their late deliveries without a look.
+REMEMBER_FINISHED = 10_000
 #: How often a worker serving every queue looks for queues it does not consume yet.
 QUEUE_REFRESH = 2.0
 
@@ -90,55 +96,28 @@ class BrokeredBackend(Backend):
         self._tickets: dict[str, Delivery | None] = {}
         #: This process's running jobs: their lease token and their record as claimed.
         self._running: dict[str, tuple[str, JobRecord]] = {}
+        #: Jobs this process finished lately, oldest first: their late deliveries are dropped.
+        self._finished: OrderedDict[str, None] = OrderedDict()
         #: What the leader published for jobs that fell due: job id -> eta.
         self._promoted: dict[str, float] = {}
         self._next_promote = 0.0
+        #: Whether the last publish failed (an outage is said once).
+        self._unpublished = False
         self._next_refresh = 0.0
 
-    # The store claims, so it is the one that must know whether claims look at limits.
-
-    @property
-    def limited(self) -> bool:
-        return self.store.limited
-
-    @limited.setter
-    def limited(self, value: bool) -> None:
-        self.store.limited = self.store.limited or value
-
-    @property
-    def limit_free_at(self) -> float | None:
-        return self.store.limit_free_at
-
-    @limit_free_at.setter
-    def limit_free_at(self, value: float | None) -> None:
-        self.store.limit_free_at = value
-
     # -- life of a job -------------------------------------------------------
+
+    def expect_limits(self) -> None:
+        self.store.expect_limits()  # the store claims, so it is the one to look at limits
 
     def enqueue(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
         stored = self.store.enqueue(jobs)
         fresh = [record for record, job in zip(stored, jobs, strict=True) if record.id == job.id]
-        due = [message_of(r) for r in fresh if r.status == QUEUED]
-        try:
-            self._publisher.publish(due)
-        except BackendUnavailable as exc:
-            self._withdraw(fresh)
-            raise EnqueueError(f"the job was not enqueued: {exc}") from exc
+        due = [r for r in fresh if r.status == QUEUED]
+        self._publish_quietly(due, "new jobs")
         if due:
             self._notify()  # this process's own workers need not wait for the delivery
         return stored
-
-    def _withdraw(self, records: Sequence[JobRecord]) -> None:
-        """Take jobs whose messages could not be published out of the store again."""
-        now = time.time()
-        for record in records:
-            try:
-                self.store.cancel(record.id, now)
-                self.store.delete(record.id)
-            except BackendUnavailable:
-                logger.warning(
-                    "errands: could not withdraw job %s after a failed publish", record.id
-                )
 
     def reserve(
         self,
@@ -221,7 +200,7 @@ class BrokeredBackend(Backend):
             traceback=traceback,
             eta=eta,
         )
-        ticket, record = self._forget(job_id, lease_token)
+        ticket, record = self._forget(job_id, lease_token, done=applied and status in FINISHED)
         if ticket is not None and self._consumer is not None:
             self._consumer.ack(ticket)
         if applied and status == SUCCEEDED and record is not None and record.flow:
@@ -236,14 +215,30 @@ class BrokeredBackend(Backend):
         )
 
     def _publish_quietly(self, records: Sequence[JobRecord], what: str) -> None:
-        """Publish jobs the store holds already; if RabbitMQ is away, workers poll for them."""
+        """Publish jobs the store holds already; if RabbitMQ is away, workers poll for them.
+
+        An outage is said once, and its end once.
+        """
         try:
             self._publisher.publish([message_of(r) for r in records])
         except BackendUnavailable as exc:
-            logger.warning("errands: could not publish %s (%s); workers will poll", what, exc)
+            if not self._unpublished:
+                logger.warning("errands: could not publish %s (%s); workers will poll", what, exc)
+            self._unpublished = True
+        else:
+            if self._unpublished and records:
+                logger.warning("errands: publishing to RabbitMQ again")
+                self._unpublished = False
 
-    def _forget(self, job_id: str, lease_token: str) -> tuple[Delivery | None, JobRecord | None]:
+    def _forget(
+        self, job_id: str, lease_token: str, *, done: bool = False
+    ) -> tuple[Delivery | None, JobRecord | None]:
+        """Untie a job's run from this process; ``done``: remember the job finished."""
         with self._lock:
+            if done:
+                self._finished[job_id] = None
+                if len(self._finished) > REMEMBER_FINISHED:
+                    self._finished.popitem(last=False)
             ticket = self._tickets.pop(lease_token, None)
             running = self._running.get(job_id)
             if running is not None and running[0] == lease_token:
@@ -265,6 +260,8 @@ class BrokeredBackend(Backend):
 
     def requeue(self, job_id: str, now: float) -> JobRecord | None:
         record = self.store.requeue(job_id, now)
+        with self._lock:
+            self._finished.pop(job_id, None)
         if record is not None and record.status == QUEUED:
             self._publish_quietly([record], f"job {job_id}")
         return record
@@ -376,6 +373,13 @@ class BrokeredBackend(Backend):
         self.store.register_worker(worker_id, info, ttl, now)
 
     def unregister_worker(self, worker_id: str) -> None:
+        """The worker of this process stopped: so does its consumer, acking what it ran."""
+        consumer = self._consumer
+        if consumer is not None:
+            consumer.stop()
+            with self._lock:
+                if self._consumer is consumer:
+                    self._consumer = None  # a worker started later consumes anew
         self.store.unregister_worker(worker_id)
 
     def list_workers(self, now: float) -> list[dict[str, Any]]:
@@ -410,9 +414,20 @@ class BrokeredBackend(Backend):
             return {"default"}
 
     def _delivered(self, delivery: Delivery) -> None:
+        """On the consumer's thread: tie a delivery to its job if it runs here, drop it if
+        the job finished here, else keep it for the next reserve and wake the workers."""
         with self._lock:
-            self._inbox.append((time.monotonic(), delivery))
-        self._notify()
+            finished = delivery.job_id in self._finished
+            if not finished:
+                mine = self._running.get(delivery.job_id)
+                if mine is not None and mine[0] in self._tickets and not self._tickets[mine[0]]:
+                    self._tickets[mine[0]] = delivery  # claimed before its message came
+                    return
+                self._inbox.append((time.monotonic(), delivery))
+        if finished and self._consumer is not None:
+            self._consumer.ack(delivery)  # came after its job was claimed from the store and run
+        elif not finished:
+            self._notify()
 
     def _lost(self) -> None:
         """The consumer's connection dropped: its deliveries are RabbitMQ's again."""

@@ -1,9 +1,9 @@
-"""RabbitMQ as the transport: durable priority queues, confirmed publishes, a consumer thread.
+"""RabbitMQ as the transport: durable priority queues, persistent messages, a consumer thread.
 
 Built on pika. Each thread that publishes (``.delay()`` in a web request, a
-worker's retry) has its own ``BlockingConnection`` with publisher confirms, so
-a publish returns only once RabbitMQ has the message on disk, and no lock
-serialises the threads of a web server. Consuming happens on one thread of
+worker's retry) has its own ``BlockingConnection``, so no lock serialises the
+threads of a web server; a publish is a write to its socket, unconfirmed, as
+the store holds the job already (see :mod:`.brokered`). Consuming happens on one thread of
 its own, which owns its connection: it takes deliveries, applies acks asked
 for by other threads, and reconnects by itself with a growing pause after a
 broker restart or a cut connection (heartbeats find a silent one).
@@ -17,13 +17,14 @@ changes ``errands.``, for deployments that share a virtual host).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -46,8 +47,13 @@ HEARTBEAT = 5
 CONNECT_TIMEOUT = 5.0
 #: The longest pause between two tries at reconnecting the consumer.
 MAX_RECONNECT_PAUSE = 5.0
-#: How often the consumer thread looks up from the socket for acks and chores.
+#: How often the consumer thread looks up from the socket for chores (acks wake it at once).
 TICK = 0.05
+#: A publisher connection unused this long is checked before a publish (RabbitMQ may have
+#: dropped it: pika sends heartbeats only while it is used).
+IDLE_CHECK = 1.0
+#: After a failed connect, how long publishes skip RabbitMQ (the store poll finds their jobs).
+RETRY_CONNECT = 1.0
 
 #: The errors of a connection or channel that is gone or refused, as pika raises them.
 LINK_ERRORS: tuple[type[BaseException], ...] = (
@@ -55,6 +61,38 @@ LINK_ERRORS: tuple[type[BaseException], ...] = (
     AMQPConnectorException,  # a handshake that timed out or failed
     OSError,
 )
+
+
+#: pika's loggers that report a connection lost or closed, as errors.
+PIKA_LOGGERS = (
+    "pika.adapters.base_connection",
+    "pika.adapters.blocking_connection",
+    "pika.adapters.utils.io_services_utils",
+)
+
+
+class _Muted(logging.Filter):
+    """Drops pika's records in a thread that is inside :func:`_pika_errors_muted`."""
+
+    local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.local, "muted", False)
+
+
+_MUTED = _Muted()
+for _name in PIKA_LOGGERS:
+    logging.getLogger(_name).addFilter(_MUTED)
+
+
+@contextlib.contextmanager
+def _pika_errors_muted() -> Iterator[None]:
+    """Silence pika in this thread: it calls a connection dropped while idle an error."""
+    _MUTED.local.muted = True
+    try:
+        yield
+    finally:
+        _MUTED.local.muted = False
 
 
 #: What the names of a deployment's RabbitMQ queues start with, unless the URL's ``?prefix=`` says.
@@ -143,7 +181,14 @@ def _publish(
 
 
 class Publisher:
-    """Confirmed publishes, over one connection per thread (pika connections are not shared)."""
+    """Publishes over one connection per thread (pika connections are not shared), unconfirmed.
+
+    A message only tells a worker early about a job the store holds already,
+    so a publish waits for no confirm: one lost in a broker crash, or never
+    sent while RabbitMQ was away, is found by the workers' store poll instead.
+    After a failed connect, publishing is skipped for :data:`RETRY_CONNECT`
+    seconds, so ``.delay()`` stays quick while RabbitMQ is down.
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -152,9 +197,10 @@ class Publisher:
         self._local = threading.local()
         self._all: list[pika.BlockingConnection] = []
         self._lock = threading.Lock()
+        self._retry_at = 0.0
 
     def publish(self, messages: Sequence[tuple[str, str, int]]) -> None:
-        """Publish ``(queue, job_id, priority)`` messages, persistent, each confirmed.
+        """Publish ``(queue, job_id, priority)`` messages, persistent.
 
         A connection found dead is replaced and the publish tried once more;
         raises :class:`BackendUnavailable` if RabbitMQ cannot be reached or refuses.
@@ -164,7 +210,12 @@ class Publisher:
         for attempt in (1, 2):
             fresh = getattr(self._local, "channel", None) is None
             try:
-                _publish(self._channel(), self._local.declared, self.prefix, messages)
+                channel = self._channel()
+                if time.monotonic() - self._local.used > IDLE_CHECK:
+                    with _pika_errors_muted():  # a link RabbitMQ dropped meanwhile is found here
+                        channel.connection.process_data_events(time_limit=0)
+                _publish(channel, self._local.declared, self.prefix, messages)
+                self._local.used = time.monotonic()
                 return
             except LINK_ERRORS as exc:
                 self._drop()
@@ -177,10 +228,16 @@ class Publisher:
     def _channel(self) -> pika.adapters.blocking_connection.BlockingChannel:
         channel = getattr(self._local, "channel", None)
         if channel is None or channel.is_closed:
-            connection = pika.BlockingConnection(self._params)
+            if time.monotonic() < self._retry_at:
+                raise pika.exceptions.AMQPConnectionError("not retried yet after a failed connect")
+            try:
+                connection = pika.BlockingConnection(self._params)
+            except LINK_ERRORS:
+                self._retry_at = time.monotonic() + RETRY_CONNECT
+                raise
             channel = connection.channel()
-            channel.confirm_delivery()
             self._local.channel, self._local.declared = channel, set()
+            self._local.used = time.monotonic()
             with self._lock:
                 self._all.append(connection)
         return channel
@@ -189,16 +246,23 @@ class Publisher:
         channel = getattr(self._local, "channel", None)
         self._local.channel = None
         if channel is not None:
-            with contextlib.suppress(Exception):
-                channel.connection.close()
+            with self._lock:
+                if channel.connection in self._all:
+                    self._all.remove(channel.connection)
+            close_quietly(channel.connection)
 
     def close(self) -> None:
         with self._lock:
             connections, self._all = self._all, []
         for connection in connections:
-            with contextlib.suppress(Exception):
-                if connection.is_open:
-                    connection.close()
+            close_quietly(connection)
+
+
+def close_quietly(connection: pika.BlockingConnection) -> None:
+    """Close our own connection, open or found dead, without pika logging it as an error."""
+    with _pika_errors_muted(), contextlib.suppress(Exception):
+        if connection.is_open:
+            connection.close()
 
 
 class Consumer:
@@ -228,6 +292,10 @@ class Consumer:
         self._queues: set[str] = set()
         self._consuming: set[str] = set()
         self._replies: queue.SimpleQueue[tuple[int, int, bool]] = queue.SimpleQueue()
+        self._connection: pika.BlockingConnection | None = None
+        self._waking = False
+        #: Tags of the current connection's deliveries not acked or rejected yet.
+        self._unsettled: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="errands-rabbitmq", daemon=True)
         self.connected = threading.Event()
@@ -243,9 +311,29 @@ class Consumer:
 
     def ack(self, delivery: Delivery) -> None:
         self._replies.put((delivery.epoch, delivery.tag, True))
+        if self._replies.qsize() * 2 >= self.prefetch:
+            self._wake()  # half the window waits for its acks: send them now, as one
 
     def requeue(self, delivery: Delivery) -> None:
         self._replies.put((delivery.epoch, delivery.tag, False))
+        self._wake()
+
+    def _wake(self) -> None:
+        """Have the consumer's thread send the replies now, not at its next tick.
+
+        An unacked message counts against the prefetch: RabbitMQ delivers no
+        more while the window is full.
+        """
+        connection = self._connection
+        if connection is None or self._waking:
+            return
+        self._waking = True
+        with contextlib.suppress(Exception):  # closed meanwhile: its deliveries are void
+            connection.add_callback_threadsafe(self._nothing)
+
+    @staticmethod
+    def _nothing() -> None:
+        """A callback that only ends the consumer's wait for the socket."""
 
     def stop(self) -> None:
         self._stop.set()
@@ -258,6 +346,8 @@ class Consumer:
             connection = None
             try:
                 connection = pika.BlockingConnection(self._params)
+                self._connection = connection
+                self._unsettled = set()
                 self.epoch += 1
                 self._consuming = set()
                 channel = connection.channel()
@@ -273,6 +363,7 @@ class Consumer:
                     self._reply(channel)
                     if self._chore is not None:
                         self._chore(leader.publisher())
+                self._reply(channel)  # the acks of the last jobs, not left to a re-delivery
             except LINK_ERRORS as exc:
                 self.connected.clear()
                 self._on_lost()
@@ -292,10 +383,9 @@ class Consumer:
                 down_since = down_since or time.monotonic()
                 self._stop.wait(1.0)
             finally:
+                self._connection = None
                 if connection is not None:
-                    with contextlib.suppress(Exception):
-                        if connection.is_open:
-                            connection.close()
+                    close_quietly(connection)
 
     def _subscribe(self, channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
         epoch = self.epoch
@@ -308,21 +398,36 @@ class Consumer:
     def _deliver(
         self, name: str, epoch: int, _channel: object, method: Any, _props: object, body: bytes
     ) -> None:
+        self._unsettled.add(method.delivery_tag)
         delivery = Delivery(body.decode(), name, method.delivery_tag, epoch, method.redelivered)
         self._on_delivery(delivery)
 
     def _reply(self, channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
+        """Send the acks and rejections asked for; one ack covers a run of settled deliveries."""
+        self._waking = False
+        acks: list[int] = []
         while True:
             try:
                 epoch, tag, ack = self._replies.get_nowait()
             except queue.Empty:
-                return
+                break
             if epoch != self.epoch:
                 continue
             if ack:
-                channel.basic_ack(tag)
+                acks.append(tag)
             else:
+                self._unsettled.discard(tag)
                 channel.basic_nack(tag, requeue=True)
+        if not acks:
+            return
+        acks.sort()
+        self._unsettled.difference_update(acks)
+        first_open = min(self._unsettled, default=acks[-1] + 1)
+        covered = bisect.bisect_left(acks, first_open)
+        if covered:
+            channel.basic_ack(acks[covered - 1], multiple=True)  # every earlier one is settled
+        for tag in acks[covered:]:
+            channel.basic_ack(tag)
 
 
 class _Leader:
