@@ -106,6 +106,13 @@ class Connection(psycopg.Connection[DictRow]):
 
 
 QUERIES = load_queries("postgres.sql")
+# An attempt's figures, recorded the same way by the finish of a job and of a workflow step.
+QUERIES.update(
+    {
+        name: QUERIES[name].format(attempt_figures=QUERIES["attempt_figures"])
+        for name in ("finish", "finish_step")
+    }
+)
 SCHEMA_VERSION = 8
 #: The statements that bring a schema from the version before to each version.
 MIGRATIONS = {

@@ -611,24 +611,7 @@ WITH claimed AS (SELECT eta FROM errands_jobs WHERE id = %(id)s), finished AS (
         lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
     WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s AND flow IS NULL
     RETURNING status, queue, task, started_at
-), counted AS (
-    -- The attempt's end, counted in its minute in the same statement.
-    INSERT INTO errands_finished_counts AS c (minute, queue, task, outcome, shard, n)
-    SELECT floor(%(now)s / 60)::bigint, queue, task,
-        CASE WHEN status = 'scheduled' THEN 'retried' ELSE status END, pg_backend_pid() %% 8, 1
-    FROM finished
-    ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + 1
-), timed AS (
-    -- The attempt's duration (start to now) and wait (due to start), in the same statement.
-    INSERT INTO errands_timings AS t (timing, queue, task, bucket, shard, n, total)
-    SELECT timing, queue, task, errands_bucket(s), pg_backend_pid() %% 8, 1, s
-    FROM finished, LATERAL (VALUES
-        ('duration', greatest(%(now)s - started_at, 0)),
-        ('wait', greatest(started_at - (SELECT eta FROM claimed), 0))
-    ) AS measured (timing, s)
-    ON CONFLICT (timing, queue, task, bucket, shard) DO UPDATE
-    SET n = t.n + 1, total = t.total + excluded.total
-)
+), {attempt_figures}
 SELECT CASE WHEN status = 'scheduled' THEN pg_notify(%(channel)s, '') END FROM finished
 
 -- name: finish_step
@@ -642,14 +625,20 @@ WITH claimed AS (SELECT eta FROM errands_jobs WHERE id = %(id)s), finished AS (
         lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
     WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s
     RETURNING status, queue, task, flow, started_at
-), counted AS (
+), {attempt_figures}
+SELECT task, flow FROM finished
+
+-- name: attempt_figures
+-- The CTEs finish and finish_step share (postgres.py puts them in for {attempt_figures}),
+-- after their claimed and finished ones: the attempt's end, counted in its minute, and its
+-- duration (start to now) and wait (due to start), in the same statement.
+counted AS (
     INSERT INTO errands_finished_counts AS c (minute, queue, task, outcome, shard, n)
     SELECT floor(%(now)s / 60)::bigint, queue, task,
         CASE WHEN status = 'scheduled' THEN 'retried' ELSE status END, pg_backend_pid() %% 8, 1
     FROM finished
     ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + 1
 ), timed AS (
-    -- The attempt's duration (start to now) and wait (due to start), in the same statement.
     INSERT INTO errands_timings AS t (timing, queue, task, bucket, shard, n, total)
     SELECT timing, queue, task, errands_bucket(s), pg_backend_pid() %% 8, 1, s
     FROM finished, LATERAL (VALUES
@@ -659,7 +648,6 @@ WITH claimed AS (SELECT eta FROM errands_jobs WHERE id = %(id)s), finished AS (
     ON CONFLICT (timing, queue, task, bucket, shard) DO UPDATE
     SET n = t.n + 1, total = t.total + excluded.total
 )
-SELECT task, flow FROM finished
 
 -- name: add_input
 -- Not for a step that was purged meanwhile.
