@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from flask_errands.backends import Backend, JobRecord
-from flask_errands.limits import Limit, encode
+from flask_errands.backends import Backend, JobRecord, backend_from_url
+from flask_errands.limits import Limit, decode, encode
 from flask_errands.status import JobStatus
 from tests.backends.test_conformance import LEASE, T0, job, stored, token
 
@@ -19,6 +19,21 @@ def limited(
     """A job of ``task`` carrying these limits, as ``task.delay()`` makes it."""
     limits = encode([Limit.of(f"task:{task}", rate, conc)])
     return job(task=task, limits=limits)
+
+
+def check_upgraded_limits(url: str, running: JobRecord, limits: str) -> None:
+    """After an upgrade: a concurrency 1 limit's one slot is still taken by ``running``, and
+    the rate limit's starts carry on from those logged before (one at 1.0, one at 1.5)."""
+    [limit] = decode(limits)
+    upgraded = backend_from_url(url, instance_path="")
+    upgraded.limited = True
+    try:
+        assert upgraded.reserve(None, 1, "w", 30, 2.0) == []
+        assert upgraded.finish(running.id, token(running), "succeeded", 3.0)
+        assert len(upgraded.reserve(None, 1, "w", 30, 4.0)) == 1
+        assert upgraded.limit_usage([limit], 5.0) == {limit.key: (1, 3)}
+    finally:
+        upgraded.close()
 
 
 @pytest.fixture

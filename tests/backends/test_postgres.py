@@ -169,6 +169,7 @@ def test_tables_from_a_newer_release_are_refused(backend_url: str) -> None:
 def test_a_schema_of_version_7_counts_its_running_limited_jobs(backend_url: str) -> None:
     """Version 8 fills the counts a limited claim with headroom reads from the jobs as they are."""
     from flask_errands.limits import Limit, encode
+    from tests.backends.test_limits import check_upgraded_limits
 
     limits = encode([Limit.of("task:tests.noop", "5/m", 1)])
     first = backend_from_url(backend_url, instance_path="")
@@ -184,16 +185,7 @@ def test_a_schema_of_version_7_counts_its_running_limited_jobs(backend_url: str)
         conn.execute("DROP TABLE errands_limit_counts")
         conn.execute("INSERT INTO errands_limit_starts VALUES ('task:tests.noop', 1, 1.5)")
         conn.execute("DELETE FROM errands_schema WHERE version = 8")
-    again = backend_from_url(backend_url, instance_path="")
-    again.limited = True
-    try:
-        assert again.reserve(None, 1, "w", 30, 2.0) == []  # the one slot is taken
-        assert again.finish(running.id, running.lease_token or "", "succeeded", 3.0)
-        assert len(again.reserve(None, 1, "w", 30, 4.0)) == 1
-        usage = again.limit_usage([Limit("task:tests.noop", 5, 60.0, 1)], 5.0)
-        assert usage == {"task:tests.noop": (1, 3)}
-    finally:
-        again.close()
+    check_upgraded_limits(backend_url, running, limits)
     with psycopg.connect(backend_url) as conn:
         counts = conn.execute("SELECT key, running, starts FROM errands_limit_counts").fetchall()
         starts = conn.execute("SELECT n, at FROM errands_limit_starts ORDER BY n").fetchall()

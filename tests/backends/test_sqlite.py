@@ -294,6 +294,7 @@ def test_a_file_of_schema_version_2_keeps_its_jobs_unique_keys_and_pruning(
 def test_a_file_of_schema_version_8_keeps_numbering_its_limits_starts(tmp_path: Path) -> None:
     """Version 9 logs starts in the claim's statement, after those version 8 logged itself."""
     from flask_errands.limits import Limit, encode
+    from tests.backends.test_limits import check_upgraded_limits
 
     path = tmp_path / "v8.db"
     limits = encode([Limit.of("task:noop", "5/m", 1)])
@@ -313,16 +314,7 @@ def test_a_file_of_schema_version_8_keeps_numbering_its_limits_starts(tmp_path: 
     old.commit()
     old.close()
 
-    backend = backend_from_url(f"sqlite:///{path}", instance_path=str(tmp_path))
-    backend.limited = True
-    try:
-        assert backend.reserve(None, 1, "w", 30, 2.0) == []  # the one slot is taken
-        assert backend.finish(running.id, running.lease_token or "", "succeeded", 3.0)
-        assert len(backend.reserve(None, 1, "w", 30, 4.0)) == 1
-        usage = backend.limit_usage([Limit("task:noop", 5, 60.0, 1)], 5.0)
-        assert usage == {"task:noop": (1, 3)}
-    finally:
-        backend.close()
+    check_upgraded_limits(f"sqlite:///{path}", running, limits)
     reopened = sqlite3.connect(path)
     starts = reopened.execute("SELECT n, at FROM errands_limit_starts ORDER BY n").fetchall()
     assert reopened.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
