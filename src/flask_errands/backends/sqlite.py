@@ -973,6 +973,10 @@ def _optional_record(row: sqlite3.Row | None) -> JobRecord | None:
     return None if row is None else _record(row)
 
 
+#: What a limited claim sets, and a plain one does not, to fire the trigger logging its starts.
+_TOUCH_LIMITS = ", limits = errands_jobs.limits"
+
+
 @functools.lru_cache(maxsize=64)
 def _claim_statement(
     queues: tuple[str, ...] | None, limited: bool = False
@@ -989,7 +993,8 @@ def _claim_statement(
         "AND seq IN (SELECT value FROM json_each(:chosen))" if limited else "AND limits IS NULL"
     )
     due = QUERIES["due_jobs"].format(queue_filter=queue_filter, filter=limit_filter)
-    return QUERIES["claim"].format(due=due), params
+    touch = _TOUCH_LIMITS if limited else ""
+    return QUERIES["claim"].format(due=due, touch_limits=touch), params
 
 
 def _limited_claim(
@@ -1072,7 +1077,8 @@ def _headroom_claim(queues: tuple[str, ...] | None) -> str:
     """The claim of due jobs whose limits clearly have room (``with_headroom``), cached."""
     queue_filter, _ = _queue_filter(queues)
     due = QUERIES["due_jobs"].format(queue_filter=queue_filter, filter="")
-    return QUERIES["claim"].format(due=QUERIES["with_headroom"].format(due=due))
+    headroom = QUERIES["with_headroom"].format(due=due)
+    return QUERIES["claim"].format(due=headroom, touch_limits=_TOUCH_LIMITS)
 
 
 def _running_of(db: sqlite3.Connection, now: float, kind: str, name: str) -> int:

@@ -330,10 +330,12 @@ END
 -- numbered after the key's last (as the claim in Python did before), and the start a whole
 -- rate before it, no longer needed, deleted (a seek each, for the first two limits: a job
 -- carries its task's and its queue's at most; an unforgotten start only takes room): with the running jobs counted in the claim too
--- (with_headroom), a limited claim with headroom is one statement, as a plain one. The
--- WHEN fails at once for a job without limits. Names without a number: renumberable.
+-- (with_headroom), a limited claim with headroom is one statement, as a plain one. It fires
+-- only for a limited claim, which sets limits to itself: a trigger costs SQLite a frame for
+-- every row it could fire on, WHEN or not, and plain claims and finishes must not pay that.
+-- Names without a number: renumberable.
 CREATE TRIGGER IF NOT EXISTS errands_limit_starts_log
-AFTER UPDATE OF status ON errands_jobs
+AFTER UPDATE OF limits ON errands_jobs
 WHEN new.status = 'running' AND new.limits IS NOT NULL
 BEGIN
     INSERT OR REPLACE INTO errands_limit_starts (key, n, at)
@@ -373,6 +375,8 @@ WHERE unique_key = ? AND (status = 'queued' OR status = 'scheduled' OR status = 
 -- are doubled, as the due_jobs query is put in by str.format. INDEXED BY there keeps the
 -- planner off the listing index, which would sort every waiting job on each claim. A lapsed
 -- lease whose worker process is alive on this host (errands_live_holder, in sqlite.py) waits.
+-- A limited claim sets limits to itself ({touch_limits}), which fires the trigger that logs
+-- its starts; a plain claim, which does not, fires none.
 UPDATE errands_jobs
 SET status = CASE WHEN claimed.give_up THEN 'failed' ELSE 'running' END,
     attempts = attempts + CASE WHEN claimed.give_up THEN 0 ELSE 1 END,
@@ -385,7 +389,7 @@ SET status = CASE WHEN claimed.give_up THEN 'failed' ELSE 'running' END,
     error = CASE WHEN claimed.give_up THEN replace(replace(replace(
         :lost_error, '{{worker}}', coalesce(worker_id, '?')), '{{attempt}}', attempts),
         '{{lost}}', lost_leases + 1) ELSE error END,
-    traceback = CASE WHEN claimed.give_up THEN NULL ELSE traceback END
+    traceback = CASE WHEN claimed.give_up THEN NULL ELSE traceback END{touch_limits}
 FROM ({due} LIMIT :limit) AS claimed
 WHERE errands_jobs.seq = claimed.seq
 RETURNING *
