@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from flask_errands.backends import Backend, JobRecord
-from flask_errands.limits import Limit, encode
+from flask_errands.backends import Backend, JobRecord, backend_from_url
+from flask_errands.limits import Limit, decode, encode
 from flask_errands.status import JobStatus
 from tests.backends.test_conformance import LEASE, T0, job, stored, token
 
@@ -19,6 +19,21 @@ def limited(
     """A job of ``task`` carrying these limits, as ``task.delay()`` makes it."""
     limits = encode([Limit.of(f"task:{task}", rate, conc)])
     return job(task=task, limits=limits)
+
+
+def check_upgraded_limits(url: str, running: JobRecord, limits: str) -> None:
+    """After an upgrade: a concurrency 1 limit's one slot is still taken by ``running``, and
+    the rate limit's starts carry on from those logged before (one at 1.0, one at 1.5)."""
+    [limit] = decode(limits)
+    upgraded = backend_from_url(url, instance_path="")
+    upgraded.limited = True
+    try:
+        assert upgraded.reserve(None, 1, "w", 30, 2.0) == []
+        assert upgraded.finish(running.id, token(running), "succeeded", 3.0)
+        assert len(upgraded.reserve(None, 1, "w", 30, 4.0)) == 1
+        assert upgraded.limit_usage([limit], 5.0) == {limit.key: (1, 3)}
+    finally:
+        upgraded.close()
 
 
 @pytest.fixture
@@ -133,3 +148,49 @@ def test_a_store_that_was_not_told_discovers_limited_jobs(backend: Backend) -> N
         tally["claimed"] += len(got)
         backend.next_eta(None)
     assert tally["claimed"] == 1
+
+
+def test_slots_stay_right_across_lease_loss_retries_release_and_cancel(store: Backend) -> None:
+    """However a running job stops running, its slot comes back once, never twice."""
+    jobs = [limited(conc=2) for _ in range(6)]
+    store.enqueue(jobs)
+    first, second = store.reserve(None, 5, "w1", LEASE, T0)
+    store.heartbeat({second.id: token(second)}, LEASE, T0 + LEASE - 1)
+    # The first worker dies: another takes its job over when the lease lapses, in one slot.
+    [again] = store.reserve(None, 5, "w2", LEASE, T0 + LEASE + 1)
+    assert again.id == first.id
+    now = T0 + LEASE + 2
+    assert not store.finish(first.id, token(first), "succeeded", now)  # its lease was lost
+    assert store.reserve(None, 1, "w2", LEASE, now) == []
+    # A retry frees the slot, as does a release; the job retried waits for its eta.
+    assert store.finish(second.id, token(second), "scheduled", now, eta=now + 1000)
+    [third] = store.reserve(None, 1, "w2", LEASE, now)
+    assert store.release(third.id, token(third), now)
+    [fourth] = store.reserve(None, 1, "w2", LEASE, now)
+    assert store.reserve(None, 1, "w2", LEASE, now) == []
+    # Lapsing past max_lost_leases fails the job and frees its slot; a cancel frees none.
+    later = now + LEASE + 1
+    store.heartbeat({fourth.id: token(fourth)}, LEASE * 3, later - 1)
+    [fifth] = store.reserve(None, 5, "w3", LEASE, later, max_lost_leases=1)
+    assert stored(store, again.id).status == JobStatus.FAILED
+    waiting = [j.id for j in jobs if stored(store, j.id).status == JobStatus.QUEUED]
+    assert store.cancel(waiting[0], later) is not None
+    assert store.reserve(None, 1, "w3", LEASE, later) == []
+    assert store.finish(fourth.id, token(fourth), "succeeded", later)
+    assert store.finish(fifth.id, token(fifth), "failed", later)
+    store.prune(finished_before=later + 1)
+    # Nothing runs any more: both slots are free, and still only two.
+    fresh = [limited(conc=2) for _ in range(3)]
+    store.enqueue(fresh)
+    # One at a time, as a worker with one free thread claims: each claim weighs one slot.
+    got = [store.reserve(None, 1, f"w{i}", LEASE, later + 2) for i in range(3)]
+    assert [len(claimed) for claimed in got] == [1, 1, 0]
+
+
+def test_a_claim_of_some_queues_weighs_their_limited_jobs(store: Backend) -> None:
+    queue = encode([Limit.of("queue:emails", None, 2)])
+    store.enqueue([job(queue="emails", limits=queue) for _ in range(3)])
+    store.enqueue([limited(conc=1)])  # in the default queue, which this claim leaves alone
+    got = store.reserve(["emails"], 5, "w", LEASE, T0)
+    assert [record.queue for record in got] == ["emails", "emails"]
+    assert store.reserve(["emails"], 1, "w", LEASE, T0) == []

@@ -165,6 +165,34 @@ def test_tables_from_a_newer_release_are_refused(backend_url: str) -> None:
         newer.close()
 
 
+@ON_POSTGRES
+def test_a_schema_of_version_7_counts_its_running_limited_jobs(backend_url: str) -> None:
+    """Version 8 fills the counts a limited claim with headroom reads from the jobs as they are."""
+    from flask_errands.limits import Limit, encode
+    from tests.backends.test_limits import check_upgraded_limits
+
+    limits = encode([Limit.of("task:tests.noop", "5/m", 1)])
+    first = backend_from_url(backend_url, instance_path="")
+    first.limited = True
+    try:
+        first.enqueue([job(limits=limits) for _ in range(3)])
+        [running] = first.reserve(None, 1, "w", 30, 1.0)
+    finally:
+        first.close()
+    # Back to version 7, which had no counts: its starts were logged by the claim itself.
+    with psycopg.connect(backend_url, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER errands_limit_bookkeeping ON errands_jobs")
+        conn.execute("DROP TABLE errands_limit_counts")
+        conn.execute("INSERT INTO errands_limit_starts VALUES ('task:tests.noop', 1, 1.5)")
+        conn.execute("DELETE FROM errands_schema WHERE version = 8")
+    check_upgraded_limits(backend_url, running, limits)
+    with psycopg.connect(backend_url) as conn:
+        counts = conn.execute("SELECT key, running, starts FROM errands_limit_counts").fetchall()
+        starts = conn.execute("SELECT n, at FROM errands_limit_starts ORDER BY n").fetchall()
+    assert counts == [("task:tests.noop", 1, 3)]
+    assert starts == [(0, 1.0), (1, 1.5), (2, 4.0)]
+
+
 # -- wake-ups ------------------------------------------------------------------
 
 

@@ -289,3 +289,34 @@ def test_a_file_of_schema_version_2_keeps_its_jobs_unique_keys_and_pruning(
     in_lists = ("IN ('queued', 'scheduled', 'running')", "IN ('succeeded', 'failed', 'cancelled')")
     assert not [sql for sql in indexes if any(in_list in sql for in_list in in_lists)]
     reopened.close()
+
+
+def test_a_file_of_schema_version_8_keeps_numbering_its_limits_starts(tmp_path: Path) -> None:
+    """Version 9 logs starts in the claim's statement, after those version 8 logged itself."""
+    from flask_errands.limits import Limit, encode
+    from tests.backends.test_limits import check_upgraded_limits
+
+    path = tmp_path / "v8.db"
+    limits = encode([Limit.of("task:noop", "5/m", 1)])
+    backend = backend_from_url(f"sqlite:///{path}", instance_path=str(tmp_path))
+    backend.limited = True
+    try:
+        jobs = [JobRecord(id=f"j{i}", task="noop", payload="{}", limits=limits) for i in range(3)]
+        backend.enqueue(jobs)
+        [running] = backend.reserve(None, 1, "w", 30, 1.0)
+    finally:
+        backend.close()
+    # Back to version 8, whose claims logged their starts from Python.
+    old = sqlite3.connect(path)
+    old.execute("DROP TRIGGER errands_limit_starts_log")
+    old.execute("INSERT INTO errands_limit_starts (key, n, at) VALUES ('task:noop', 1, 1.5)")
+    old.execute("PRAGMA user_version = 8")
+    old.commit()
+    old.close()
+
+    check_upgraded_limits(f"sqlite:///{path}", running, limits)
+    reopened = sqlite3.connect(path)
+    starts = reopened.execute("SELECT n, at FROM errands_limit_starts ORDER BY n").fetchall()
+    assert reopened.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    reopened.close()
+    assert starts == [(0, 1.0), (1, 1.5), (2, 4.0)]

@@ -106,7 +106,14 @@ class Connection(psycopg.Connection[DictRow]):
 
 
 QUERIES = load_queries("postgres.sql")
-SCHEMA_VERSION = 7
+# An attempt's figures, recorded the same way by the finish of a job and of a workflow step.
+QUERIES.update(
+    {
+        name: QUERIES[name].format(attempt_figures=QUERIES["attempt_figures"])
+        for name in ("finish", "finish_step")
+    }
+)
+SCHEMA_VERSION = 8
 #: The statements that bring a schema from the version before to each version.
 MIGRATIONS = {
     1: tuple(QUERIES[name] for name in QUERIES if name.startswith("create_")),
@@ -120,6 +127,8 @@ MIGRATIONS = {
     6: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_6_")),
     # Figures for metrics and the trace context (see postgres.sql); it can be renumbered.
     7: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_timings_")),
+    # Counts per limit key, for a limited claim with headroom (see postgres.sql); renumberable.
+    8: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_limit_counts")),
 }
 
 #: How long even a call that may not retry (see ``patience``) waits for the pool to lend a
@@ -401,17 +410,11 @@ class PostgresBackend(Backend):
         queue_filter, params = _queue_filter(queues)
         params.update(now=now, expires=now + lease_seconds, worker=worker_id, limit=limit)
         params.update(max_lost=max_lost_leases, lost_error=WORKER_LOST_ERROR)
-        limited = self.limited
-        limit_filter = "AND seq = ANY(%(chosen)s)" if limited else "AND limits IS NULL"
-        query = _filtered("reserve", queue_filter, limit_filter)
         with self._connection() as conn:
-            if limited:
-                with conn.transaction():
-                    chosen = self._choose(
-                        conn, _filtered("limit_candidates", queue_filter), params
-                    )
-                    rows = conn.execute(query, {**params, "chosen": chosen}).fetchall()
+            if self.limited:
+                rows = self._limited_claim(conn, queue_filter, params)
             else:
+                query = _filtered("reserve", queue_filter, "AND limits IS NULL")
                 rows = conn.execute(query, params).fetchall()
         rows.sort(key=lambda row: (-row["priority"], row["eta"], row["seq"]))
         records = []
@@ -420,6 +423,30 @@ class PostgresBackend(Backend):
             if not held or self._give_up_step(record, now):
                 records.append(record)
         return claimed_only(records)
+
+    def _limited_claim(
+        self, conn: Connection, queue_filter: str, params: dict[str, Any]
+    ) -> list[DictRow]:
+        """Claim due jobs that their limits let start: the reserve statement's rows.
+
+        First the jobs whose limits clearly have room (``with_headroom``, by the counts the
+        trigger keeps): one statement, as a claim without limits. Only when that left one out,
+        or found fewer due than asked for, does the rest go through a :class:`Gate`, exact to
+        the lease, in a transaction under the limits lock.
+        """
+        first = _filtered("reserve", queue_filter, "", "with_headroom", "headroom_filter")
+        rows = conn.execute(first, params).fetchall()
+        self.limit_free_at = None
+        if len(rows) < params["limit"]:
+            rest = {**params, "limit": params["limit"] - len(rows)}
+            chosen_filter = "AND seq = ANY(%(chosen)s)"
+            query = _filtered(
+                "reserve", queue_filter, chosen_filter, "with_headroom", "counts_locked"
+            )
+            with conn.transaction():
+                chosen = self._choose(conn, _filtered("limit_candidates", queue_filter), rest)
+                rows += conn.execute(query, {**rest, "chosen": chosen}).fetchall()
+        return rows
 
     def _choose(self, conn: Connection, candidates: str, params: dict[str, Any]) -> list[int]:
         """The jobs a limited claim may start, by seq, under the limits lock (a :class:`Gate`).
@@ -439,8 +466,8 @@ class PostgresBackend(Backend):
         gate = Gate(now, functools.partial(_running_of, conn, now), starts, limit)
         chosen: list[int] = []
         while len(chosen) < limit:
-            extra = {"taken": chosen, "tasks": gate.held_names("task")}
-            extra.update(queues=gate.held_names("queue"), limit=limit - len(chosen))
+            extra = {"taken": chosen, "held_tasks": gate.held_names("task")}
+            extra.update(held_queues=gate.held_names("queue"), limit=limit - len(chosen))
             rows = conn.execute(candidates, {**params, **extra}).fetchall()
             held = len(gate.held)
             for row in rows:
@@ -448,11 +475,7 @@ class PostgresBackend(Backend):
                     chosen.append(row["seq"])
             if len(gate.held) == held:  # nothing newly held back: all there is was weighed
                 break
-        with conn.cursor() as cursor:
-            for key, logged, keep_from in gate.log():
-                cursor.executemany(QUERIES["log_start"], [(key, n, at) for n, at in logged])
-                if keep_from is not None:
-                    cursor.execute(QUERIES["forget_starts"], (key, keep_from))
+        # The starts are logged by the claim's trigger (errands_limit_bookkeeping).
         self.limit_free_at = gate.free_at
         return chosen
 
@@ -1047,9 +1070,24 @@ def _value(row: DictRow | None) -> Any:
 
 
 @functools.lru_cache(maxsize=16)
-def _filtered(name: str, queue_filter: str, limit_filter: str = "") -> str:
-    """Query ``name`` with ``queue_filter`` filled in, made once: a worker runs it all the time."""
-    return QUERIES[name].format(queue_filter=queue_filter, limit_filter=limit_filter, skip="")
+def _filtered(
+    name: str,
+    queue_filter: str,
+    limit_filter: str = "",
+    headroom: str | None = None,
+    headroom_filter: str | None = None,
+) -> str:
+    """Query ``name`` with its filters filled in, made once: a worker runs it all the time.
+
+    ``headroom`` and ``headroom_filter`` name the queries a limited reserve puts in.
+    """
+    return QUERIES[name].format(
+        queue_filter=queue_filter,
+        limit_filter=limit_filter,
+        skip="",
+        headroom=QUERIES[headroom] if headroom else "",
+        headroom_filter=QUERIES[headroom_filter] if headroom_filter else "",
+    )
 
 
 def _running_of(conn: Connection, now: float, kind: str, name: str) -> int:

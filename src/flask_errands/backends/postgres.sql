@@ -322,6 +322,71 @@ SELECT (CASE WHEN seconds <= 0.005 THEN 0 WHEN seconds <= 0.01 THEN 1
     WHEN seconds <= 300 THEN 14 ELSE 15 END)::smallint
 $$
 
+-- name: migrate_limit_counts
+-- Version 8: a running count and a start count per limit key, kept by the trigger below as
+-- limited jobs start and end, so a limited claim with clear headroom is the one reserve
+-- statement (with_headroom) under row locks on its keys' counts, instead of a transaction
+-- under the global limits lock. The starts' sliding log is written by the same trigger.
+-- Names without a number: the step can be renumbered as it is.
+CREATE TABLE IF NOT EXISTS errands_limit_counts (
+    key text PRIMARY KEY,
+    -- Jobs carrying the key in status 'running', live lease or not: an upper bound on those
+    -- the concurrency limit counts (a lapsed lease's slot comes back through the exact path).
+    running bigint NOT NULL,
+    -- Starts so far: the number the next start of the key is logged under.
+    starts bigint NOT NULL
+)
+
+-- name: migrate_limit_counts_fill
+INSERT INTO errands_limit_counts (key, running, starts)
+SELECT key, sum(running), coalesce((SELECT max(n) + 1 FROM errands_limit_starts AS s
+    WHERE s.key = keys.key), 0)
+FROM (
+    SELECT l.value ->> 0 AS key, (j.status = 'running')::int AS running
+    FROM errands_jobs AS j, jsonb_array_elements(j.limits::jsonb) AS l
+    WHERE j.limits IS NOT NULL
+    UNION ALL
+    SELECT key, 0 FROM errands_limit_starts
+) AS keys
+GROUP BY key
+ON CONFLICT (key) DO UPDATE SET running = excluded.running, starts = excluded.starts
+
+-- name: migrate_limit_counts_function
+-- As a job with limits starts (claimed, or its lapsed lease claimed again) or stops running:
+-- the counts of each of its keys follow, in key order (as a claim locks them: no deadlock),
+-- and each start is numbered and logged for a rate limit (the start a whole rate before it
+-- is no longer needed).
+CREATE OR REPLACE FUNCTION errands_limit_bookkeeping() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    lim jsonb;
+    started boolean := NEW.status = 'running';
+    total bigint;
+BEGIN
+    FOR lim IN SELECT value FROM jsonb_array_elements(NEW.limits::jsonb) ORDER BY value ->> 0
+    LOOP
+        INSERT INTO errands_limit_counts AS c (key, running, starts)
+        VALUES (lim ->> 0, started::int - (OLD.status = 'running')::int, started::int)
+        ON CONFLICT (key) DO UPDATE
+        SET running = c.running + excluded.running, starts = c.starts + excluded.starts
+        RETURNING c.starts INTO total;
+        IF started AND lim ->> 1 IS NOT NULL THEN
+            INSERT INTO errands_limit_starts AS s (key, n, at)
+            VALUES (lim ->> 0, total - 1, NEW.started_at)
+            ON CONFLICT (key, n) DO UPDATE SET at = excluded.at;
+            DELETE FROM errands_limit_starts AS s
+            WHERE s.key = lim ->> 0 AND s.n = total - 1 - (lim ->> 1)::bigint;
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END
+$$
+
+-- name: migrate_limit_counts_trigger
+CREATE TRIGGER errands_limit_bookkeeping AFTER UPDATE OF status ON errands_jobs
+FOR EACH ROW
+WHEN (NEW.limits IS NOT NULL AND (NEW.status = 'running' OR OLD.status = 'running'))
+EXECUTE FUNCTION errands_limit_bookkeeping()
+
 -- name: insert_job
 -- {jobs} is the table, qualified with the store's schema when written through an app's
 -- connection, whose search_path may differ.
@@ -376,7 +441,7 @@ WHERE unique_key = %s AND status IN ('queued', 'scheduled', 'running')
 -- A workflow step in that case is left as it is and returned (held): the caller fails it
 -- and cancels its downstream steps in one transaction (lapsed_step, finish_step).
 WITH expired AS (
-    SELECT seq, lost_leases + 1 >= %(max_lost)s AS give_up,
+    SELECT seq, limits, lost_leases + 1 >= %(max_lost)s AS give_up,
         flow IS NOT NULL AND lost_leases + 1 >= %(max_lost)s AS held
     FROM errands_jobs
     WHERE status = 'running' AND lease_expires_at <= %(now)s {queue_filter} {limit_filter}
@@ -385,16 +450,18 @@ WITH expired AS (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), due AS (
-    SELECT seq FROM errands_jobs
+    SELECT seq, limits FROM errands_jobs
     WHERE status IN ('queued', 'scheduled') AND eta <= %(now)s {queue_filter} {limit_filter}
         AND queue NOT IN (SELECT queue FROM errands_paused_queues)
     ORDER BY priority DESC, eta, seq
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
-), claimed AS (
-    (SELECT seq, true AS expired, give_up FROM expired WHERE NOT held)
-    UNION ALL (SELECT seq, false, false FROM due)
+), candidates AS (
+    (SELECT seq, true AS expired, give_up, limits FROM expired WHERE NOT held)
+    UNION ALL (SELECT seq, false, false, limits FROM due)
     LIMIT %(limit)s
+){headroom}, claimed AS (
+    SELECT seq, expired, give_up FROM candidates {headroom_filter}
 ), updated AS (
 UPDATE errands_jobs AS j
 SET status = CASE WHEN claimed.give_up THEN 'failed' ELSE 'running' END,
@@ -436,8 +503,55 @@ UNION ALL
 SELECT j.* FROM errands_jobs AS j JOIN expired ON j.seq = expired.seq WHERE expired.held
 
 -- name: limit_lock
--- Limited claims take turns, deployment-wide, for the length of their transaction.
+-- Exact limited claims take turns, deployment-wide, for the length of their transaction;
+-- claims with headroom (with_headroom) hold this lock shared, and wait meanwhile.
 SELECT pg_advisory_xact_lock(hashtext('errands_limits'))
+
+-- name: with_headroom
+-- Put into reserve for a limited claim's first try: the counts of the candidates' keys,
+-- locked in key order (under the limits lock, shared: an exact claim holds it alone), as
+-- they are once locked; the candidates whose every limit clearly has room for %(limit)s
+-- more starts by them: running jobs (lapsed leases counted too) plus %(limit)s within the
+-- concurrency; %(limit)s within the rate, the key's last start seen (so every start before
+-- it is), and no logged start in the range the next %(limit)s starts look back to inside
+-- its window. The claim goes to the exact path only when one was left out, or fewer were
+-- due. A key without counts yet is not clear. Braces doubled for str.format.
+, wanted AS (
+    SELECT DISTINCT l.value ->> 0 AS key
+    FROM candidates, jsonb_array_elements(candidates.limits::jsonb) AS l
+), counts AS MATERIALIZED (
+    SELECT c.key, c.running, c.starts FROM errands_limit_counts AS c
+    WHERE c.key IN (SELECT key FROM wanted)
+        AND (SELECT true FROM (SELECT pg_advisory_xact_lock_shared(hashtext('errands_limits')))
+            AS shared)
+    ORDER BY c.key
+    FOR UPDATE
+)
+
+-- name: counts_locked
+-- An exact claim's filter with with_headroom: its keys' counts locked in key order before the
+-- trigger writes them, as a claim with headroom does (no deadlock with either).
+WHERE (SELECT count(*) FROM counts) >= 0
+
+-- name: headroom_filter
+WHERE give_up OR limits IS NULL OR NOT EXISTS (
+    SELECT 1 FROM jsonb_array_elements(candidates.limits::jsonb) AS l
+    LEFT JOIN counts AS c ON c.key = l.value ->> 0
+    WHERE c.key IS NULL
+        OR (l.value ->> 3 IS NOT NULL AND c.running + %(limit)s > (l.value ->> 3)::bigint)
+        OR (l.value ->> 1 IS NOT NULL AND (
+            %(limit)s > (l.value ->> 1)::bigint
+            OR (c.starts > 0 AND NOT EXISTS (
+                SELECT 1 FROM errands_limit_starts AS s WHERE s.key = c.key AND s.n = c.starts - 1
+            ))
+            OR EXISTS (
+                SELECT 1 FROM errands_limit_starts AS s
+                WHERE s.key = c.key AND s.n >= c.starts - (l.value ->> 1)::bigint
+                    AND s.n < c.starts + %(limit)s - (l.value ->> 1)::bigint
+                    AND s.at > %(now)s - (l.value ->> 2)::float8
+            )
+        ))
+)
 
 -- name: limit_candidates
 -- The jobs a limited claim weighs, in claim order: lapsed leases, then due jobs; without
@@ -446,14 +560,14 @@ SELECT pg_advisory_xact_lock(hashtext('errands_limits'))
     WHERE status = 'running' AND lease_expires_at <= %(now)s {queue_filter}
         AND queue NOT IN (SELECT queue FROM errands_paused_queues)
         AND seq <> ALL(%(taken)s)
-        AND (limits IS NULL OR (task <> ALL(%(tasks)s) AND queue <> ALL(%(queues)s)))
+        AND (limits IS NULL OR (task <> ALL(%(held_tasks)s) AND queue <> ALL(%(held_queues)s)))
     ORDER BY lease_expires_at LIMIT %(limit)s)
 UNION ALL
 (SELECT seq, limits, false FROM errands_jobs
     WHERE status IN ('queued', 'scheduled') AND eta <= %(now)s {queue_filter}
         AND queue NOT IN (SELECT queue FROM errands_paused_queues)
         AND seq <> ALL(%(taken)s)
-        AND (limits IS NULL OR (task <> ALL(%(tasks)s) AND queue <> ALL(%(queues)s)))
+        AND (limits IS NULL OR (task <> ALL(%(held_tasks)s) AND queue <> ALL(%(held_queues)s)))
     ORDER BY priority DESC, eta, seq LIMIT %(limit)s)
 
 -- name: limit_running_task
@@ -466,18 +580,13 @@ WHERE status = 'running' AND lease_expires_at > %(now)s AND queue = %(name)s
 
 -- name: limit_starts
 -- How many starts key has had, with the times of those numbered from that less rate,
--- window of them (one row with n NULL when the log holds none of them).
+-- window of them (one row with n NULL when the log holds none of them). The claim's trigger
+-- (errands_limit_bookkeeping) logs each start.
 SELECT d.done, s.n, s.at
-FROM (SELECT coalesce(max(n) + 1, 0) AS done FROM errands_limit_starts WHERE key = %(key)s) AS d
+FROM (SELECT coalesce((SELECT starts FROM errands_limit_counts WHERE key = %(key)s), 0) AS done)
+    AS d
 LEFT JOIN errands_limit_starts AS s ON s.key = %(key)s
     AND s.n >= d.done - %(rate)s AND s.n < d.done - %(rate)s + %(window)s
-
--- name: log_start
-INSERT INTO errands_limit_starts (key, n, at) VALUES (%s, %s, %s)
-ON CONFLICT (key, n) DO UPDATE SET at = excluded.at
-
--- name: forget_starts
-DELETE FROM errands_limit_starts WHERE key = %s AND n < %s
 
 -- name: recent_starts
 SELECT count(*) FROM errands_limit_starts WHERE key = %s AND at > %s
@@ -502,24 +611,7 @@ WITH claimed AS (SELECT eta FROM errands_jobs WHERE id = %(id)s), finished AS (
         lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
     WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s AND flow IS NULL
     RETURNING status, queue, task, started_at
-), counted AS (
-    -- The attempt's end, counted in its minute in the same statement.
-    INSERT INTO errands_finished_counts AS c (minute, queue, task, outcome, shard, n)
-    SELECT floor(%(now)s / 60)::bigint, queue, task,
-        CASE WHEN status = 'scheduled' THEN 'retried' ELSE status END, pg_backend_pid() %% 8, 1
-    FROM finished
-    ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + 1
-), timed AS (
-    -- The attempt's duration (start to now) and wait (due to start), in the same statement.
-    INSERT INTO errands_timings AS t (timing, queue, task, bucket, shard, n, total)
-    SELECT timing, queue, task, errands_bucket(s), pg_backend_pid() %% 8, 1, s
-    FROM finished, LATERAL (VALUES
-        ('duration', greatest(%(now)s - started_at, 0)),
-        ('wait', greatest(started_at - (SELECT eta FROM claimed), 0))
-    ) AS measured (timing, s)
-    ON CONFLICT (timing, queue, task, bucket, shard) DO UPDATE
-    SET n = t.n + 1, total = t.total + excluded.total
-)
+), {attempt_figures}
 SELECT CASE WHEN status = 'scheduled' THEN pg_notify(%(channel)s, '') END FROM finished
 
 -- name: finish_step
@@ -533,14 +625,20 @@ WITH claimed AS (SELECT eta FROM errands_jobs WHERE id = %(id)s), finished AS (
         lease_expires_at = NULL, lease_token = NULL, lost_leases = 0
     WHERE id = %(id)s AND status = 'running' AND lease_token = %(token)s
     RETURNING status, queue, task, flow, started_at
-), counted AS (
+), {attempt_figures}
+SELECT task, flow FROM finished
+
+-- name: attempt_figures
+-- The CTEs finish and finish_step share (postgres.py puts them in for {attempt_figures}),
+-- after their claimed and finished ones: the attempt's end, counted in its minute, and its
+-- duration (start to now) and wait (due to start), in the same statement.
+counted AS (
     INSERT INTO errands_finished_counts AS c (minute, queue, task, outcome, shard, n)
     SELECT floor(%(now)s / 60)::bigint, queue, task,
         CASE WHEN status = 'scheduled' THEN 'retried' ELSE status END, pg_backend_pid() %% 8, 1
     FROM finished
     ON CONFLICT (minute, queue, task, outcome, shard) DO UPDATE SET n = c.n + 1
 ), timed AS (
-    -- The attempt's duration (start to now) and wait (due to start), in the same statement.
     INSERT INTO errands_timings AS t (timing, queue, task, bucket, shard, n, total)
     SELECT timing, queue, task, errands_bucket(s), pg_backend_pid() %% 8, 1, s
     FROM finished, LATERAL (VALUES
@@ -550,7 +648,6 @@ WITH claimed AS (SELECT eta FROM errands_jobs WHERE id = %(id)s), finished AS (
     ON CONFLICT (timing, queue, task, bucket, shard) DO UPDATE
     SET n = t.n + 1, total = t.total + excluded.total
 )
-SELECT task, flow FROM finished
 
 -- name: add_input
 -- Not for a step that was purged meanwhile.

@@ -68,7 +68,7 @@ T = TypeVar("T")
 QUERIES = load_queries("sqlite.sql")
 SCHEMA = tuple(QUERIES[name] for name in QUERIES if name.startswith("create_"))
 #: The schema's version, kept in ``PRAGMA user_version`` (0 in files made before it was).
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 #: The statements that bring the tables from the version before to each version.
 MIGRATIONS = {
     2: (QUERIES["migrate_2_lost_leases"],),
@@ -92,6 +92,8 @@ MIGRATIONS = {
     7: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_7_")),
     # Figures for metrics and the trace context (see sqlite.sql); it can be renumbered.
     8: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_timings_")),
+    # Starts logged by the claim, for a limited claim in one statement (see sqlite.sql).
+    9: (QUERIES["migrate_limit_starts_trigger"],),
 }
 
 logger = logging.getLogger("flask_errands")
@@ -334,7 +336,7 @@ class SQLiteBackend(Backend):
         }
         work = partial(_limited_claim if limited else _claim, claim=claim, params=params, now=now)
         if limited:
-            work = partial(work, backend=self, queues=key)
+            work = partial(work, backend=self, queues=key, first=_headroom_claim(key))
         records = self._transaction(work, patience=_worker_patience(lease_seconds))
         claimed = claimed_only(records)
         if len(claimed) > 1:
@@ -971,6 +973,10 @@ def _optional_record(row: sqlite3.Row | None) -> JobRecord | None:
     return None if row is None else _record(row)
 
 
+#: What a limited claim sets, and a plain one does not, to fire the trigger logging its starts.
+_TOUCH_LIMITS = ", limits = errands_jobs.limits"
+
+
 @functools.lru_cache(maxsize=64)
 def _claim_statement(
     queues: tuple[str, ...] | None, limited: bool = False
@@ -987,19 +993,46 @@ def _claim_statement(
         "AND seq IN (SELECT value FROM json_each(:chosen))" if limited else "AND limits IS NULL"
     )
     due = QUERIES["due_jobs"].format(queue_filter=queue_filter, filter=limit_filter)
-    return QUERIES["claim"].format(due=due), params
+    touch = _TOUCH_LIMITS if limited else ""
+    return QUERIES["claim"].format(due=due, touch_limits=touch), params
 
 
 def _limited_claim(
     db: sqlite3.Connection,
     *,
     claim: str,
+    first: str,
     params: dict[str, Any],
     now: float,
     backend: SQLiteBackend,
     queues: tuple[str, ...] | None,
 ) -> list[JobRecord]:
-    """Claim due jobs that their limits let start, in the claim's transaction (a Gate)."""
+    """Claim due jobs that their limits let start, in the claim's transaction.
+
+    First the jobs whose limits have room for as many starts as asked for (``first``): one
+    statement, as a claim without limits. Only when that left one out, or found fewer due
+    than asked for, does the rest go through a :class:`Gate`, exact to the lease.
+    """
+    records = _claim(db, claim=first, params=params, now=now)
+    backend.limit_free_at = None
+    if len(records) < params["limit"]:
+        rest = {**params, "limit": params["limit"] - len(records)}
+        more, backend.limit_free_at = _gated_claim(
+            db, claim=claim, params=rest, now=now, queues=queues
+        )
+        records += more
+    return records
+
+
+def _gated_claim(
+    db: sqlite3.Connection,
+    *,
+    claim: str,
+    params: dict[str, Any],
+    now: float,
+    queues: tuple[str, ...] | None,
+) -> tuple[list[JobRecord], float | None]:
+    """Claim due jobs their limits let start, each weighed by a Gate; and when one held may."""
     limit = params["limit"]
 
     def starts(key: str, rate: int, window: int) -> tuple[int, dict[int, float]]:
@@ -1032,14 +1065,20 @@ def _limited_claim(
                 chosen.append(seq)
         if len(gate.held) == held:  # nothing newly held back: all there is was weighed
             break
-    for key, logged, keep_from in gate.log():
-        db.executemany(QUERIES["log_start"], [(key, n, at) for n, at in logged])
-        if keep_from is not None:
-            db.execute(QUERIES["forget_starts"], (key, keep_from))
-    backend.limit_free_at = gate.free_at
+    # The starts are logged by the claim's trigger (errands_limit_starts_log).
     if not chosen:
-        return []
-    return _claim(db, claim=claim, params={**params, "chosen": json.dumps(chosen)}, now=now)
+        return [], gate.free_at
+    chosen_params = {**params, "chosen": json.dumps(chosen)}
+    return _claim(db, claim=claim, params=chosen_params, now=now), gate.free_at
+
+
+@functools.lru_cache(maxsize=64)
+def _headroom_claim(queues: tuple[str, ...] | None) -> str:
+    """The claim of due jobs whose limits clearly have room (``with_headroom``), cached."""
+    queue_filter, _ = _queue_filter(queues)
+    due = QUERIES["due_jobs"].format(queue_filter=queue_filter, filter="")
+    headroom = QUERIES["with_headroom"].format(due=due)
+    return QUERIES["claim"].format(due=headroom, touch_limits=_TOUCH_LIMITS)
 
 
 def _running_of(db: sqlite3.Connection, now: float, kind: str, name: str) -> int:

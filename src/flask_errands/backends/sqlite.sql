@@ -325,6 +325,33 @@ BEGIN
     SET n = n + 1, seconds = seconds + excluded.seconds;
 END
 
+-- name: migrate_limit_starts_trigger
+-- Version 9: each start of a job with a rate limit is logged by the claim's own statement,
+-- numbered after the key's last (as the claim in Python did before), and the start a whole
+-- rate before it, no longer needed, deleted (a seek each, for the first two limits: a job
+-- carries its task's and its queue's at most; an unforgotten start only takes room): with the running jobs counted in the claim too
+-- (with_headroom), a limited claim with headroom is one statement, as a plain one. It fires
+-- only for a limited claim, which sets limits to itself: a trigger costs SQLite a frame for
+-- every row it could fire on, WHEN or not, and plain claims and finishes must not pay that.
+-- Names without a number: renumberable.
+CREATE TRIGGER IF NOT EXISTS errands_limit_starts_log
+AFTER UPDATE OF limits ON errands_jobs
+WHEN new.status = 'running' AND new.limits IS NOT NULL
+BEGIN
+    INSERT OR REPLACE INTO errands_limit_starts (key, n, at)
+    SELECT l.value ->> 0, coalesce(
+        (SELECT max(s.n) + 1 FROM errands_limit_starts AS s WHERE s.key = l.value ->> 0), 0),
+        new.started_at
+    FROM json_each(new.limits) AS l
+    WHERE l.value ->> 1 IS NOT NULL;
+    DELETE FROM errands_limit_starts
+    WHERE key = new.limits ->> '$[0][0]' AND n = (SELECT max(s.n) FROM errands_limit_starts AS s
+        WHERE s.key = new.limits ->> '$[0][0]') - (new.limits ->> '$[0][1]');
+    DELETE FROM errands_limit_starts
+    WHERE key = new.limits ->> '$[1][0]' AND n = (SELECT max(s.n) FROM errands_limit_starts AS s
+        WHERE s.key = new.limits ->> '$[1][0]') - (new.limits ->> '$[1][1]');
+END
+
 -- name: insert_job
 -- Positional parameters, in the order of INSERT_FIELDS in sqlite.py: binding them costs
 -- less than looking each name up in a dict.
@@ -348,6 +375,8 @@ WHERE unique_key = ? AND (status = 'queued' OR status = 'scheduled' OR status = 
 -- are doubled, as the due_jobs query is put in by str.format. INDEXED BY there keeps the
 -- planner off the listing index, which would sort every waiting job on each claim. A lapsed
 -- lease whose worker process is alive on this host (errands_live_holder, in sqlite.py) waits.
+-- A limited claim sets limits to itself ({touch_limits}), which fires the trigger that logs
+-- its starts; a plain claim, which does not, fires none.
 UPDATE errands_jobs
 SET status = CASE WHEN claimed.give_up THEN 'failed' ELSE 'running' END,
     attempts = attempts + CASE WHEN claimed.give_up THEN 0 ELSE 1 END,
@@ -360,7 +389,7 @@ SET status = CASE WHEN claimed.give_up THEN 'failed' ELSE 'running' END,
     error = CASE WHEN claimed.give_up THEN replace(replace(replace(
         :lost_error, '{{worker}}', coalesce(worker_id, '?')), '{{attempt}}', attempts),
         '{{lost}}', lost_leases + 1) ELSE error END,
-    traceback = CASE WHEN claimed.give_up THEN NULL ELSE traceback END
+    traceback = CASE WHEN claimed.give_up THEN NULL ELSE traceback END{touch_limits}
 FROM ({due} LIMIT :limit) AS claimed
 WHERE errands_jobs.seq = claimed.seq
 RETURNING *
@@ -387,6 +416,34 @@ SELECT * FROM (
     ORDER BY priority DESC, eta, seq LIMIT :limit
 )
 
+-- name: with_headroom
+-- A limited claim's first try: of the first :limit due jobs, those whose every limit has room
+-- for :limit more starts: its task's (or queue's) jobs running under a live lease, plus
+-- :limit, within the concurrency; :limit within the rate, and no logged start inside its
+-- window in the range the next :limit starts look back to. Exact, as the Gate is, for a
+-- claim of one job; the claim goes to the Gate (_gated_claim) only when one was left out,
+-- or fewer were due. The running jobs are walked through the lease index, as the Gate does.
+SELECT * FROM ({due} LIMIT :limit) AS candidate
+WHERE give_up OR limits IS NULL OR NOT EXISTS (
+    SELECT 1 FROM json_each(candidate.limits) AS l
+    WHERE (l.value ->> 3 IS NOT NULL AND :limit + (
+            SELECT count(*) FROM errands_jobs AS r INDEXED BY errands_jobs_leases
+            WHERE r.status = 'running' AND r.lease_expires_at > :now
+                AND CASE WHEN l.value ->> 0 LIKE 'task:%' THEN r.task ELSE r.queue END
+                    = substr(l.value ->> 0, instr(l.value ->> 0, ':') + 1)
+        ) > l.value ->> 3)
+        OR :limit > l.value ->> 1
+        OR (l.value ->> 1 IS NOT NULL AND EXISTS (
+            SELECT 1 FROM (
+                SELECT max(m.n) + 1 - (l.value ->> 1) AS back FROM errands_limit_starts AS m
+                WHERE m.key = l.value ->> 0
+            ) AS d
+            JOIN errands_limit_starts AS s
+                ON s.key = l.value ->> 0 AND s.n >= d.back AND s.n < d.back + :limit
+            WHERE s.at > :now - (l.value ->> 2)
+        ))
+)
+
 -- name: limit_running_task
 SELECT count(*) FROM errands_jobs INDEXED BY errands_jobs_leases
 WHERE status = 'running' AND lease_expires_at > :now AND task = :name
@@ -397,16 +454,11 @@ WHERE status = 'running' AND lease_expires_at > :now AND queue = :name
 
 -- name: limit_starts
 -- How many starts :key has had, with the times of those numbered from that less :rate,
--- :window of them (one row with n NULL when the log holds none of them).
+-- :window of them (one row with n NULL when the log holds none of them). The claim's trigger
+-- (errands_limit_starts_log) logs each start.
 SELECT done, n, at FROM (SELECT coalesce(max(n) + 1, 0) AS done FROM errands_limit_starts
     WHERE key = :key)
 LEFT JOIN errands_limit_starts ON key = :key AND n >= done - :rate AND n < done - :rate + :window
-
--- name: log_start
-INSERT OR REPLACE INTO errands_limit_starts (key, n, at) VALUES (?, ?, ?)
-
--- name: forget_starts
-DELETE FROM errands_limit_starts WHERE key = ? AND n < ?
 
 -- name: recent_starts
 SELECT count(*) FROM errands_limit_starts WHERE key = ? AND at > ?
