@@ -31,11 +31,13 @@
 --   enqueued              hash "<queue>\n<task>" -> jobs stored since the store began
 --   timings               hash "<timing>\n<queue>\n<task>\n<bucket>" -> values in that bucket
 --                         (an index into base.TIMING_BOUNDS, its length for +Inf), and
---                         "<timing>\n<queue>\n<task>\nsum" -> their sum; never expire
+--                         "<timing>\n<queue>\n<task>\nusum" -> their sum in whole microseconds
+--                         (an integer: HINCRBY, no float text to print per job; stores
+--                         written before kept "...\nsum", float seconds); never expire
 --   depth:<minute>        string: JSON [[queue, status, n], ...] sampled once in the minute;
 --                         depthminutes zset of its minutes
---   reserved:<token>      list of the ids one reserve call claimed, for 60 s: a retried
---                         call returns them instead of claiming more
+--   reserved:<token>      string: JSON array of the ids one reserve call claimed, for 60 s:
+--                         a retried call returns them instead of claiming more
 --   limit:starts:<key>    list: the latest starts of a rate-limited task or queue, newest
 --                         first, as many as its limit (flask_errands.limits)
 --   wake                  pub/sub channel: new work may be due
@@ -46,7 +48,7 @@ local WAITING = {queued = true, scheduled = true}
 local FINISHED = {succeeded = true, failed = true, cancelled = true}
 local STATUSES = {'blocked', 'queued', 'scheduled', 'running', 'succeeded', 'failed', 'cancelled'}
 local STATE = {'status', 'queue', 'priority', 'seq', 'unique_key', 'lease_token', 'eta', 'task',
-               'started_at'}
+               'started_at', 'flow'}
 
 local function job_key(id) return P .. 'job:' .. id end
 local function idx_key(queue, status) return P .. 'idx:' .. queue .. ':' .. status end
@@ -64,7 +66,7 @@ local function state(id)
   if not v[1] then return nil end
   return {id = id, status = v[1], queue = v[2] or 'default', prio = prio(v[3]),
           seq = tonumber(v[4]) or 0, unique = v[5], token = v[6], eta = v[7] or '0',
-          task = v[8] or '', started = v[9]}
+          task = v[8] or '', started = v[9], flow = v[10]}
 end
 
 local function index(job, status)
@@ -102,7 +104,7 @@ local function end_job(job, status, now, ttl)
   redis.call('HSET', job_key(job.id), 'status', status, 'finished_at', now)
   redis.call('ZADD', P .. 'finished', now, job.id)
   redis.call('EXPIRE', job_key(job.id), ttl)
-  redis.call('EXPIRE', inputs_key(job.id), ttl)
+  if job.flow then redis.call('EXPIRE', inputs_key(job.id), ttl) end  -- only steps have inputs
   forget_unique(job)
 end
 
@@ -143,10 +145,11 @@ local function downstream(links, status, prefix)
   return found
 end
 
--- Move the workflow of a step that just ended on (Backend.finish); true if a step fell due.
--- template is the UpstreamFailed error, with {job}, {task} and {ended} to fill in.
-local function advance(id, status, now, ttl, template)
-  local links = flow_links(id)
+-- Move the workflow of a step (a state()) that just ended on (Backend.finish); true if a step
+-- fell due. template is the UpstreamFailed error, with {job}, {task} and {ended} to fill in.
+local function advance(job, status, now, ttl, template)
+  if not job.flow then return false end  -- not a workflow step: no read at all
+  local id, links = job.id, cjson.decode(job.flow)['next']
   if not links then return false end
   if status == 'succeeded' then
     local result = redis.call('HGET', job_key(id), 'result') or 'null'
@@ -298,20 +301,23 @@ end
 
 -- The upper bounds of the timings' buckets: base.TIMING_BOUNDS.
 local BOUNDS = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300}
+-- Their indexes as text (a number turned into text goes through sprintf).
+local BUCKETS = {'0', '1', '2', '3', '4', '5', '6', '7', '8', '9', '10', '11', '12', '13', '14',
+                 '15'}
 
 -- Add seconds (at least 0) to the histogram of timing for queue and task.
 local function add_timing(timing, queue, task, seconds)
   seconds = math.max(seconds, 0)
-  local bucket = #BOUNDS
+  local bucket = BUCKETS[#BOUNDS + 1]
   for i = 1, #BOUNDS do
     if seconds <= BOUNDS[i] then
-      bucket = i - 1
+      bucket = BUCKETS[i]
       break
     end
   end
   local field = timing .. '\n' .. queue .. '\n' .. task .. '\n'
   redis.call('HINCRBY', P .. 'timings', field .. bucket, 1)
-  redis.call('HINCRBYFLOAT', P .. 'timings', field .. 'sum', string.format('%.17g', seconds))
+  redis.call('HINCRBY', P .. 'timings', field .. 'usum', math.floor(seconds * 1e6 + 0.5))
 end
 
 -- Add one attempt that ended with outcome at now to its minute's count, and its duration
@@ -319,7 +325,7 @@ end
 -- or sample_depth folds it into minute 0: never expired, so the counts since the store began
 -- stay whole.
 local function count_finished(job, outcome, now)
-  local minute = string.format('%d', math.floor(tonumber(now) / 60))
+  local minute = tostring(math.floor(tonumber(now) / 60))
   local key = P .. 'finished:' .. minute
   if redis.call('HINCRBY', key, job.queue .. '\n' .. job.task .. '\n' .. outcome, 1) == 1 then
     redis.call('ZADD', P .. 'finishedminutes', minute, minute)
@@ -366,10 +372,10 @@ local claimed, given_up = {}, {}
 
 -- A call retried after its reply was lost gets what the first run claimed, not more.
 local replay_key = P .. 'reserved:' .. token
-local earlier = redis.call('LRANGE', replay_key, 0, -1)
-if #earlier > 0 then
+local earlier = redis.call('GET', replay_key)
+if earlier then
   local out = {}
-  for _, id in ipairs(earlier) do
+  for _, id in ipairs(cjson.decode(earlier)) do
     local held = redis.call('HMGET', job_key(id), 'status', 'lease_token')
     if held[1] == 'running' and held[2] and string.sub(held[2], 1, #token) == token then
       out[#out + 1] = id
@@ -419,11 +425,9 @@ local function admit(text)
     end
     if rate and per then
       -- The list keeps the latest ``rate`` starts: when full, its last is ``rate`` ago.
-      local log = P .. 'limit:starts:' .. key
-      if redis.call('LLEN', log) >= rate then
-        local earlier = tonumber(redis.call('LINDEX', log, -1))
-        if earlier and earlier > tonumber(now) - per then return hold(key, earlier + per) end
-      end
+      -- Its ``rate``-th entry (nil while it holds fewer) is the oldest start that counts.
+      local earlier = tonumber(redis.call('LINDEX', P .. 'limit:starts:' .. key, rate - 1))
+      if earlier and earlier > tonumber(now) - per then return hold(key, earlier + per) end
     end
   end
   for _, lim in ipairs(limits) do
@@ -431,8 +435,7 @@ local function admit(text)
     if tonumber(lim[4]) then running[key] = running[key] + 1 end
     if rate and tonumber(lim[3]) then
       local log = P .. 'limit:starts:' .. key
-      redis.call('LPUSH', log, now)
-      redis.call('LTRIM', log, 0, rate - 1)
+      if redis.call('LPUSH', log, now) > rate then redis.call('LTRIM', log, 0, rate - 1) end
       redis.call('PEXPIRE', log, math.ceil(tonumber(lim[3]) * 1000) + 1000)
     end
   end
@@ -456,7 +459,7 @@ local function give_up(id, attempts, lost, dead_worker)
   redis.call('HSET', job_key(id), 'lost_leases', lost, 'error', error)
   count_finished(job, 'failed', now)
   end_job(job, 'failed', now, ttl)
-  advance(id, 'failed', now, ttl, ARGV[10])
+  advance(job, 'failed', now, ttl, ARGV[10])
   given_up[#given_up + 1] = id
 end
 
@@ -541,8 +544,7 @@ while limit - #claimed > 0 do
 end
 
 if #claimed > 0 then
-  redis.call('RPUSH', replay_key, unpack(claimed))
-  redis.call('EXPIRE', replay_key, 60)
+  redis.call('SET', replay_key, cjson.encode(claimed), 'EX', 60)
 end
 local out = {}
 for _, ids in ipairs({claimed, given_up}) do
@@ -624,9 +626,9 @@ else
   redis.call('HSET', key, 'status', status, 'finished_at', ARGV[5], unpack(sets))
   redis.call('ZADD', P .. 'finished', ARGV[5], job.id)
   redis.call('EXPIRE', key, ARGV[7])
-  redis.call('EXPIRE', inputs_key(job.id), ARGV[7])
+  if job.flow then redis.call('EXPIRE', inputs_key(job.id), ARGV[7]) end
   forget_unique(job)
-  if advance(job.id, status, ARGV[5], ARGV[7], ARGV[8]) then return 2 end
+  if advance(job, status, ARGV[5], ARGV[7], ARGV[8]) then return 2 end
 end
 return 1
 
@@ -653,7 +655,7 @@ if not job then return false end
 if WAITING[job.status] or job.status == 'blocked' then
   remove_waiting(job)
   end_job(job, 'cancelled', ARGV[3], ARGV[4])
-  advance(job.id, 'cancelled', ARGV[3], ARGV[4], ARGV[5])
+  advance(job, 'cancelled', ARGV[3], ARGV[4], ARGV[5])
 elseif job.status == 'running' then
   redis.call('HSET', job_key(job.id), 'cancel_requested', '1')
 end

@@ -585,7 +585,9 @@ class RedisBackend(Backend):
         for i in range(0, len(reply), 2):
             timing, queue, task, bucket = reply[i].decode().split("\n")
             value = reply[i + 1]
-            if bucket == "sum":
+            if bucket == "usum":  # whole microseconds (see redis.lua)
+                rows.append((timing, queue, task, 0, 0, int(value) / 1e6))
+            elif bucket == "sum":  # float seconds, as stores written before kept it
                 rows.append((timing, queue, task, 0, 0, float(value)))
             else:
                 rows.append((timing, queue, task, int(bucket), int(value), 0.0))
