@@ -362,12 +362,13 @@ if #jobs > 0 then wake(jobs[1].queue) end
 return out
 
 -- name: reserve
--- ARGV: prefix, now, lease expiry, worker id, limit, token prefix, max lost leases, ttl,
--- worker-lost error template, upstream-failed error template, queues (none: all). Returns id, record pairs: expired leases
--- first, then due jobs in priority, eta, seq order, then the expired jobs that have now lost
--- max lost leases in a row, failed here instead of claimed.
+-- ARGV: prefix, now, lease expiry, worker id, limit, token prefix, max lost leases, then
+-- queues (none: all). Returns id, record pairs: expired leases first, then due jobs in
+-- priority, eta, seq order; then id, nil pairs for the expired jobs that have now lost max
+-- lost leases in a row, not claimed: the give_up script fails them. That path is rare, and
+-- kept out of this script its helpers cost the common claim nothing.
 local now, expires, worker, token = ARGV[2], ARGV[3], ARGV[4], ARGV[6]
-local limit, max_lost, ttl = tonumber(ARGV[5]), tonumber(ARGV[7]), ARGV[8]
+local limit, max_lost = tonumber(ARGV[5]), tonumber(ARGV[7])
 local claimed, given_up = {}, {}
 
 -- A call retried after its reply was lost gets what the first run claimed, not more.
@@ -385,7 +386,7 @@ if earlier then
   return out
 end
 
-local queues = serving_from(11)
+local queues = serving_from(8)
 
 -- Limits (flask_errands.limits): a job's limits JSON, checked against its task's (or
 -- queue's) running jobs under a live lease and its starts in the last window, a list per
@@ -449,20 +450,6 @@ local function claim(id, attempts, status_fields)
   claimed[#claimed + 1] = id
 end
 
--- Fail a job whose workers died under it ``lost`` times in a row: its task kills them.
-local function give_up(id, attempts, lost, dead_worker)
-  local fill = {worker = dead_worker or '?', attempt = attempts or '0', lost = tostring(lost)}
-  local error = (string.gsub(ARGV[9], '{(%a+)}', fill))
-  local job = state(id)
-  redis.call('ZREM', lease_key(job.queue), id)
-  redis.call('HDEL', job_key(id), 'lease_expires_at', 'lease_token', 'traceback')
-  redis.call('HSET', job_key(id), 'lost_leases', lost, 'error', error)
-  count_finished(job, 'failed', now)
-  end_job(job, 'failed', now, ttl)
-  advance(job, 'failed', now, ttl, ARGV[10])
-  given_up[#given_up + 1] = id
-end
-
 for _, queue in ipairs(queues) do
   if #claimed >= limit then break end
   local ids = redis.call('ZRANGEBYSCORE', lease_key(queue), '-inf', now,
@@ -474,7 +461,7 @@ for _, queue in ipairs(queues) do
     if v[1] ~= 'running' then
       redis.call('ZREM', lease_key(queue), id)
     elseif lost >= max_lost then
-      give_up(id, v[2], lost, v[4])
+      given_up[#given_up + 1] = id  -- failed by the give_up script, on the rare path
     elseif admit(v[5] or nil) then
       redis.call('ZADD', lease_key(queue), expires, id)
       claim(id, v[2], {'lost_leases', lost})
@@ -547,15 +534,46 @@ if #claimed > 0 then
   redis.call('SET', replay_key, cjson.encode(claimed), 'EX', 60)
 end
 local out = {}
-for _, ids in ipairs({claimed, given_up}) do
-  for _, id in ipairs(ids) do
-    out[#out + 1] = id
-    out[#out + 1] = redis.call('HGETALL', job_key(id))
-  end
+for _, id in ipairs(claimed) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGETALL', job_key(id))
+end
+for _, id in ipairs(given_up) do
+  out[#out + 1] = id
+  out[#out + 1] = false
 end
 if free_at then
   out[#out + 1] = ''
   out[#out + 1] = string.format('%.17g', free_at)
+end
+return out
+
+-- name: give_up
+-- ARGV: prefix, now, max lost leases, ttl, worker-lost error template, upstream-failed error
+-- template, then the ids a reserve left to fail. Fails each job still running under a lease
+-- expired at now, whose workers have died under it max lost leases times in a row (its task
+-- kills them). Returns id, record pairs of those it failed.
+local now, max_lost, ttl = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local out = {}
+for i = 7, #ARGV do
+  local id = ARGV[i]
+  local job = state(id)
+  local expiry = job and redis.call('ZSCORE', lease_key(job.queue), id)
+  local v = redis.call('HMGET', job_key(id), 'attempts', 'lost_leases', 'worker_id')
+  local lost = (tonumber(v[2]) or 0) + 1
+  if job and job.status == 'running' and expiry and tonumber(expiry) <= tonumber(now)
+     and lost >= max_lost then
+    local fill = {worker = v[3] or '?', attempt = v[1] or '0', lost = tostring(lost)}
+    local error = (string.gsub(ARGV[5], '{(%a+)}', fill))
+    redis.call('ZREM', lease_key(job.queue), id)
+    redis.call('HDEL', job_key(id), 'lease_expires_at', 'lease_token', 'traceback')
+    redis.call('HSET', job_key(id), 'lost_leases', lost, 'error', error)
+    count_finished(job, 'failed', now)
+    end_job(job, 'failed', now, ttl)
+    advance(job, 'failed', now, ttl, ARGV[6])
+    out[#out + 1] = id
+    out[#out + 1] = redis.call('HGETALL', job_key(id))
+  end
 end
 return out
 

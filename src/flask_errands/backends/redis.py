@@ -377,20 +377,25 @@ class RedisBackend(Backend):
         if limit <= 0 or (queues is not None and not queues):
             return []
         token = random_id()[:16] + ":"
-        args = [now, now + lease_seconds, worker_id, limit, token]
-        args += (max_lost_leases, self._expiry, WORKER_LOST_ERROR, UPSTREAM_FAILED)
-        args += tuple(queues or ())
-        reply = self._run("reserve", args)
+        args = [now, now + lease_seconds, worker_id, limit, token, max_lost_leases]
+        reply = self._run("reserve", [*args, *(queues or ())])
         self.limit_free_at = None
         if len(reply) >= 2 and reply[-2] == b"":  # a limit held a job back until then
             self.limit_free_at, self._held_at = float(reply[-1]), now
             reply = reply[:-2]
-        claimed = []
+        claimed, lost = [], []
         for i in range(0, len(reply), 2):
+            if reply[i + 1] is None:  # its last lease ran out: the give_up script fails it
+                lost.append(reply[i])
+                continue
             try:
                 claimed.append(_strict(reply[i + 1]))
             except _Unreadable as exc:
                 self._fail_unreadable(reply[i].decode(errors="replace"), reply[i + 1], exc, now)
+        if lost:
+            args = [now, max_lost_leases, self._expiry, WORKER_LOST_ERROR, UPSTREAM_FAILED]
+            failed = self._run("give_up", [*args, *lost])
+            claimed += [_lenient(failed[i + 1]) for i in range(0, len(failed), 2)]
         return claimed_only(claimed)
 
     def _fail_unreadable(
