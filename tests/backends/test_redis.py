@@ -381,9 +381,9 @@ def test_a_reserve_retried_after_a_lost_reply_claims_nothing_more(backend_url: s
         for _ in range(3)
     ]
     backend.enqueue(jobs)
-    call = [now, now + 30, "w", 2, "retried-token:"]  # the arguments reserve() sends
-    first = backend._run("reserve", call)
-    again = backend._run("reserve", call)  # what its retry sends when the reply was lost
+    call = [now, now + 30, "w", 2, "retried-token:", 3]  # the arguments reserve() sends
+    first = backend._run("reserve", [*call, 0])
+    again = backend._run("reserve", [*call, 1])  # what its retry sends when the reply was lost
     assert again == first
     claimed = [backend.get(jobs[i].id) for i in range(2)]
     assert [(j.status, j.attempts) for j in claimed if j] == [("running", 1), ("running", 1)]

@@ -324,14 +324,16 @@ end
 -- (start to now) and wait (eta to start) to their histograms. The minute is kept until prune
 -- or sample_depth folds it into minute 0: never expired, so the counts since the store began
 -- stay whole.
-local function count_finished(job, outcome, now)
-  local minute = tostring(math.floor(tonumber(now) / 60))
+-- minute is now's (base.minute_of), when the caller has it as text: one conversion less.
+local function count_finished(job, outcome, now, minute)
+  now = tonumber(now)
+  minute = minute or tostring(math.floor(now / 60))
   local key = P .. 'finished:' .. minute
   if redis.call('HINCRBY', key, job.queue .. '\n' .. job.task .. '\n' .. outcome, 1) == 1 then
     redis.call('ZADD', P .. 'finishedminutes', minute, minute)
   end
-  local started = tonumber(job.started) or tonumber(now)
-  add_timing('duration', job.queue, job.task, tonumber(now) - started)
+  local started = tonumber(job.started) or now
+  add_timing('duration', job.queue, job.task, now - started)
   add_timing('wait', job.queue, job.task, started - (tonumber(job.eta) or started))
 end
 
@@ -362,8 +364,8 @@ if #jobs > 0 then wake(jobs[1].queue) end
 return out
 
 -- name: reserve
--- ARGV: prefix, now, lease expiry, worker id, limit, token prefix, max lost leases, then
--- queues (none: all). Returns id, record pairs: expired leases first, then due jobs in
+-- ARGV: prefix, now, lease expiry, worker id, limit, token prefix, max lost leases, 1 if this
+-- is a retry of the call (else 0), then queues (none: all). Returns id, record pairs: expired leases first, then due jobs in
 -- priority, eta, seq order; then id, nil pairs for the expired jobs that have now lost max
 -- lost leases in a row, not claimed: the give_up script fails them. That path is rare, and
 -- kept out of this script its helpers cost the common claim nothing.
@@ -373,7 +375,7 @@ local claimed, given_up = {}, {}
 
 -- A call retried after its reply was lost gets what the first run claimed, not more.
 local replay_key = P .. 'reserved:' .. token
-local earlier = redis.call('GET', replay_key)
+local earlier = ARGV[8] == '1' and redis.call('GET', replay_key)
 if earlier then
   local out = {}
   for _, id in ipairs(cjson.decode(earlier)) do
@@ -386,7 +388,7 @@ if earlier then
   return out
 end
 
-local queues = serving_from(8)
+local queues = serving_from(9)
 
 -- Limits (flask_errands.limits): a job's limits JSON, checked against its task's (or
 -- queue's) running jobs under a live lease and its starts in the last window, a list per
@@ -626,13 +628,13 @@ end
 return 0
 
 -- name: finish
--- ARGV: prefix, id, lease token, status, now, eta, ttl, upstream-failed error template, then a
--- fields block. Returns 0 if not applied, 1 if applied, 2 if a workflow step fell due too.
+-- ARGV: prefix, id, lease token, status, now, eta, ttl, upstream-failed error template, now's
+-- minute, then a fields block. Returns 0 if not applied, 1 if applied, 2 if a workflow step fell due too.
 local job = state(ARGV[2])
 if not job or job.status ~= 'running' or job.token ~= ARGV[3] then return 0 end
 local status, key = ARGV[4], job_key(job.id)
-count_finished(job, status == 'scheduled' and 'retried' or status, ARGV[5])
-local sets, deletes = field_block(9)
+count_finished(job, status == 'scheduled' and 'retried' or status, ARGV[5], ARGV[9])
+local sets, deletes = field_block(10)
 redis.call('HDEL', key, 'lease_expires_at', 'lease_token', 'lost_leases', unpack(deletes))
 redis.call('ZREM', lease_key(job.queue), job.id)
 index(job, status)

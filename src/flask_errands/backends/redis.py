@@ -270,15 +270,27 @@ class RedisBackend(Backend):
 
     # -- running scripts -----------------------------------------------------
 
-    def _run(self, name: str, args: Sequence[Any], patience: float = WORKER_PATIENCE) -> Any:
+    def _run(
+        self,
+        name: str,
+        args: Sequence[Any],
+        patience: float = WORKER_PATIENCE,
+        retry_args: Sequence[Any] | None = None,
+    ) -> Any:
+        """Run script ``name``; ``retry_args``, if given, replace ``args`` on the tries after
+        the first (one of which may follow a run whose reply was lost)."""
         script = self._scripts[name]
+        tries = 0
 
         def evalsha() -> Any:
+            nonlocal tries
+            sent = args if tries == 0 or retry_args is None else retry_args
+            tries += 1
             try:
-                return self._evalsha(script.sha, args)
+                return self._evalsha(script.sha, sent)
             except redis.exceptions.NoScriptError:
                 self._client.script_load(script.text)  # the server restarted or was flushed
-                return self._evalsha(script.sha, args)
+                return self._evalsha(script.sha, sent)
 
         return self._retrying(evalsha, name, patience)
 
@@ -378,7 +390,10 @@ class RedisBackend(Backend):
             return []
         token = random_id()[:16] + ":"
         args = [now, now + lease_seconds, worker_id, limit, token, max_lost_leases]
-        reply = self._run("reserve", [*args, *(queues or ())])
+        # Only a retry can find what an earlier try of this call claimed: the first skips that.
+        reply = self._run(
+            "reserve", [*args, 0, *(queues or ())], retry_args=[*args, 1, *(queues or ())]
+        )
         self.limit_free_at = None
         if len(reply) >= 2 and reply[-2] == b"":  # a limit held a job back until then
             self.limit_free_at, self._held_at = float(reply[-1]), now
@@ -435,7 +450,7 @@ class RedisBackend(Backend):
     ) -> bool:
         fields = _fields({"result": result, "error": error, "traceback": traceback})
         args = [job_id, lease_token, status, now, now if eta is None else eta, self._expiry]
-        reply = self._run("finish", [*args, UPSTREAM_FAILED, *fields])
+        reply = self._run("finish", [*args, UPSTREAM_FAILED, minute_of(now), *fields])
         if reply == 2 or (reply == 1 and status == SCHEDULED):
             self._notify()
         return bool(reply)
