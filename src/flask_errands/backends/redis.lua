@@ -36,8 +36,6 @@
 --                         written before kept "...\nsum", float seconds); never expire
 --   depth:<minute>        string: JSON [[queue, status, n], ...] sampled once in the minute;
 --                         depthminutes zset of its minutes
---   reserved:<token>      string: JSON array of the ids one reserve call claimed, for 60 s:
---                         a retried call returns them instead of claiming more
 --   limit:starts:<key>    list: the latest starts of a rate-limited task or queue, newest
 --                         first, as many as its limit (flask_errands.limits)
 --   wake                  pub/sub channel: new work may be due
@@ -290,6 +288,7 @@ end
 
 -- The queues of queues_from(pos) that are not paused.
 local function serving_from(pos)
+  if #ARGV < pos then return redis.call('SDIFF', P .. 'queues', P .. 'paused') end
   local queues = queues_from(pos)
   if redis.call('SCARD', P .. 'paused') == 0 then return queues end
   local serving = {}
@@ -373,19 +372,28 @@ local now, expires, worker, token = ARGV[2], ARGV[3], ARGV[4], ARGV[6]
 local limit, max_lost = tonumber(ARGV[5]), tonumber(ARGV[7])
 local claimed, given_up = {}, {}
 
--- A call retried after its reply was lost gets what the first run claimed, not more.
-local replay_key = P .. 'reserved:' .. token
-local earlier = ARGV[8] == '1' and redis.call('GET', replay_key)
-if earlier then
-  local out = {}
-  for _, id in ipairs(cjson.decode(earlier)) do
-    local held = redis.call('HMGET', job_key(id), 'status', 'lease_token')
-    if held[1] == 'running' and held[2] and string.sub(held[2], 1, #token) == token then
-      out[#out + 1] = id
-      out[#out + 1] = redis.call('HGETALL', job_key(id))
+-- A call retried after its reply was lost gets what the first run claimed, not more: the
+-- jobs it leased until exactly its lease expiry, under its token, in claim order. Nobody
+-- else knows them yet, so nothing has moved their lease since.
+if ARGV[8] == '1' then
+  local found = {}
+  for _, queue in ipairs(queues_from(9)) do
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', lease_key(queue), expires, expires)) do
+      local held = redis.call('HMGET', job_key(id), 'status', 'lease_token')
+      if held[1] == 'running' and held[2] and string.sub(held[2], 1, #token) == token then
+        found[#found + 1] = {tonumber(string.sub(held[2], #token + 1)), id}
+      end
     end
   end
-  return out
+  if #found > 0 then
+    table.sort(found, function(a, b) return a[1] < b[1] end)
+    local out = {}
+    for _, pair in ipairs(found) do
+      out[#out + 1] = pair[2]
+      out[#out + 1] = redis.call('HGETALL', job_key(pair[2]))
+    end
+    return out
+  end
 end
 
 local queues = serving_from(9)
@@ -532,9 +540,6 @@ while limit - #claimed > 0 do
   fetch = fetch * 2 + skipped
 end
 
-if #claimed > 0 then
-  redis.call('SET', replay_key, cjson.encode(claimed), 'EX', 60)
-end
 local out = {}
 for _, id in ipairs(claimed) do
   out[#out + 1] = id
