@@ -29,8 +29,11 @@
 --   finished:<minute>     hash "<queue>\n<task>\n<outcome>" -> attempts that ended so in
 --                         that minute (Unix time // 60); finishedminutes zset of its minutes
 --   enqueued              hash "<queue>\n<task>" -> jobs stored since the store began
---   timings               hash "<timing>\n<queue>\n<task>\n<bucket>" -> values in that bucket
---                         (an index into base.TIMING_BOUNDS, its length for +Inf), and
+--   timings               hash "both\n<queue>\n<task>\n<d>,<w>" -> attempts whose duration
+--                         fell in bucket d and wait in bucket w (indexes into
+--                         base.TIMING_BOUNDS, its length for +Inf; one count for both
+--                         histograms, one command less per job; stores written before kept
+--                         "<timing>\n<queue>\n<task>\n<bucket>", still read), and
 --                         "<timing>\n<queue>\n<task>\nusum" -> their sum in whole microseconds
 --                         (an integer: HINCRBY, no float text to print per job; stores
 --                         written before kept "...\nsum", float seconds); never expire
@@ -304,36 +307,39 @@ local BOUNDS = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 local BUCKETS = {'0', '1', '2', '3', '4', '5', '6', '7', '8', '9', '10', '11', '12', '13', '14',
                  '15'}
 
--- Add seconds (at least 0) to the histogram of timing for queue and task.
-local function add_timing(timing, queue, task, seconds)
-  seconds = math.max(seconds, 0)
-  local bucket = BUCKETS[#BOUNDS + 1]
+-- The bucket of seconds (an index into BOUNDS, its length for +Inf), as text.
+local function bucket_of(seconds)
   for i = 1, #BOUNDS do
-    if seconds <= BOUNDS[i] then
-      bucket = BUCKETS[i]
-      break
-    end
+    if seconds <= BOUNDS[i] then return BUCKETS[i] end
   end
-  local field = timing .. '\n' .. queue .. '\n' .. task .. '\n'
-  redis.call('HINCRBY', P .. 'timings', field .. bucket, 1)
-  redis.call('HINCRBY', P .. 'timings', field .. 'usum', math.floor(seconds * 1e6 + 0.5))
+  return BUCKETS[#BOUNDS + 1]
 end
 
--- Add one attempt that ended with outcome at now to its minute's count, and its duration
--- (start to now) and wait (eta to start) to their histograms. The minute is kept until prune
--- or sample_depth folds it into minute 0: never expired, so the counts since the store began
+-- Add one attempt that ended with outcome at now to the count of now's minute (text, or nil
+-- to work it out), and its duration (start to now) and wait (eta to start) to their
+-- histograms. timed is {"<duration bucket>,<wait bucket>", duration us, wait us} as the
+-- caller worked them out from the claim (redis.py, _timed), or nil to work them out here:
+-- number text costs the server more than the caller. The minute is kept until prune or
+-- sample_depth folds it into minute 0: never expired, so the counts since the store began
 -- stay whole.
--- minute is now's (base.minute_of), when the caller has it as text: one conversion less.
-local function count_finished(job, outcome, now, minute)
-  now = tonumber(now)
-  minute = minute or tostring(math.floor(now / 60))
-  local key = P .. 'finished:' .. minute
-  if redis.call('HINCRBY', key, job.queue .. '\n' .. job.task .. '\n' .. outcome, 1) == 1 then
+local function count_finished(job, outcome, now, minute, timed)
+  minute = minute or tostring(math.floor(tonumber(now) / 60))
+  local field = job.queue .. '\n' .. job.task .. '\n'
+  if redis.call('HINCRBY', P .. 'finished:' .. minute, field .. outcome, 1) == 1 then
     redis.call('ZADD', P .. 'finishedminutes', minute, minute)
   end
-  local started = tonumber(job.started) or now
-  add_timing('duration', job.queue, job.task, now - started)
-  add_timing('wait', job.queue, job.task, started - (tonumber(job.eta) or started))
+  if not timed then
+    now = tonumber(now)
+    local started = tonumber(job.started) or now
+    local duration = math.max(now - started, 0)
+    local wait = math.max(started - (tonumber(job.eta) or started), 0)
+    timed = {bucket_of(duration) .. ',' .. bucket_of(wait), math.floor(duration * 1e6 + 0.5),
+             math.floor(wait * 1e6 + 0.5)}
+  end
+  local timings = P .. 'timings'
+  redis.call('HINCRBY', timings, 'both\n' .. field .. timed[1], 1)
+  redis.call('HINCRBY', timings, 'duration\n' .. field .. 'usum', timed[2])
+  redis.call('HINCRBY', timings, 'wait\n' .. field .. 'usum', timed[3])
 end
 
 -- Fold the per-minute counts of the minutes before cut (a ZRANGEBYSCORE bound) into minute 0.
@@ -634,12 +640,14 @@ return 0
 
 -- name: finish
 -- ARGV: prefix, id, lease token, status, now, eta, ttl, upstream-failed error template, now's
--- minute, then a fields block. Returns 0 if not applied, 1 if applied, 2 if a workflow step fell due too.
+-- minute, the attempt's timing buckets ('' to work them out here), duration us, wait us,
+-- then a fields block. Returns 0 if not applied, 1 if applied, 2 if a workflow step fell due too.
 local job = state(ARGV[2])
 if not job or job.status ~= 'running' or job.token ~= ARGV[3] then return 0 end
 local status, key = ARGV[4], job_key(job.id)
-count_finished(job, status == 'scheduled' and 'retried' or status, ARGV[5], ARGV[9])
-local sets, deletes = field_block(10)
+count_finished(job, status == 'scheduled' and 'retried' or status, ARGV[5], ARGV[9],
+               ARGV[10] ~= '' and {ARGV[10], ARGV[11], ARGV[12]} or nil)
+local sets, deletes = field_block(13)
 redis.call('HDEL', key, 'lease_expires_at', 'lease_token', 'lost_leases', unpack(deletes))
 redis.call('ZREM', lease_key(job.queue), job.id)
 index(job, status)
