@@ -389,3 +389,37 @@ def test_a_reserve_retried_after_a_lost_reply_claims_nothing_more(backend_url: s
     fresh = backend.reserve(None, 5, "w", 30, now)  # a new call claims what is left
     assert [j.id for j in fresh] == [jobs[2].id]
     backend.close()
+
+
+@ON_REDIS
+def test_a_tasks_running_set_holds_its_claimed_jobs_until_they_end(backend_url: str) -> None:
+    from flask_errands.limits import Limit, encode
+
+    backend = backend_from_url(backend_url, instance_path="/tmp")
+    assert isinstance(backend, RedisBackend)
+    limits = encode([Limit.of("task:t", None, 3)])
+    now = time.time()
+    jobs = [
+        JobRecord(
+            id=uuid.uuid4().hex,
+            task="t",
+            payload=EMPTY_CALL,
+            eta=now,
+            enqueued_at=now,
+            limits=limits,
+        )
+        for _ in range(3)
+    ]
+    backend.enqueue(jobs)
+    client = backend._client
+    running = backend.prefix + "limit:running:task:t"
+    claimed = backend.reserve(None, 3, "w", 30, now)
+    assert client.zcard(running) == 3
+    backend.finish(claimed[0].id, claimed[0].lease_token or "", "succeeded", now, result="1")
+    backend.release(claimed[1].id, claimed[1].lease_token or "", now)
+    backend.finish(claimed[2].id, claimed[2].lease_token or "", "scheduled", now, eta=now + 60)
+    assert client.zcard(running) == 0
+    again = backend.reserve(None, 3, "w", 30, now)  # the released job, under a new lease
+    assert [job.id for job in again] == [claimed[1].id]
+    assert client.zscore(running, claimed[1].id) == pytest.approx(now + 30)
+    backend.close()

@@ -41,6 +41,9 @@
 --                         depthminutes zset of its minutes
 --   limit:starts:<key>    list: the latest starts of a rate-limited task or queue, newest
 --                         first, as many as its limit (flask_errands.limits)
+--   limit:running:<key>   zset lease expiry -> id: the running jobs of a task with a
+--                         concurrency limit (those under a live lease count), so a claim
+--                         counts them with one ZCOUNT instead of reading every running job
 --   wake                  pub/sub channel: new work may be due
 
 -- name: common
@@ -49,7 +52,7 @@ local WAITING = {queued = true, scheduled = true}
 local FINISHED = {succeeded = true, failed = true, cancelled = true}
 local STATUSES = {'blocked', 'queued', 'scheduled', 'running', 'succeeded', 'failed', 'cancelled'}
 local STATE = {'status', 'queue', 'priority', 'seq', 'unique_key', 'lease_token', 'eta', 'task',
-               'started_at', 'flow'}
+               'started_at', 'flow', 'limits'}
 
 local function job_key(id) return P .. 'job:' .. id end
 local function idx_key(queue, status) return P .. 'idx:' .. queue .. ':' .. status end
@@ -58,6 +61,23 @@ local function wait_key(queue, prio) return P .. 'wait:' .. queue .. ':' .. prio
 local function lease_key(queue) return P .. 'leases:' .. queue end
 local function unique_key(key) return P .. 'unique:' .. key end
 local function inputs_key(id) return P .. 'inputs:' .. id end
+local function running_key(key) return P .. 'limit:running:' .. key end
+
+-- Set (at expiry) or drop (expiry nil) a running job in the running sets of its task's
+-- concurrency limits; limits is its limits JSON, or nil. A queue's running jobs are its
+-- leases already.
+local function mark_running(limits, id, expiry)
+  if not limits then return end
+  for _, lim in ipairs(cjson.decode(limits)) do
+    if tonumber(lim[4]) and string.sub(lim[1], 1, 5) == 'task:' then
+      if expiry then
+        redis.call('ZADD', running_key(lim[1]), expiry, id)
+      else
+        redis.call('ZREM', running_key(lim[1]), id)
+      end
+    end
+  end
+end
 local function member(seq, id) return string.format('%016d', seq) .. id end
 local function prio(value) return string.format('%d', tonumber(value) or 0) end
 
@@ -67,7 +87,7 @@ local function state(id)
   if not v[1] then return nil end
   return {id = id, status = v[1], queue = v[2] or 'default', prio = prio(v[3]),
           seq = tonumber(v[4]) or 0, unique = v[5], token = v[6], eta = v[7] or '0',
-          task = v[8] or '', started = v[9], flow = v[10]}
+          task = v[8] or '', started = v[9], flow = v[10], limits = v[11]}
 end
 
 local function index(job, status)
@@ -413,21 +433,11 @@ local function hold(key, at)
   if not free_at or at < free_at then free_at = at end
   return false
 end
-local function running_of(kind, name)
-  local n = 0
-  local names = kind == 'queue' and {name} or redis.call('SMEMBERS', P .. 'queues')
-  for _, queue in ipairs(names) do
-    if kind == 'queue' then
-      n = n + redis.call('ZCOUNT', lease_key(queue), '(' .. now, '+inf')
-    else
-      for _, id in ipairs(redis.call('ZRANGEBYSCORE', lease_key(queue), '(' .. now, '+inf')) do
-        if redis.call('HGET', job_key(id), 'task') == name then n = n + 1 end
-      end
-    end
-  end
-  return n
+local function running_of(kind, name, key)
+  if kind == 'queue' then return redis.call('ZCOUNT', lease_key(name), '(' .. now, '+inf') end
+  return redis.call('ZCOUNT', running_key(key), '(' .. now, '+inf')
 end
-local function admit(text)
+local function admit(text, id)
   if not text then return true end
   local limits = cjson.decode(text)
   for _, lim in ipairs(limits) do
@@ -436,7 +446,7 @@ local function admit(text)
     if conc then
       if not running[key] then
         local kind, name = string.match(key, '^(%a+):(.*)$')
-        running[key] = running_of(kind, name)
+        running[key] = running_of(kind, name, key)
       end
       if running[key] >= conc then return hold(key, tonumber(now) + 0.1) end
     end
@@ -449,7 +459,10 @@ local function admit(text)
   end
   for _, lim in ipairs(limits) do
     local key, rate = lim[1], tonumber(lim[2])
-    if tonumber(lim[4]) then running[key] = running[key] + 1 end
+    if tonumber(lim[4]) then
+      running[key] = running[key] + 1
+      if string.sub(key, 1, 5) == 'task:' then redis.call('ZADD', running_key(key), expires, id) end
+    end
     if rate and tonumber(lim[3]) then
       local log = P .. 'limit:starts:' .. key
       if redis.call('LPUSH', log, now) > rate then redis.call('LTRIM', log, 0, rate - 1) end
@@ -478,7 +491,7 @@ for _, queue in ipairs(queues) do
       redis.call('ZREM', lease_key(queue), id)
     elseif lost >= max_lost then
       given_up[#given_up + 1] = id  -- failed by the give_up script, on the rare path
-    elseif admit(v[5] or nil) then
+    elseif admit(v[5] or nil, id) then
       redis.call('ZADD', lease_key(queue), expires, id)
       claim(id, v[2], {'lost_leases', lost})
     end
@@ -530,7 +543,7 @@ while limit - #claimed > 0 do
     local id = string.sub(m, 17)
     weighed[m] = true
     local v = redis.call('HMGET', job_key(id), 'status', 'attempts', 'limits')
-    if WAITING[v[1]] and not admit(v[3] or nil) then
+    if WAITING[v[1]] and not admit(v[3] or nil, id) then
       skipped = skipped + 1
     else
       redis.call('ZREM', key, m)
@@ -579,6 +592,7 @@ for i = 7, #ARGV do
     local fill = {worker = v[3] or '?', attempt = v[1] or '0', lost = tostring(lost)}
     local error = (string.gsub(ARGV[5], '{(%a+)}', fill))
     redis.call('ZREM', lease_key(job.queue), id)
+    mark_running(job.limits, id, nil)
     redis.call('HDEL', job_key(id), 'lease_expires_at', 'lease_token', 'traceback')
     redis.call('HSET', job_key(id), 'lost_leases', lost, 'error', error)
     count_finished(job, 'failed', now)
@@ -619,10 +633,12 @@ return out
 local out = {}
 for i = 3, #ARGV, 2 do
   local id = ARGV[i]
-  local v = redis.call('HMGET', job_key(id), 'status', 'lease_token', 'cancel_requested', 'queue')
+  local v = redis.call('HMGET', job_key(id), 'status', 'lease_token', 'cancel_requested', 'queue',
+                       'limits')
   if v[1] == 'running' and v[2] == ARGV[i + 1] then
     redis.call('HSET', job_key(id), 'lease_expires_at', ARGV[2])
     redis.call('ZADD', lease_key(v[4] or 'default'), ARGV[2], id)
+    mark_running(v[5] or nil, id, ARGV[2])
     if v[3] == '1' then out[#out + 1] = id end
   end
 end
@@ -645,6 +661,7 @@ return 0
 local job = state(ARGV[2])
 if not job or job.status ~= 'running' or job.token ~= ARGV[3] then return 0 end
 local status, key = ARGV[4], job_key(job.id)
+mark_running(job.limits, job.id, nil)
 count_finished(job, status == 'scheduled' and 'retried' or status, ARGV[5], ARGV[9],
                ARGV[10] ~= '' and {ARGV[10], ARGV[11], ARGV[12]} or nil)
 local sets, deletes = field_block(13)
@@ -672,6 +689,7 @@ if not job or job.status ~= 'running' or job.token ~= ARGV[3] then return 0 end
 local key = job_key(job.id)
 local attempts = tonumber(redis.call('HGET', key, 'attempts')) or 1
 redis.call('ZREM', lease_key(job.queue), job.id)
+mark_running(job.limits, job.id, nil)
 redis.call('HDEL', key, 'started_at', 'lease_expires_at', 'lease_token', 'worker_id',
            'lost_leases')
 redis.call('HSET', key, 'status', 'queued', 'attempts', attempts - 1)
