@@ -29,15 +29,21 @@
 --   finished:<minute>     hash "<queue>\n<task>\n<outcome>" -> attempts that ended so in
 --                         that minute (Unix time // 60); finishedminutes zset of its minutes
 --   enqueued              hash "<queue>\n<task>" -> jobs stored since the store began
---   timings               hash "<timing>\n<queue>\n<task>\n<bucket>" -> values in that bucket
---                         (an index into base.TIMING_BOUNDS, its length for +Inf), and
---                         "<timing>\n<queue>\n<task>\nsum" -> their sum; never expire
+--   timings               hash "both\n<queue>\n<task>\n<d>,<w>" -> attempts whose duration
+--                         fell in bucket d and wait in bucket w (indexes into
+--                         base.TIMING_BOUNDS, its length for +Inf; one count for both
+--                         histograms, one command less per job; stores written before kept
+--                         "<timing>\n<queue>\n<task>\n<bucket>", still read), and
+--                         "<timing>\n<queue>\n<task>\nusum" -> their sum in whole microseconds
+--                         (an integer: HINCRBY, no float text to print per job; stores
+--                         written before kept "...\nsum", float seconds); never expire
 --   depth:<minute>        string: JSON [[queue, status, n], ...] sampled once in the minute;
 --                         depthminutes zset of its minutes
---   reserved:<token>      list of the ids one reserve call claimed, for 60 s: a retried
---                         call returns them instead of claiming more
 --   limit:starts:<key>    list: the latest starts of a rate-limited task or queue, newest
 --                         first, as many as its limit (flask_errands.limits)
+--   limit:running:<key>   zset lease expiry -> id: the running jobs of a task with a
+--                         concurrency limit (those under a live lease count), so a claim
+--                         counts them with one ZCOUNT instead of reading every running job
 --   wake                  pub/sub channel: new work may be due
 
 -- name: common
@@ -46,7 +52,7 @@ local WAITING = {queued = true, scheduled = true}
 local FINISHED = {succeeded = true, failed = true, cancelled = true}
 local STATUSES = {'blocked', 'queued', 'scheduled', 'running', 'succeeded', 'failed', 'cancelled'}
 local STATE = {'status', 'queue', 'priority', 'seq', 'unique_key', 'lease_token', 'eta', 'task',
-               'started_at'}
+               'started_at', 'flow', 'limits'}
 
 local function job_key(id) return P .. 'job:' .. id end
 local function idx_key(queue, status) return P .. 'idx:' .. queue .. ':' .. status end
@@ -55,6 +61,23 @@ local function wait_key(queue, prio) return P .. 'wait:' .. queue .. ':' .. prio
 local function lease_key(queue) return P .. 'leases:' .. queue end
 local function unique_key(key) return P .. 'unique:' .. key end
 local function inputs_key(id) return P .. 'inputs:' .. id end
+local function running_key(key) return P .. 'limit:running:' .. key end
+
+-- Set (at expiry) or drop (expiry nil) a running job in the running sets of its task's
+-- concurrency limits; limits is its limits JSON, or nil. A queue's running jobs are its
+-- leases already.
+local function mark_running(limits, id, expiry)
+  if not limits then return end
+  for _, lim in ipairs(cjson.decode(limits)) do
+    if tonumber(lim[4]) and string.sub(lim[1], 1, 5) == 'task:' then
+      if expiry then
+        redis.call('ZADD', running_key(lim[1]), expiry, id)
+      else
+        redis.call('ZREM', running_key(lim[1]), id)
+      end
+    end
+  end
+end
 local function member(seq, id) return string.format('%016d', seq) .. id end
 local function prio(value) return string.format('%d', tonumber(value) or 0) end
 
@@ -64,7 +87,7 @@ local function state(id)
   if not v[1] then return nil end
   return {id = id, status = v[1], queue = v[2] or 'default', prio = prio(v[3]),
           seq = tonumber(v[4]) or 0, unique = v[5], token = v[6], eta = v[7] or '0',
-          task = v[8] or '', started = v[9]}
+          task = v[8] or '', started = v[9], flow = v[10], limits = v[11]}
 end
 
 local function index(job, status)
@@ -102,7 +125,7 @@ local function end_job(job, status, now, ttl)
   redis.call('HSET', job_key(job.id), 'status', status, 'finished_at', now)
   redis.call('ZADD', P .. 'finished', now, job.id)
   redis.call('EXPIRE', job_key(job.id), ttl)
-  redis.call('EXPIRE', inputs_key(job.id), ttl)
+  if job.flow then redis.call('EXPIRE', inputs_key(job.id), ttl) end  -- only steps have inputs
   forget_unique(job)
 end
 
@@ -143,10 +166,11 @@ local function downstream(links, status, prefix)
   return found
 end
 
--- Move the workflow of a step that just ended on (Backend.finish); true if a step fell due.
--- template is the UpstreamFailed error, with {job}, {task} and {ended} to fill in.
-local function advance(id, status, now, ttl, template)
-  local links = flow_links(id)
+-- Move the workflow of a step (a state()) that just ended on (Backend.finish); true if a step
+-- fell due. template is the UpstreamFailed error, with {job}, {task} and {ended} to fill in.
+local function advance(job, status, now, ttl, template)
+  if not job.flow then return false end  -- not a workflow step: no read at all
+  local id, links = job.id, cjson.decode(job.flow)['next']
   if not links then return false end
   if status == 'succeeded' then
     local result = redis.call('HGET', job_key(id), 'result') or 'null'
@@ -287,6 +311,7 @@ end
 
 -- The queues of queues_from(pos) that are not paused.
 local function serving_from(pos)
+  if #ARGV < pos then return redis.call('SDIFF', P .. 'queues', P .. 'paused') end
   local queues = queues_from(pos)
   if redis.call('SCARD', P .. 'paused') == 0 then return queues end
   local serving = {}
@@ -298,35 +323,43 @@ end
 
 -- The upper bounds of the timings' buckets: base.TIMING_BOUNDS.
 local BOUNDS = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300}
+-- Their indexes as text (a number turned into text goes through sprintf).
+local BUCKETS = {'0', '1', '2', '3', '4', '5', '6', '7', '8', '9', '10', '11', '12', '13', '14',
+                 '15'}
 
--- Add seconds (at least 0) to the histogram of timing for queue and task.
-local function add_timing(timing, queue, task, seconds)
-  seconds = math.max(seconds, 0)
-  local bucket = #BOUNDS
+-- The bucket of seconds (an index into BOUNDS, its length for +Inf), as text.
+local function bucket_of(seconds)
   for i = 1, #BOUNDS do
-    if seconds <= BOUNDS[i] then
-      bucket = i - 1
-      break
-    end
+    if seconds <= BOUNDS[i] then return BUCKETS[i] end
   end
-  local field = timing .. '\n' .. queue .. '\n' .. task .. '\n'
-  redis.call('HINCRBY', P .. 'timings', field .. bucket, 1)
-  redis.call('HINCRBYFLOAT', P .. 'timings', field .. 'sum', string.format('%.17g', seconds))
+  return BUCKETS[#BOUNDS + 1]
 end
 
--- Add one attempt that ended with outcome at now to its minute's count, and its duration
--- (start to now) and wait (eta to start) to their histograms. The minute is kept until prune
--- or sample_depth folds it into minute 0: never expired, so the counts since the store began
+-- Add one attempt that ended with outcome at now to the count of now's minute (text, or nil
+-- to work it out), and its duration (start to now) and wait (eta to start) to their
+-- histograms. timed is {"<duration bucket>,<wait bucket>", duration us, wait us} as the
+-- caller worked them out from the claim (redis.py, _timed), or nil to work them out here:
+-- number text costs the server more than the caller. The minute is kept until prune or
+-- sample_depth folds it into minute 0: never expired, so the counts since the store began
 -- stay whole.
-local function count_finished(job, outcome, now)
-  local minute = string.format('%d', math.floor(tonumber(now) / 60))
-  local key = P .. 'finished:' .. minute
-  if redis.call('HINCRBY', key, job.queue .. '\n' .. job.task .. '\n' .. outcome, 1) == 1 then
+local function count_finished(job, outcome, now, minute, timed)
+  minute = minute or tostring(math.floor(tonumber(now) / 60))
+  local field = job.queue .. '\n' .. job.task .. '\n'
+  if redis.call('HINCRBY', P .. 'finished:' .. minute, field .. outcome, 1) == 1 then
     redis.call('ZADD', P .. 'finishedminutes', minute, minute)
   end
-  local started = tonumber(job.started) or tonumber(now)
-  add_timing('duration', job.queue, job.task, tonumber(now) - started)
-  add_timing('wait', job.queue, job.task, started - (tonumber(job.eta) or started))
+  if not timed then
+    now = tonumber(now)
+    local started = tonumber(job.started) or now
+    local duration = math.max(now - started, 0)
+    local wait = math.max(started - (tonumber(job.eta) or started), 0)
+    timed = {bucket_of(duration) .. ',' .. bucket_of(wait), math.floor(duration * 1e6 + 0.5),
+             math.floor(wait * 1e6 + 0.5)}
+  end
+  local timings = P .. 'timings'
+  redis.call('HINCRBY', timings, 'both\n' .. field .. timed[1], 1)
+  redis.call('HINCRBY', timings, 'duration\n' .. field .. 'usum', timed[2])
+  redis.call('HINCRBY', timings, 'wait\n' .. field .. 'usum', timed[3])
 end
 
 -- Fold the per-minute counts of the minutes before cut (a ZRANGEBYSCORE bound) into minute 0.
@@ -356,30 +389,40 @@ if #jobs > 0 then wake(jobs[1].queue) end
 return out
 
 -- name: reserve
--- ARGV: prefix, now, lease expiry, worker id, limit, token prefix, max lost leases, ttl,
--- worker-lost error template, upstream-failed error template, queues (none: all). Returns id, record pairs: expired leases
--- first, then due jobs in priority, eta, seq order, then the expired jobs that have now lost
--- max lost leases in a row, failed here instead of claimed.
+-- ARGV: prefix, now, lease expiry, worker id, limit, token prefix, max lost leases, 1 if this
+-- is a retry of the call (else 0), then queues (none: all). Returns id, record pairs: expired leases first, then due jobs in
+-- priority, eta, seq order; then id, nil pairs for the expired jobs that have now lost max
+-- lost leases in a row, not claimed: the give_up script fails them. That path is rare, and
+-- kept out of this script its helpers cost the common claim nothing.
 local now, expires, worker, token = ARGV[2], ARGV[3], ARGV[4], ARGV[6]
-local limit, max_lost, ttl = tonumber(ARGV[5]), tonumber(ARGV[7]), ARGV[8]
+local limit, max_lost = tonumber(ARGV[5]), tonumber(ARGV[7])
 local claimed, given_up = {}, {}
 
--- A call retried after its reply was lost gets what the first run claimed, not more.
-local replay_key = P .. 'reserved:' .. token
-local earlier = redis.call('LRANGE', replay_key, 0, -1)
-if #earlier > 0 then
-  local out = {}
-  for _, id in ipairs(earlier) do
-    local held = redis.call('HMGET', job_key(id), 'status', 'lease_token')
-    if held[1] == 'running' and held[2] and string.sub(held[2], 1, #token) == token then
-      out[#out + 1] = id
-      out[#out + 1] = redis.call('HGETALL', job_key(id))
+-- A call retried after its reply was lost gets what the first run claimed, not more: the
+-- jobs it leased until exactly its lease expiry, under its token, in claim order. Nobody
+-- else knows them yet, so nothing has moved their lease since.
+if ARGV[8] == '1' then
+  local found = {}
+  for _, queue in ipairs(queues_from(9)) do
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', lease_key(queue), expires, expires)) do
+      local held = redis.call('HMGET', job_key(id), 'status', 'lease_token')
+      if held[1] == 'running' and held[2] and string.sub(held[2], 1, #token) == token then
+        found[#found + 1] = {tonumber(string.sub(held[2], #token + 1)), id}
+      end
     end
   end
-  return out
+  if #found > 0 then
+    table.sort(found, function(a, b) return a[1] < b[1] end)
+    local out = {}
+    for _, pair in ipairs(found) do
+      out[#out + 1] = pair[2]
+      out[#out + 1] = redis.call('HGETALL', job_key(pair[2]))
+    end
+    return out
+  end
 end
 
-local queues = serving_from(11)
+local queues = serving_from(9)
 
 -- Limits (flask_errands.limits): a job's limits JSON, checked against its task's (or
 -- queue's) running jobs under a live lease and its starts in the last window, a list per
@@ -390,21 +433,11 @@ local function hold(key, at)
   if not free_at or at < free_at then free_at = at end
   return false
 end
-local function running_of(kind, name)
-  local n = 0
-  local names = kind == 'queue' and {name} or redis.call('SMEMBERS', P .. 'queues')
-  for _, queue in ipairs(names) do
-    if kind == 'queue' then
-      n = n + redis.call('ZCOUNT', lease_key(queue), '(' .. now, '+inf')
-    else
-      for _, id in ipairs(redis.call('ZRANGEBYSCORE', lease_key(queue), '(' .. now, '+inf')) do
-        if redis.call('HGET', job_key(id), 'task') == name then n = n + 1 end
-      end
-    end
-  end
-  return n
+local function running_of(kind, name, key)
+  if kind == 'queue' then return redis.call('ZCOUNT', lease_key(name), '(' .. now, '+inf') end
+  return redis.call('ZCOUNT', running_key(key), '(' .. now, '+inf')
 end
-local function admit(text)
+local function admit(text, id)
   if not text then return true end
   local limits = cjson.decode(text)
   for _, lim in ipairs(limits) do
@@ -413,26 +446,26 @@ local function admit(text)
     if conc then
       if not running[key] then
         local kind, name = string.match(key, '^(%a+):(.*)$')
-        running[key] = running_of(kind, name)
+        running[key] = running_of(kind, name, key)
       end
       if running[key] >= conc then return hold(key, tonumber(now) + 0.1) end
     end
     if rate and per then
       -- The list keeps the latest ``rate`` starts: when full, its last is ``rate`` ago.
-      local log = P .. 'limit:starts:' .. key
-      if redis.call('LLEN', log) >= rate then
-        local earlier = tonumber(redis.call('LINDEX', log, -1))
-        if earlier and earlier > tonumber(now) - per then return hold(key, earlier + per) end
-      end
+      -- Its ``rate``-th entry (nil while it holds fewer) is the oldest start that counts.
+      local earlier = tonumber(redis.call('LINDEX', P .. 'limit:starts:' .. key, rate - 1))
+      if earlier and earlier > tonumber(now) - per then return hold(key, earlier + per) end
     end
   end
   for _, lim in ipairs(limits) do
     local key, rate = lim[1], tonumber(lim[2])
-    if tonumber(lim[4]) then running[key] = running[key] + 1 end
+    if tonumber(lim[4]) then
+      running[key] = running[key] + 1
+      if string.sub(key, 1, 5) == 'task:' then redis.call('ZADD', running_key(key), expires, id) end
+    end
     if rate and tonumber(lim[3]) then
       local log = P .. 'limit:starts:' .. key
-      redis.call('LPUSH', log, now)
-      redis.call('LTRIM', log, 0, rate - 1)
+      if redis.call('LPUSH', log, now) > rate then redis.call('LTRIM', log, 0, rate - 1) end
       redis.call('PEXPIRE', log, math.ceil(tonumber(lim[3]) * 1000) + 1000)
     end
   end
@@ -446,20 +479,6 @@ local function claim(id, attempts, status_fields)
   claimed[#claimed + 1] = id
 end
 
--- Fail a job whose workers died under it ``lost`` times in a row: its task kills them.
-local function give_up(id, attempts, lost, dead_worker)
-  local fill = {worker = dead_worker or '?', attempt = attempts or '0', lost = tostring(lost)}
-  local error = (string.gsub(ARGV[9], '{(%a+)}', fill))
-  local job = state(id)
-  redis.call('ZREM', lease_key(job.queue), id)
-  redis.call('HDEL', job_key(id), 'lease_expires_at', 'lease_token', 'traceback')
-  redis.call('HSET', job_key(id), 'lost_leases', lost, 'error', error)
-  count_finished(job, 'failed', now)
-  end_job(job, 'failed', now, ttl)
-  advance(id, 'failed', now, ttl, ARGV[10])
-  given_up[#given_up + 1] = id
-end
-
 for _, queue in ipairs(queues) do
   if #claimed >= limit then break end
   local ids = redis.call('ZRANGEBYSCORE', lease_key(queue), '-inf', now,
@@ -471,8 +490,8 @@ for _, queue in ipairs(queues) do
     if v[1] ~= 'running' then
       redis.call('ZREM', lease_key(queue), id)
     elseif lost >= max_lost then
-      give_up(id, v[2], lost, v[4])
-    elseif admit(v[5] or nil) then
+      given_up[#given_up + 1] = id  -- failed by the give_up script, on the rare path
+    elseif admit(v[5] or nil, id) then
       redis.call('ZADD', lease_key(queue), expires, id)
       claim(id, v[2], {'lost_leases', lost})
     end
@@ -524,7 +543,7 @@ while limit - #claimed > 0 do
     local id = string.sub(m, 17)
     weighed[m] = true
     local v = redis.call('HMGET', job_key(id), 'status', 'attempts', 'limits')
-    if WAITING[v[1]] and not admit(v[3] or nil) then
+    if WAITING[v[1]] and not admit(v[3] or nil, id) then
       skipped = skipped + 1
     else
       redis.call('ZREM', key, m)
@@ -540,20 +559,48 @@ while limit - #claimed > 0 do
   fetch = fetch * 2 + skipped
 end
 
-if #claimed > 0 then
-  redis.call('RPUSH', replay_key, unpack(claimed))
-  redis.call('EXPIRE', replay_key, 60)
-end
 local out = {}
-for _, ids in ipairs({claimed, given_up}) do
-  for _, id in ipairs(ids) do
-    out[#out + 1] = id
-    out[#out + 1] = redis.call('HGETALL', job_key(id))
-  end
+for _, id in ipairs(claimed) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGETALL', job_key(id))
+end
+for _, id in ipairs(given_up) do
+  out[#out + 1] = id
+  out[#out + 1] = false
 end
 if free_at then
   out[#out + 1] = ''
   out[#out + 1] = string.format('%.17g', free_at)
+end
+return out
+
+-- name: give_up
+-- ARGV: prefix, now, max lost leases, ttl, worker-lost error template, upstream-failed error
+-- template, then the ids a reserve left to fail. Fails each job still running under a lease
+-- expired at now, whose workers have died under it max lost leases times in a row (its task
+-- kills them). Returns id, record pairs of those it failed.
+local now, max_lost, ttl = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local out = {}
+for i = 7, #ARGV do
+  local id = ARGV[i]
+  local job = state(id)
+  local expiry = job and redis.call('ZSCORE', lease_key(job.queue), id)
+  local v = redis.call('HMGET', job_key(id), 'attempts', 'lost_leases', 'worker_id')
+  local lost = (tonumber(v[2]) or 0) + 1
+  if job and job.status == 'running' and expiry and tonumber(expiry) <= tonumber(now)
+     and lost >= max_lost then
+    local fill = {worker = v[3] or '?', attempt = v[1] or '0', lost = tostring(lost)}
+    local error = (string.gsub(ARGV[5], '{(%a+)}', fill))
+    redis.call('ZREM', lease_key(job.queue), id)
+    mark_running(job.limits, id, nil)
+    redis.call('HDEL', job_key(id), 'lease_expires_at', 'lease_token', 'traceback')
+    redis.call('HSET', job_key(id), 'lost_leases', lost, 'error', error)
+    count_finished(job, 'failed', now)
+    end_job(job, 'failed', now, ttl)
+    advance(job, 'failed', now, ttl, ARGV[6])
+    out[#out + 1] = id
+    out[#out + 1] = redis.call('HGETALL', job_key(id))
+  end
 end
 return out
 
@@ -586,10 +633,12 @@ return out
 local out = {}
 for i = 3, #ARGV, 2 do
   local id = ARGV[i]
-  local v = redis.call('HMGET', job_key(id), 'status', 'lease_token', 'cancel_requested', 'queue')
+  local v = redis.call('HMGET', job_key(id), 'status', 'lease_token', 'cancel_requested', 'queue',
+                       'limits')
   if v[1] == 'running' and v[2] == ARGV[i + 1] then
     redis.call('HSET', job_key(id), 'lease_expires_at', ARGV[2])
     redis.call('ZADD', lease_key(v[4] or 'default'), ARGV[2], id)
+    mark_running(v[5] or nil, id, ARGV[2])
     if v[3] == '1' then out[#out + 1] = id end
   end
 end
@@ -606,13 +655,16 @@ end
 return 0
 
 -- name: finish
--- ARGV: prefix, id, lease token, status, now, eta, ttl, upstream-failed error template, then a
--- fields block. Returns 0 if not applied, 1 if applied, 2 if a workflow step fell due too.
+-- ARGV: prefix, id, lease token, status, now, eta, ttl, upstream-failed error template, now's
+-- minute, the attempt's timing buckets ('' to work them out here), duration us, wait us,
+-- then a fields block. Returns 0 if not applied, 1 if applied, 2 if a workflow step fell due too.
 local job = state(ARGV[2])
 if not job or job.status ~= 'running' or job.token ~= ARGV[3] then return 0 end
 local status, key = ARGV[4], job_key(job.id)
-count_finished(job, status == 'scheduled' and 'retried' or status, ARGV[5])
-local sets, deletes = field_block(9)
+mark_running(job.limits, job.id, nil)
+count_finished(job, status == 'scheduled' and 'retried' or status, ARGV[5], ARGV[9],
+               ARGV[10] ~= '' and {ARGV[10], ARGV[11], ARGV[12]} or nil)
+local sets, deletes = field_block(13)
 redis.call('HDEL', key, 'lease_expires_at', 'lease_token', 'lost_leases', unpack(deletes))
 redis.call('ZREM', lease_key(job.queue), job.id)
 index(job, status)
@@ -624,9 +676,9 @@ else
   redis.call('HSET', key, 'status', status, 'finished_at', ARGV[5], unpack(sets))
   redis.call('ZADD', P .. 'finished', ARGV[5], job.id)
   redis.call('EXPIRE', key, ARGV[7])
-  redis.call('EXPIRE', inputs_key(job.id), ARGV[7])
+  if job.flow then redis.call('EXPIRE', inputs_key(job.id), ARGV[7]) end
   forget_unique(job)
-  if advance(job.id, status, ARGV[5], ARGV[7], ARGV[8]) then return 2 end
+  if advance(job, status, ARGV[5], ARGV[7], ARGV[8]) then return 2 end
 end
 return 1
 
@@ -637,6 +689,7 @@ if not job or job.status ~= 'running' or job.token ~= ARGV[3] then return 0 end
 local key = job_key(job.id)
 local attempts = tonumber(redis.call('HGET', key, 'attempts')) or 1
 redis.call('ZREM', lease_key(job.queue), job.id)
+mark_running(job.limits, job.id, nil)
 redis.call('HDEL', key, 'started_at', 'lease_expires_at', 'lease_token', 'worker_id',
            'lost_leases')
 redis.call('HSET', key, 'status', 'queued', 'attempts', attempts - 1)
@@ -653,7 +706,7 @@ if not job then return false end
 if WAITING[job.status] or job.status == 'blocked' then
   remove_waiting(job)
   end_job(job, 'cancelled', ARGV[3], ARGV[4])
-  advance(job.id, 'cancelled', ARGV[3], ARGV[4], ARGV[5])
+  advance(job, 'cancelled', ARGV[3], ARGV[4], ARGV[5])
 elseif job.status == 'running' then
   redis.call('HSET', job_key(job.id), 'cancel_requested', '1')
 end

@@ -21,6 +21,7 @@ strings, numbers and JSON text.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -53,6 +54,7 @@ from .base import (
     RUNNING,
     SCHEDULED,
     STATUSES,
+    TIMING_BOUNDS,
     UPSTREAM_FAILED,
     UPSTREAM_FAILED_PREFIX,
     WORKER_LOST_ERROR,
@@ -89,6 +91,9 @@ BATCH = 500
 PAGE_BUDGET = 2000
 #: How long the watcher waits on the wake channel before checking whether it was closed.
 WATCH_TIMEOUT = 1.0
+#: How many claims' start and eta one backend keeps for their finish (past that it forgets
+#: them all, and the finish script works the timings out itself).
+CLAIMS_KEPT = 10_000
 #: Connection settings the URL's query can override.
 CLIENT_DEFAULTS: dict[str, Any] = {
     "socket_connect_timeout": 5.0,
@@ -242,6 +247,8 @@ class RedisBackend(Backend):
     ) -> None:
         super().__init__()
         self._held_at = 0.0  # when the claim that last held a job back by a limit ran
+        # Lease token -> (started_at, eta) of the jobs this backend claimed, until they finish.
+        self._claims: dict[str, tuple[float, float]] = {}
         self.url = hide_password(url)
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
@@ -270,15 +277,27 @@ class RedisBackend(Backend):
 
     # -- running scripts -----------------------------------------------------
 
-    def _run(self, name: str, args: Sequence[Any], patience: float = WORKER_PATIENCE) -> Any:
+    def _run(
+        self,
+        name: str,
+        args: Sequence[Any],
+        patience: float = WORKER_PATIENCE,
+        retry_args: Sequence[Any] | None = None,
+    ) -> Any:
+        """Run script ``name``; ``retry_args``, if given, replace ``args`` on the tries after
+        the first (one of which may follow a run whose reply was lost)."""
         script = self._scripts[name]
+        tries = 0
 
         def evalsha() -> Any:
+            nonlocal tries
+            sent = args if tries == 0 or retry_args is None else retry_args
+            tries += 1
             try:
-                return self._evalsha(script.sha, args)
+                return self._evalsha(script.sha, sent)
             except redis.exceptions.NoScriptError:
                 self._client.script_load(script.text)  # the server restarted or was flushed
-                return self._evalsha(script.sha, args)
+                return self._evalsha(script.sha, sent)
 
         return self._retrying(evalsha, name, patience)
 
@@ -377,20 +396,33 @@ class RedisBackend(Backend):
         if limit <= 0 or (queues is not None and not queues):
             return []
         token = random_id()[:16] + ":"
-        args = [now, now + lease_seconds, worker_id, limit, token]
-        args += (max_lost_leases, self._expiry, WORKER_LOST_ERROR, UPSTREAM_FAILED)
-        args += tuple(queues or ())
-        reply = self._run("reserve", args)
+        args = [now, now + lease_seconds, worker_id, limit, token, max_lost_leases]
+        # Only a retry can find what an earlier try of this call claimed: the first skips that.
+        reply = self._run(
+            "reserve", [*args, 0, *(queues or ())], retry_args=[*args, 1, *(queues or ())]
+        )
         self.limit_free_at = None
         if len(reply) >= 2 and reply[-2] == b"":  # a limit held a job back until then
             self.limit_free_at, self._held_at = float(reply[-1]), now
             reply = reply[:-2]
-        claimed = []
+        claimed, lost = [], []
         for i in range(0, len(reply), 2):
+            if reply[i + 1] is None:  # its last lease ran out: the give_up script fails it
+                lost.append(reply[i])
+                continue
             try:
                 claimed.append(_strict(reply[i + 1]))
             except _Unreadable as exc:
                 self._fail_unreadable(reply[i].decode(errors="replace"), reply[i + 1], exc, now)
+        if len(self._claims) > CLAIMS_KEPT:
+            self._claims.clear()  # finishes from elsewhere never popped them
+        for record in claimed:
+            if record.lease_token and record.started_at is not None:
+                self._claims[record.lease_token] = (record.started_at, record.eta)
+        if lost:
+            args = [now, max_lost_leases, self._expiry, WORKER_LOST_ERROR, UPSTREAM_FAILED]
+            failed = self._run("give_up", [*args, *lost])
+            claimed += [_lenient(failed[i + 1]) for i in range(0, len(failed), 2)]
         return claimed_only(claimed)
 
     def _fail_unreadable(
@@ -430,12 +462,14 @@ class RedisBackend(Backend):
     ) -> bool:
         fields = _fields({"result": result, "error": error, "traceback": traceback})
         args = [job_id, lease_token, status, now, now if eta is None else eta, self._expiry]
-        reply = self._run("finish", [*args, UPSTREAM_FAILED, *fields])
+        timed = _timed(self._claims.pop(lease_token, None), now)
+        reply = self._run("finish", [*args, UPSTREAM_FAILED, minute_of(now), *timed, *fields])
         if reply == 2 or (reply == 1 and status == SCHEDULED):
             self._notify()
         return bool(reply)
 
     def release(self, job_id: str, lease_token: str, now: float) -> bool:
+        self._claims.pop(lease_token, None)
         applied = bool(self._run("release", [job_id, lease_token]) == 1)
         self._notify()
         return applied
@@ -585,7 +619,13 @@ class RedisBackend(Backend):
         for i in range(0, len(reply), 2):
             timing, queue, task, bucket = reply[i].decode().split("\n")
             value = reply[i + 1]
-            if bucket == "sum":
+            if timing == "both":  # one count for a duration bucket and a wait bucket
+                duration, wait = bucket.split(",")
+                rows.append(("duration", queue, task, int(duration), int(value), 0.0))
+                rows.append(("wait", queue, task, int(wait), int(value), 0.0))
+            elif bucket == "usum":  # whole microseconds (see redis.lua)
+                rows.append((timing, queue, task, 0, 0, int(value) / 1e6))
+            elif bucket == "sum":  # float seconds, as stores written before kept it
                 rows.append((timing, queue, task, 0, 0, float(value)))
             else:
                 rows.append((timing, queue, task, int(bucket), int(value), 0.0))
@@ -783,6 +823,21 @@ def _fields(values: Mapping[str, Any]) -> list[Any]:
     block.append(sum(value is None for value in values.values()))
     block += [name for name, value in values.items() if value is None]
     return block
+
+
+def _timed(claim: tuple[float, float] | None, now: float) -> tuple[str, int, int]:
+    """The finish script's timing arguments for an attempt claimed at ``(started_at, eta)``:
+    its duration's and wait's buckets (as ``bucket_of`` in ``redis.lua``) and both in whole
+    microseconds; for a claim this backend never saw, ``""`` and the script works them out.
+    """
+    if claim is None:
+        return "", 0, 0
+    started, eta = claim
+    duration, wait = max(now - started, 0.0), max(started - eta, 0.0)
+    buckets = (
+        f"{bisect.bisect_left(TIMING_BOUNDS, duration)},{bisect.bisect_left(TIMING_BOUNDS, wait)}"
+    )
+    return buckets, int(duration * 1e6 + 0.5), int(wait * 1e6 + 0.5)
 
 
 def _strict(flat: list[bytes]) -> JobRecord:
