@@ -9,6 +9,7 @@ the Sentinel test starts a master, a replica and a sentinel on ports 7103-7105
 
 from __future__ import annotations
 
+import functools
 import gc
 import subprocess
 from collections.abc import Iterator
@@ -126,6 +127,10 @@ def test_a_master_killed_mid_drain_loses_no_acknowledged_job(
                 except EnqueueError:
                     refused += 1
             failover_cluster.run(master)  # the dead master comes back as the new one's replica
+            wait_until(
+                functools.partial(failover_cluster.replicating, master),
+                f"node {master} to come back as a replica in sync",
+            )
             wait_until(
                 lambda: _enqueued(add, acknowledged), "enqueues confirmed by the new replica"
             )
