@@ -21,10 +21,12 @@ from flask import Flask
 from flask_errands import Errands
 from flask_errands.backends import Backend, backend_from_url
 from tests.cluster import Cluster
-from tests.helpers import create_database, require, unavailable
+from tests.helpers import create_database, require, unavailable, worker_ports
 
 REDIS_URL = os.environ.get("ERRANDS_TEST_REDIS", "redis://127.0.0.1:6379/0")
-CLUSTER_PORT = 7100
+#: This process's 20 Redis ports (7100-7119 without xdist): the session's cluster on the
+#: first 3, the Sentinel test's servers on the next 3, the failover test's cluster from the 11th.
+REDIS_PORTS = worker_ports(7100, 20)
 POSTGRES_URL = os.environ.get("ERRANDS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 RABBITMQ_URL = os.environ.get("ERRANDS_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672/%2F")
 
@@ -55,14 +57,14 @@ def _redis(tmp_path: str) -> Iterator[str]:
     client.close()
 
 
-#: The session's Redis Cluster (3 masters on ports 7100-7102), started when a test first needs it.
+#: The session's Redis Cluster (3 masters on REDIS_PORTS[0:3]), started when a test first needs it.
 _CLUSTERS: list[Cluster] = []
 
 
 def shared_cluster() -> Cluster:
     """The session's Redis Cluster, started on first use."""
     if not _CLUSTERS:
-        _CLUSTERS.append(Cluster(CLUSTER_PORT).start())
+        _CLUSTERS.append(Cluster(REDIS_PORTS[0]).start())
     return _CLUSTERS[0]
 
 

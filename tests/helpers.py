@@ -61,6 +61,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def worker_ports(first: int, span: int) -> range:
+    """This test process's own ``span`` ports, counted from ``first``, for servers on fixed ports.
+
+    Each pytest-xdist worker (``gwN``) gets the Nth block of ``span`` ports, so
+    parallel workers never start servers on one port; ERRANDS_TEST_PORT_OFFSET
+    moves every block, away from another test run's servers.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    start = first + int(os.environ.get("ERRANDS_TEST_PORT_OFFSET", "0")) + int(worker) * span
+    return range(start, start + span)
+
+
 def app_command(name: str, *args: str) -> list[str]:
     """The command that runs ``tests/apps/NAME.py`` with ``args`` in a process of its own."""
     return [sys.executable, str(APPS / f"{name}.py"), *args]

@@ -1,4 +1,5 @@
-"""A RabbitMQ server of a test's own, on ports 5680-5689, to stop and start at will.
+"""A RabbitMQ server of a test's own, on ports 5680-5689 (each pytest-xdist worker
+has ten of its own: ``PORTS``), to stop and start at will.
 
 Never the machine's shared broker (rabbit@localhost on 5672): this one has its
 own node name (``errands-test-*@localhost``), port, configuration and data
@@ -18,9 +19,9 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.helpers import unavailable
+from tests.helpers import unavailable, worker_ports
 
-PORTS = range(5680, 5690)
+PORTS = worker_ports(5680, 10)
 #: The server script itself: the one on PATH hands over to another user through ``su``,
 #: in a session of its own that a signal to the test's process group would miss.
 SCRIPT = "/usr/lib/rabbitmq/bin/rabbitmq-server"

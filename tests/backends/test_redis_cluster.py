@@ -3,11 +3,13 @@
 The conformance suite runs on the session's 3-master cluster (``redis-cluster``
 in ``BACKENDS``). The failover test starts a cluster of its own, with a replica
 for each master, on ports 7110-7115, and kills a master under real workers;
-the Sentinel test starts a master, a replica and a sentinel on ports 7103-7105.
+the Sentinel test starts a master, a replica and a sentinel on ports 7103-7105
+(each pytest-xdist worker has ports of its own: ``REDIS_PORTS``).
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import subprocess
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import Cluster, Sentinels
-from tests.conftest import shared_cluster
+from tests.conftest import REDIS_PORTS, shared_cluster
 from tests.helpers import MakeApp, app_command, require, wait_until
 
 redis = require("redis")
@@ -28,8 +30,8 @@ from flask_errands.exceptions import BackendUnavailable, ConfigurationError  # n
 from tests.backends.test_redis import register_tasks  # noqa: E402
 
 ON_CLUSTER = pytest.mark.parametrize("backend_url", ["redis-cluster"], indirect=True)
-FAILOVER_PORT = 7110
-SENTINEL_PORT = 7103
+FAILOVER_PORT = REDIS_PORTS[10]
+SENTINEL_PORT = REDIS_PORTS[3]
 LEASE = 2.0
 
 
@@ -64,7 +66,7 @@ def test_every_key_of_a_store_is_in_one_slot(backend_url: str, make_app: MakeApp
         add.options(queue="b", priority=3).delay_many([(1, 1), (2, 2)])
         errands.drain()
         prefix = errands.backend.prefix  # type: ignore[attr-defined]
-    client = redis.RedisCluster(host="127.0.0.1", port=7100)
+    client = redis.RedisCluster(host="127.0.0.1", port=REDIS_PORTS[0])
     keys = list(client.scan_iter(match=f"{prefix}*"))
     assert len(keys) > 10
     assert {client.keyslot(key) for key in keys} == {client.keyslot(prefix)}
@@ -125,6 +127,10 @@ def test_a_master_killed_mid_drain_loses_no_acknowledged_job(
                 except EnqueueError:
                     refused += 1
             failover_cluster.run(master)  # the dead master comes back as the new one's replica
+            wait_until(
+                functools.partial(failover_cluster.replicating, master),
+                f"node {master} to come back as a replica in sync",
+            )
             wait_until(
                 lambda: _enqueued(add, acknowledged), "enqueues confirmed by the new replica"
             )
