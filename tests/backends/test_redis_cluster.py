@@ -97,6 +97,7 @@ def failover_cluster() -> Iterator[Cluster]:
 # redis-py's cluster client can drop a socket to a node it replaced in its map without
 # closing it; collected here (not at the end of the session), its ResourceWarning is ignored.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.slow  # a failover soak: on a loaded machine the new replica's sync takes a while
 def test_a_master_killed_mid_drain_loses_no_acknowledged_job(
     failover_cluster: Cluster, make_app: MakeApp, tmp_path: Path
 ) -> None:
@@ -132,7 +133,9 @@ def test_a_master_killed_mid_drain_loses_no_acknowledged_job(
                 f"node {master} to come back as a replica in sync",
             )
             wait_until(
-                lambda: _enqueued(add, acknowledged), "enqueues confirmed by the new replica"
+                lambda: _enqueued(add, acknowledged),
+                "enqueues confirmed by the new replica",
+                timeout=90,
             )
             assert promoted != master
             wait_until(
