@@ -378,8 +378,10 @@ def test_a_worker_stopped_by_sigterm_is_no_longer_listed(
     shared_backend_url: str, tmp_path: Path
 ) -> None:
     worker = WorkerProcess(shared_backend_url, tmp_path)
-    with client_of(worker_app.errands, shared_backend_url, tmp_path) as client:
-        client.app_context().push()
+    with (
+        client_of(worker_app.errands, shared_backend_url, tmp_path) as client,
+        client.app_context(),
+    ):
         admin = worker_app.errands.admin
         proc = worker.start("-c", "4")
         wait_until(lambda: admin.workers(), "the worker to register")

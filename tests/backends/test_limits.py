@@ -21,12 +21,13 @@ def limited(
     return job(task=task, limits=limits)
 
 
-def check_upgraded_limits(url: str, running: JobRecord, limits: str) -> None:
+def check_upgraded_limits(url: str, running: JobRecord, limits: str | None) -> None:
     """After an upgrade: a concurrency 1 limit's one slot is still taken by ``running``, and
     the rate limit's starts carry on from those logged before (one at 1.0, one at 1.5)."""
+    assert limits is not None
     [limit] = decode(limits)
     upgraded = backend_from_url(url, instance_path="")
-    upgraded.limited = True
+    upgraded.expect_limits()
     try:
         assert upgraded.reserve(None, 1, "w", 30, 2.0) == []
         assert upgraded.finish(running.id, token(running), "succeeded", 3.0)
