@@ -173,7 +173,7 @@ def test_a_schema_of_version_7_counts_its_running_limited_jobs(backend_url: str)
 
     limits = encode([Limit.of("task:tests.noop", "5/m", 1)])
     first = backend_from_url(backend_url, instance_path="")
-    first.limited = True
+    first.expect_limits()
     try:
         first.enqueue([job(limits=limits) for _ in range(3)])
         [running] = first.reserve(None, 1, "w", 30, 1.0)
@@ -184,7 +184,8 @@ def test_a_schema_of_version_7_counts_its_running_limited_jobs(backend_url: str)
         conn.execute("DROP TRIGGER errands_limit_bookkeeping ON errands_jobs")
         conn.execute("DROP TABLE errands_limit_counts")
         conn.execute("INSERT INTO errands_limit_starts VALUES ('task:tests.noop', 1, 1.5)")
-        conn.execute("DELETE FROM errands_schema WHERE version = 8")
+        conn.execute("DROP INDEX errands_jobs_waiting_free")
+        conn.execute("DELETE FROM errands_schema WHERE version >= 8")
     check_upgraded_limits(backend_url, running, limits)
     with psycopg.connect(backend_url) as conn:
         counts = conn.execute("SELECT key, running, starts FROM errands_limit_counts").fetchall()

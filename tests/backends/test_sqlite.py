@@ -299,7 +299,7 @@ def test_a_file_of_schema_version_8_keeps_numbering_its_limits_starts(tmp_path: 
     path = tmp_path / "v8.db"
     limits = encode([Limit.of("task:noop", "5/m", 1)])
     backend = backend_from_url(f"sqlite:///{path}", instance_path=str(tmp_path))
-    backend.limited = True
+    backend.expect_limits()
     try:
         jobs = [JobRecord(id=f"j{i}", task="noop", payload="{}", limits=limits) for i in range(3)]
         backend.enqueue(jobs)

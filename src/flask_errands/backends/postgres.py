@@ -113,7 +113,7 @@ QUERIES.update(
         for name in ("finish", "finish_step")
     }
 )
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 #: The statements that bring a schema from the version before to each version.
 MIGRATIONS = {
     1: tuple(QUERIES[name] for name in QUERIES if name.startswith("create_")),
@@ -129,6 +129,8 @@ MIGRATIONS = {
     7: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_timings_")),
     # Counts per limit key, for a limited claim with headroom (see postgres.sql); renumberable.
     8: tuple(QUERIES[name] for name in QUERIES if name.startswith("migrate_limit_counts")),
+    # Waiting jobs without limits in claim order (see postgres.sql); renumberable.
+    9: (QUERIES["migrate_free_waiting_index"],),
 }
 
 #: How long even a call that may not retry (see ``patience``) waits for the pool to lend a

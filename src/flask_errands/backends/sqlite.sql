@@ -326,14 +326,13 @@ BEGIN
 END
 
 -- name: migrate_limit_starts_trigger
--- Version 9: each start of a job with a rate limit is logged by the claim's own statement,
--- numbered after the key's last (as the claim in Python did before), and the start a whole
--- rate before it, no longer needed, deleted (a seek each, for the first two limits: a job
--- carries its task's and its queue's at most; an unforgotten start only takes room): with the running jobs counted in the claim too
--- (with_headroom), a limited claim with headroom is one statement, as a plain one. It fires
--- only for a limited claim, which sets limits to itself: a trigger costs SQLite a frame for
--- every row it could fire on, WHEN or not, and plain claims and finishes must not pay that.
--- Names without a number: renumberable.
+-- Version 9: the claim's own statement logs each start of a job with a rate limit, numbered
+-- after its key's last, and deletes the start a whole rate before it, no longer needed (for
+-- the first two limits: a job carries its task's and its queue's at most). With the running
+-- jobs counted in the claim too (with_headroom), a limited claim with headroom is one
+-- statement, as a plain one is. It fires only for a limited claim, which sets limits to
+-- itself: SQLite pays a frame for a trigger on every row it could fire on, WHEN or not, and
+-- plain claims and finishes must not pay that. Names without a number: renumberable.
 CREATE TRIGGER IF NOT EXISTS errands_limit_starts_log
 AFTER UPDATE OF limits ON errands_jobs
 WHEN new.status = 'running' AND new.limits IS NOT NULL
