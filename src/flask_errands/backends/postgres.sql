@@ -548,9 +548,11 @@ WHERE give_up OR limits IS NULL OR NOT EXISTS (
         OR (l.value ->> 3 IS NOT NULL AND c.running + %(limit)s > (l.value ->> 3)::bigint)
         OR (l.value ->> 1 IS NOT NULL AND (
             %(limit)s > (l.value ->> 1)::bigint
-            OR (c.starts > 0 AND NOT EXISTS (
-                SELECT 1 FROM errands_limit_starts AS s WHERE s.key = c.key AND s.n = c.starts - 1
-            ))
+            -- A scalar subquery, one index probe: as NOT EXISTS the planner may hash the
+            -- whole start log instead.
+            OR (c.starts > 0 AND (
+                SELECT s.at FROM errands_limit_starts AS s WHERE s.key = c.key AND s.n = c.starts - 1
+            ) IS NULL)
             OR EXISTS (
                 SELECT 1 FROM errands_limit_starts AS s
                 WHERE s.key = c.key AND s.n >= c.starts - (l.value ->> 1)::bigint
